@@ -1,0 +1,297 @@
+"""Capture: load a denoiser, wrap it as the step program, and `torch.export` it.
+
+The denoiser can come from a diffusers class plus a checkpoint, from a `torch.export.save`d
+program, or from the project's reference model. Pickled whole modules run code when they are
+loaded, so they are refused unless the user says `--trust-pickle`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from vdopt.errors import CaptureError
+from vdopt.families import descriptor_for
+from vdopt.families.base import ArchitectureDescriptor
+from vdopt.program import DTYPES, StepProgram, TensorSpec, dtype_name
+from vdopt.recipe import Recipe
+from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
+
+LATENT_DIMS = ("frames", "height", "width")
+
+
+class StepModule(nn.Module):
+    """`step(x, i, *cond, *uncond) -> (x_next,)`: denoiser + guidance + sampler update."""
+
+    def __init__(self, denoiser: nn.Module, table: dict[str, torch.Tensor], sampler_kind: str, prediction: str,
+                 guidance_scale: float, num_cond: int, guidance: bool):
+        super().__init__()
+        self.denoiser = denoiser
+        for name, values in table.items():
+            self.register_buffer(name, values.clone())
+        self.sampler_kind = sampler_kind
+        self.prediction = prediction
+        self.guidance_scale = guidance_scale
+        self.num_cond = num_cond
+        self.guidance = guidance
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...], uncond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not self.guidance:
+            return self.denoiser(x, t.expand(x.shape[0]), *cond)
+        both = [torch.cat([c, u]) for c, u in zip(cond, uncond)]
+        out = self.denoiser(torch.cat([x, x]), t.expand(2 * x.shape[0]), *both)
+        out_cond, out_uncond = out.chunk(2)
+        return out_uncond + self.guidance_scale * (out_cond - out_uncond)
+
+    def forward(self, x: torch.Tensor, i: torch.Tensor, *conds: torch.Tensor):
+        cond, uncond = conds[: self.num_cond], conds[self.num_cond:]
+        t = gather_step(self.timesteps, i)
+        prediction = self.predict(x, t.to(x.dtype), cond, uncond).to(x.dtype)
+        if self.sampler_kind == "flow_euler":
+            x_next = flow_euler_update(x, prediction, gather_step(self.sigmas, i), gather_step(self.sigmas, i, 1))
+        else:
+            x_next = ddim_update(x, prediction, gather_step(self.alpha, i), gather_step(self.alpha_prev, i), self.prediction)
+        return (x_next.to(x.dtype),)
+
+
+class ExportedDenoiser(nn.Module):
+    """A user's exported `(x, t, *cond) -> prediction` program, called as a module."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        super().__init__()
+        self.program = program.module()
+
+    def forward(self, x, t, *cond):
+        out = self.program(x, t, *cond)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ----- loading ------------------------------------------------------------------------------
+
+def model_config(recipe: Recipe, descriptor: ArchitectureDescriptor) -> dict:
+    config = recipe.model.config
+    if config is None:
+        return dict(descriptor.tiny_config)
+    if isinstance(config, str):
+        path = Path(config)
+        if not path.is_file():
+            raise CaptureError(f"model.config: config file '{config}' not found.")
+        config = json.loads(path.read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+        raise CaptureError(
+            f"{path}: not a plain state dict ({type(exc).__name__}). If it is a pickled nn.Module, set "
+            f"model.layout: pickled_module and pass --trust-pickle (unpickling runs code from the file)."
+        ) from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CaptureError(f"{path}: expected a mapping of parameter names to tensors.")
+    return data
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, family: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape (first: {', '.join(wrong[:3])})")
+        raise CaptureError(
+            f"{path}: the checkpoint does not fit the {family} architecture of the recipe's model.config: "
+            f"{'; '.join(parts)}. Check that model.family and model.config describe this checkpoint."
+        )
+
+
+def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: bool = False) -> tuple[nn.Module, ArchitectureDescriptor, dict]:
+    """Returns the denoiser as `(x, t, *cond) -> prediction`, its descriptor and its config."""
+    descriptor = descriptor_for(recipe.model.family)
+    config = model_config(recipe, descriptor)
+    layout = recipe.model.layout
+    path = Path(model_path) if model_path is not None else None
+    if path is not None and not path.exists():
+        raise CaptureError(f"{path}: model file not found.")
+    if layout == "exported_program":
+        if path is None:
+            raise CaptureError("model.layout is exported_program but no .pt2 file was given.")
+        try:
+            return ExportedDenoiser(torch.export.load(str(path))), descriptor, config
+        except Exception as exc:  # noqa: BLE001
+            raise CaptureError(f"{path}: cannot load as a torch.export program: {exc}") from None
+    if layout == "pickled_module":
+        if not trust_pickle:
+            raise CaptureError(
+                f"{path}: model.layout is pickled_module, and unpickling a whole module runs arbitrary code from the "
+                f"file. Re-run with --trust-pickle if you trust it, or save a state dict / safetensors instead."
+            )
+        module = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(module, nn.Module):
+            raise CaptureError(f"{path}: the pickle holds a {type(module).__name__}, not an nn.Module.")
+        return descriptor.adapter(module), descriptor, config
+    if layout == "diffusers":
+        if path is None or not path.is_dir():
+            raise CaptureError(f"{path}: model.layout diffusers expects a folder with config.json and weights.")
+        model = descriptor.model_class().from_pretrained(str(path))
+        return descriptor.adapter(model), descriptor, dict(model.config)
+    model = descriptor.build(config)
+    if path is not None:
+        state = read_state_dict(path)
+        check_state_dict(model, state, path, descriptor.family)
+        model.load_state_dict(state)
+    return descriptor.adapter(model), descriptor, config
+
+
+# ----- exporting ----------------------------------------------------------------------------
+
+def latent_dims(recipe: Recipe, profile: dict[str, int] | None) -> dict[str, tuple[int, int]]:
+    spec = recipe.model.input
+    dims = {name: (getattr(spec, name).min, getattr(spec, name).max) for name in LATENT_DIMS}
+    for name, size in (profile or {}).items():
+        dims[name] = (size, size)
+    return dims
+
+
+def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[str, int]:
+    spec = recipe.model.input
+    sizes = {}
+    for axis, name in enumerate(LATENT_DIMS):
+        lo, hi = dims[name]
+        size = getattr(spec, name).trace_size if lo != hi else lo
+        size = min(max(size, lo), hi)
+        multiple = descriptor.patch_size[axis]
+        sizes[name] = max(multiple, size - size % multiple)
+        if lo != hi and sizes[name] < 2:  # a traced size of 1 would specialise the dimension
+            sizes[name] = 2 * multiple
+    return sizes
+
+
+def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...]):
+    """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits."""
+    x_dims = {}
+    for axis, name in enumerate(LATENT_DIMS):
+        lo, hi = dims[name]
+        if lo == hi:
+            continue
+        multiple = descriptor.patch_size[axis]
+        lo_units, hi_units = -(-lo // multiple), hi // multiple
+        if lo_units > hi_units:
+            raise CaptureError(f"model.input.{name}: no size in [{lo}, {hi}] is a multiple of the patch size {multiple}.")
+        dim = Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units)
+        x_dims[2 + axis] = dim * multiple if multiple > 1 else dim
+    shapes = torch.export.ShapesCollection()
+    if x_dims:
+        shapes[example[0]] = x_dims
+    return shapes
+
+
+def export_step(module: nn.Module, example: tuple[torch.Tensor, ...], dims: dict[str, tuple[int, int]],
+                descriptor: ArchitectureDescriptor) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module, example, dynamic_shapes=export_dynamic_shapes(dims, descriptor, example), strict=False)
+
+
+def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: dict, sizes: dict[str, int], guidance: bool):
+    spec = recipe.model.input
+    dtype = DTYPES[recipe.model.dtype]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(spec.batch, descriptor.in_channels(config), sizes["frames"], sizes["height"], sizes["width"], generator=generator).to(dtype)
+    cond = descriptor.example_cond(config, spec.batch, spec.text_len, generator)
+    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    tensors = [x, torch.tensor(0, dtype=torch.int64), *cond.values()]
+    names = ["x", "i", *(f"cond.{k}" for k in cond)]
+    if guidance:
+        tensors += list(descriptor.null_cond(cond).values())
+        names += [f"uncond.{k}" for k in cond]
+    return names, tuple(tensors)
+
+
+def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str], dims: dict[str, tuple[int, int]]):
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outs = [a for a in output_node.args[0]][-len(output_names):]
+    rename = symbol_names(ep, dims)
+
+    def spec(name, node):
+        val = node.meta["val"]
+        return TensorSpec(name, tuple(s if isinstance(s, int) else rename(s) for s in (int(d) if str(d).isdigit() else d for d in val.shape)), dtype_name(val.dtype))
+
+    return tuple(spec(n, node) for n, node in zip(input_names, user_inputs)), tuple(spec(n, node) for n, node in zip(output_names, outs))
+
+
+def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]]):
+    """Maps export's symbols (s0, 2*s1) to the latent dim names (frames, height)."""
+    x = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
+    mapping = {}
+    for axis, name in enumerate(LATENT_DIMS):
+        size = x.meta["val"].shape[2 + axis]
+        if not isinstance(size, int):
+            for symbol in size.node.expr.free_symbols:
+                mapping[str(symbol)] = name
+
+    def rename(size) -> str:
+        text = str(size)
+        for symbol, name in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+            text = text.replace(symbol, f"{name}_units" if "*" in text else name)
+        return text.replace(" ", "")
+
+    return rename
+
+
+def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool = False,
+            profile: dict[str, int] | None = None, fake_mode=None) -> StepProgram:
+    """Loads the denoiser and exports the step program for one shape profile.
+
+    With `fake_mode` (a `FakeTensorMode`), the model is built and traced without real memory: a
+    full-size config is captured on a laptop.
+    """
+    descriptor = descriptor_for(recipe.model.family)
+    dims = latent_dims(recipe, profile)
+    if not descriptor.dynamic_frames and dims["frames"][0] != dims["frames"][1]:
+        raise CaptureError(
+            f"The {descriptor.family} family exports static frame counts only (its temporal position embedding has a "
+            f"fixed length): give lower.profiles with one entry per frame count, or make model.input.frames an int."
+        )
+    guidance = recipe.sampler.uses_guidance
+    table = step_table(recipe.sampler)
+    dtype = DTYPES[recipe.model.dtype]
+    with fake_mode or nullcontext():
+        denoiser, descriptor, config = load_denoiser(recipe, model_path, trust_pickle)
+        denoiser = denoiser.eval().requires_grad_(False).to(dtype)
+        step = StepModule(denoiser, table, recipe.sampler.kind, recipe.sampler.prediction, recipe.sampler.guidance_scale,
+                          len(descriptor.cond_inputs), guidance)
+        names, example = example_inputs(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor), guidance)
+        try:
+            ep = export_step(step, example, dims, descriptor)
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - export errors are long; keep the first line and the fix
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(
+                f"torch.export could not capture the {descriptor.family} step program for latent sizes {dims}: "
+                f"{type(exc).__name__}: {first}. Narrow model.input ranges or give lower.profiles with static sizes."
+            ) from exc
+    inputs, outputs = io_specs(ep, names, ["x_next"], dims)
+    return StepProgram(
+        ep=ep, recipe=recipe, descriptor=descriptor, model_config=config, inputs=inputs, outputs=outputs, state=(),
+        step_table={k: v.tolist() for k, v in table.items()}, dims=dims, example_inputs=example, guidance=guidance,
+    )

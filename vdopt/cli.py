@@ -1,0 +1,112 @@
+"""The `vdopt` command line: compile, run, inspect, schema (and eval, calibrate, distill as they land).
+
+Errors a user can cause are `VdoptError`s: printed as one paragraph, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vdopt.errors import VdoptError
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from vdopt.compiler import compile_bundle
+
+    manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle,
+                              dump_ir=args.dump_ir, force=args.force, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
+    seconds = sum(p["seconds"] for s in manifest["segments"] for p in s["passes"])
+    print(f"wrote {args.output}: {len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
+          f"{manifest['num_steps']} steps, passes {', '.join(p['name'] for p in manifest['passes']) or 'none'} ({seconds:.2f} s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vdopt.runtime import Session
+    from vdopt.video import load_cond, save_output
+
+    session = Session(args.bundle, device=args.device)
+    cond, uncond = load_cond(session, args.cond, args.prompt)
+    video = session.run(cond, uncond, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
+                        progress=not args.quiet)
+    save_output(video, args.output, session.manifest)
+    print(f"wrote {args.output} {list(video.shape)}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vdopt.inspect import describe
+
+    print(describe(Path(args.path), graph=args.graph))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from vdopt.recipe import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdopt", description="Compile video diffusion denoisers into fast bundles.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="recipe + model -> bundle")
+    p.add_argument("recipe")
+    p.add_argument("model", nargs="?", help="checkpoint (.safetensors/.pt state dict), diffusers folder, or .pt2; omitted: random weights")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write, e.g. out.vdopt")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write a readable graph after every pass")
+    p.add_argument("--no-force", dest="force", action="store_false", help="refuse to replace an existing bundle")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="generate with a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cond", help="safetensors/.pt file of conditioning tensors named as in the manifest (cond.* / uncond.*)")
+    p.add_argument("--prompt", help="a prompt, for bundles that carry a prompt encoder (the reference model)")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-o", "--output", required=True, help="out.pt | out.safetensors | out.gif | out.mp4")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show a bundle (passes, timings, segments, state, I/O) or a .pt2's module structure")
+    p.add_argument("path")
+    p.add_argument("--graph", action="store_true", help="list the module classes and block paths found in the graph")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("schema", help="print the recipe JSON schema (for editors)")
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=cmd_schema)
+
+    try:
+        from vdopt.eval.cli import register as register_eval
+    except ImportError:
+        pass
+    else:
+        register_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VdoptError as exc:
+        print(f"vdopt {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

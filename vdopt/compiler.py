@@ -1,0 +1,86 @@
+"""`vdopt compile`: recipe + model -> bundle. Capture, passes, lowering, manifest, in that order."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import vdopt
+from vdopt.bundle import staged_bundle, write_manifest
+from vdopt.capture import capture
+from vdopt.lower import get_backend
+from vdopt.pass_manager import PassManager
+from vdopt.passes import pipeline
+from vdopt.program import StepProgram
+from vdopt.recipe import Recipe, load_recipe
+
+
+def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
+    if not recipe.lower.profiles:
+        return [None]
+    return [profile.model_dump() for profile in recipe.lower.profiles]
+
+
+def segment_entry(program: StepProgram, backend: str, files: list[str], index: int) -> dict[str, Any]:
+    return {"name": f"step_{index}", "kind": "step", "backend": backend, "files": [f"segments/{f}" for f in files],
+            "dims": {k: list(v) for k, v in program.dims.items()}, "passes": list(program.passes)}
+
+
+def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
+    descriptor = program.descriptor
+    return {
+        "vdopt_version": vdopt.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "family": descriptor.family,
+        "recipe": recipe.model_dump(mode="json"),
+        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in program.model_config.items()},
+        "parameters": sum(t.numel() for t in program.ep.state_dict.values()),
+        "sampler": recipe.sampler.model_dump(mode="json"),
+        "guidance": program.guidance,
+        "step_table": program.step_table,
+        "num_steps": program.num_steps,
+        "latent": {"batch": recipe.model.input.batch, "channels": int(program.example_inputs[0].shape[1]),
+                   "dtype": recipe.model.dtype, "multiples": list(descriptor.patch_size),
+                   "default_sizes": dict(zip(("frames", "height", "width"), program.example_inputs[0].shape[2:]))},
+        "inputs": [s.to_json() for s in program.inputs],
+        "outputs": [s.to_json() for s in program.outputs],
+        "state": [s.to_json() for s in program.state],
+        "passes": list(program.passes),
+    }
+
+
+def compile_program(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool = False,
+                    dump_ir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                    profile: dict[str, int] | None = None) -> StepProgram:
+    """Capture and run the pass pipeline for one shape profile."""
+    program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
+    passes = pipeline([(p.name, p.params) for p in recipe.passes])
+    return PassManager(passes, dump_ir=dump_ir, log=log).run(program)
+
+
+def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, output: str | Path, *,
+                   trust_pickle: bool = False, dump_ir: str | Path | None = None, force: bool = True,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    log = log or (lambda message: None)
+    backend = get_backend(recipe.lower.backend)
+    profiles = profiles_of(recipe)
+    with staged_bundle(output, overwrite=force) as stage:
+        segments_dir = stage / "segments"
+        segments_dir.mkdir()
+        segments, first = [], None
+        for index, profile in enumerate(profiles):
+            log(f"capturing profile {index + 1}/{len(profiles)}: {profile or 'dynamic'}")
+            ir_dir = Path(dump_ir) / f"profile_{index}" if dump_ir and len(profiles) > 1 else dump_ir
+            program = compile_program(recipe, model_path, trust_pickle=trust_pickle, dump_ir=ir_dir, log=log, profile=profile)
+            log(f"lowering with {backend.name}")
+            files = backend.lower(program, segments_dir, f"step_{index}")
+            segments.append(segment_entry(program, backend.name, files, index))
+            first = first or program
+        first.descriptor.write_extras(stage, model_path)
+        manifest = write_manifest(stage, {**program_manifest(first, recipe), "segments": segments})
+    return manifest

@@ -1,0 +1,35 @@
+"""`aoti`: the step program compiled ahead of time by AOTInductor into a `.pt2` package.
+
+The package runs from Python (`aoti_load_package`) or C++ (`AOTIModelPackageLoader`) without
+the Python model code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vdopt.lower.base import unsupported_op_error
+from vdopt.program import StepProgram
+
+
+class AotiBackend:
+    name = "aoti"
+
+    def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
+        name = f"{stem}.aoti.pt2"
+        try:
+            torch._inductor.aoti_compile_and_package(program.ep, package_path=str(directory / name))
+        except Exception as exc:  # noqa: BLE001 - inductor raises many types; report the op and module
+            raise unsupported_op_error(self.name, program.ep, str(exc), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
+        return [name]
+
+    def load(self, directory: Path, files: list[str], device: str):
+        runner = torch._inductor.aoti_load_package(str(directory / files[0]))
+
+        def run(*inputs):
+            with torch.no_grad():
+                return runner(*inputs)
+
+        return run

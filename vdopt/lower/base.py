@@ -1,0 +1,43 @@
+"""What every backend provides: lower a step program to files, and load those files to run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from vdopt.errors import LoweringError
+from vdopt.program import StepProgram
+
+Runner = Callable[..., Sequence[torch.Tensor]]
+
+
+class Backend(Protocol):
+    name: str
+
+    def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
+        """Writes the segment's files under `directory`; returns their names relative to it."""
+
+    def load(self, directory: Path, files: list[str], device: str) -> Runner:
+        """Returns `run(*inputs) -> outputs` over flat tensors in the manifest's order."""
+
+
+def node_origin(node: torch.fx.Node) -> str:
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    if not stack:
+        return "the step program itself"
+    fqn, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return f"module '{fqn}' ({cls_name.rsplit('.', 1)[-1]})"
+
+
+def unsupported_op_error(backend: str, ep: torch.export.ExportedProgram, op_text: str, detail: str) -> LoweringError:
+    """A lowering failure that names the op and the module it came from."""
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and str(node.target).split(".default")[0] in op_text:
+            return LoweringError(
+                f"The {backend} backend cannot lower op '{node.target}' from {node_origin(node)}: {detail}. Choose "
+                f"another backend for this model (lower.backend), or give the op a decomposition."
+            )
+    return LoweringError(f"The {backend} backend failed to lower the step program: {detail}.")

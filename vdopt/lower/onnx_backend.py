@@ -1,0 +1,69 @@
+"""`onnx`: the step program as ONNX (opset >= 18), cleaned with onnx-graphsurgeon, run by ONNX Runtime.
+
+The same ONNX file is what a TensorRT build consumes, so this backend is also how the TensorRT
+path is checked on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vdopt.lower.base import unsupported_op_error
+from vdopt.program import StepProgram
+
+OPSET = 18
+
+
+def export_onnx(program: StepProgram, path: Path) -> None:
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(
+            program.ep, (), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=[s.name for s in program.inputs], output_names=[s.name for s in program.outputs],
+        )
+    except Exception as exc:  # noqa: BLE001 - the exporter wraps the real failure; name the op and module
+        raise unsupported_op_error("onnx", program.ep, str(exc), _first_line(exc)) from exc
+    graph = gs.import_onnx(onnx_program.model_proto)
+    graph.fold_constants().cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model.opset_import[0].version = max(model.opset_import[0].version, OPSET)
+    onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "Unsupported" in line or "not supported" in line or "No decomposition" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
+        name = f"{stem}.onnx"
+        export_onnx(program, directory / name)
+        return sorted(p.name for p in directory.iterdir() if p.name.startswith(stem) and p.name.endswith((".onnx", ".onnx.data")))
+
+    def load(self, directory: Path, files: list[str], device: str):
+        import onnxruntime as ort
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(directory / files[0]), options, providers=providers)
+        names = [i.name for i in session.get_inputs()]
+
+        def run(*inputs):
+            feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(names, inputs)}
+            return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+
+        return run

@@ -1,0 +1,84 @@
+"""The step program: one exported denoising step plus what the runtime needs to drive it.
+
+`step(x, i, *cond, *uncond, *state) -> (x_next, *state)` (ARCHITECTURE contracts 1 and 2). The
+graph is a `torch.export.ExportedProgram`; the rest is plain data that goes into the manifest.
+Passes take a `StepProgram` and return a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vdopt.families.base import ArchitectureDescriptor
+from vdopt.recipe import Recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named step input or output. Symbolic sizes are strings (`frames`, `2*height`)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class StateSpec(TensorSpec):
+    """A tensor carried from one step to the next (contract 2); every run starts at `init`."""
+
+    init: str = "zeros"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "init": self.init}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StateSpec":
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], data.get("init", "zeros"))
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    ep: torch.export.ExportedProgram
+    recipe: Recipe
+    descriptor: ArchitectureDescriptor
+    model_config: dict
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    state: tuple[StateSpec, ...]
+    step_table: dict[str, list[float]]
+    dims: dict[str, tuple[int, int]]  # latent dims: name -> (min, max); min == max when static
+    example_inputs: tuple[torch.Tensor, ...]
+    passes: tuple[dict[str, Any], ...] = ()
+    guidance: bool = True
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "StepProgram":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cond_names(self) -> list[str]:
+        return [s.name for s in self.inputs if s.name.startswith("cond.")]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_table["timesteps"])
+
+    def module(self) -> torch.nn.Module:
+        return self.ep.module()

@@ -1,0 +1,170 @@
+"""Recipes: the YAML file that says what to compile and how.
+
+A recipe is validated with pydantic so that every mistake is reported with the file, the key
+path and what was expected, before any model is loaded. `vdopt schema` exports the JSON schema
+so editors can complete and check recipes as they are typed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vdopt.errors import RecipeError
+
+FAMILIES = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "reference")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DimRange(Strict):
+    """A dynamic dimension of the latent, in latent units. `opt` is the size used for tracing."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+    opt: int | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DimRange":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        if self.opt is not None and not self.min <= self.opt <= self.max:
+            raise ValueError(f"opt ({self.opt}) must lie within [{self.min}, {self.max}]")
+        return self
+
+    @property
+    def trace_size(self) -> int:
+        return self.opt if self.opt is not None else (self.min + self.max + 1) // 2
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.max
+
+
+def _as_range(value: Any) -> Any:
+    return {"min": value, "max": value} if isinstance(value, int) else value
+
+
+class InputSpec(Strict):
+    """Latent input sizes. An int fixes a dimension; {min, max, opt} makes it dynamic."""
+
+    batch: int = Field(1, ge=1)
+    frames: DimRange
+    height: DimRange
+    width: DimRange
+    text_len: int = Field(16, ge=1, description="Length of the conditioning token sequence.")
+
+    _coerce = field_validator("frames", "height", "width", mode="before")(classmethod(lambda cls, v: _as_range(v)))
+
+
+class ModelSection(Strict):
+    family: Literal[FAMILIES]  # type: ignore[valid-type]
+    config: dict[str, Any] | str | None = Field(
+        None, description="diffusers config kwargs, or a path to a config.json; omitted: the family's tiny test config."
+    )
+    layout: Literal["diffusers", "state_dict", "exported_program", "pickled_module"] = Field(
+        "state_dict",
+        description="How the model file is stored: a state dict / safetensors file, a diffusers folder, a torch.export .pt2, or a pickled nn.Module (needs --trust-pickle).",
+    )
+    input: InputSpec
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SamplerSection(Strict):
+    kind: Literal["flow_euler", "ddim"] = "flow_euler"
+    steps: int = Field(50, ge=1, le=1000)
+    shift: float = Field(1.0, gt=0)
+    guidance_scale: float = Field(5.0, ge=0)
+    prediction: Literal["flow", "epsilon", "v_prediction"] = "flow"
+
+    @model_validator(mode="after")
+    def _prediction_fits_kind(self) -> "SamplerSection":
+        if self.kind == "flow_euler" and self.prediction != "flow":
+            raise ValueError("flow_euler needs prediction: flow")
+        if self.kind == "ddim" and self.prediction == "flow":
+            raise ValueError("ddim needs prediction: epsilon or v_prediction")
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+class PassSpec(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Profile(Strict):
+    frames: int = Field(ge=1)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+
+
+class LowerSection(Strict):
+    backend: Literal["torch", "aoti", "onnx", "tensorrt"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    profiles: list[Profile] | None = Field(
+        None, description="Static shape profiles, for families or backends that cannot export dynamic sizes."
+    )
+
+
+class VerifySection(Strict):
+    psnr_min: float | None = Field(None, description="Mean PSNR (dB) against the unoptimised program.")
+    prompts: int = Field(2, ge=1)
+
+
+class Recipe(Strict):
+    model: ModelSection
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    passes: list[PassSpec] = Field(default_factory=list)
+    lower: LowerSection = Field(default_factory=LowerSection)
+    verify: VerifySection = Field(default_factory=VerifySection)
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _bare_pass_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{path}' (check its spelling; `vdopt schema` lists the allowed keys)"
+    if error["type"] == "missing":
+        return f"missing key '{path}'"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"'{path}': {error['msg']}{shown}"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors()[:5])
+        raise RecipeError(f"{source}: invalid recipe: {problems}.") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with sections model, sampler, passes, lower, verify.")
+    return parse_recipe(data, str(path))
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

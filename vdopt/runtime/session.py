@@ -1,0 +1,139 @@
+"""`Session`: runs a bundle. A dumb loop over the step program (contract 1).
+
+    x = noise(seed); state = initial state
+    for i in range(num_steps): x, *state = step(x, i, *cond, *uncond, *state)
+
+Inputs are checked against the manifest before the first step, so a wrong shape is a one-line
+error rather than a failure deep inside a backend. On CUDA each step is an NVTX range.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from vdopt.bundle import read_manifest
+from vdopt.errors import RunInputError
+from vdopt.families import descriptor_for
+from vdopt.lower import get_backend
+from vdopt.program import DTYPES, StateSpec, TensorSpec
+
+LATENT_DIMS = ("frames", "height", "width")
+
+
+def resolve_size(size: int | str, sizes: dict[str, int], multiples: list[int]) -> int:
+    """Evaluates a manifest size: an int, a latent dim name, `NAME_units`, or a product like `2*height_units`."""
+    if isinstance(size, int):
+        return size
+    units = {f"{name}_units": sizes[name] // m for name, m in zip(LATENT_DIMS, multiples)}
+    value = 1
+    for factor in size.split("*"):
+        value *= int(factor) if factor.isdigit() else {**sizes, **units}[factor]
+    return value
+
+
+def nvtx_range(name: str, device: str):
+    if device.startswith("cuda"):
+        return torch.cuda.nvtx.range(name)
+    return nullcontext()
+
+
+class Session:
+    def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True):
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.device = device
+        self.inputs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
+        self.state_specs = [StateSpec.from_json(s) for s in self.manifest["state"]]
+        self.dtype = DTYPES[self.manifest["latent"]["dtype"]]
+        self._runners: dict[str, Callable] = {}
+
+    # ----- properties ----------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.manifest["num_steps"]
+
+    @property
+    def cond_names(self) -> list[str]:
+        return [s.name.removeprefix("cond.") for s in self.inputs if s.name.startswith("cond.")]
+
+    @property
+    def guidance(self) -> bool:
+        return self.manifest["guidance"]
+
+    def prompt_encoder(self) -> Callable[[str], tuple[dict, dict | None]] | None:
+        """The bundle's own prompt encoder, if its family ships one (the reference model does)."""
+        return descriptor_for(self.manifest["family"]).prompt_encoder(self.path, self.manifest)
+
+    # ----- inputs --------------------------------------------------------------------------------
+    def latent_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, ...]:
+        latent = self.manifest["latent"]
+        sizes = {"frames": frames, "height": height, "width": width}
+        sizes = {k: latent["default_sizes"][k] if v is None else v for k, v in sizes.items()}
+        for (name, size), multiple in zip(sizes.items(), latent["multiples"]):
+            if size % multiple:
+                raise RunInputError(f"{name}={size} is not a multiple of {multiple}, which this {self.manifest['family']} model needs.")
+        return (latent["batch"], latent["channels"], sizes["frames"], sizes["height"], sizes["width"])
+
+    def segment_for(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        sizes = dict(zip(LATENT_DIMS, shape[2:]))
+        for segment in self.manifest["segments"]:
+            if all(lo <= sizes[name] <= hi for name, (lo, hi) in segment["dims"].items()):
+                return segment
+        ranges = "; ".join(", ".join(f"{n} {lo}..{hi}" for n, (lo, hi) in s["dims"].items()) for s in self.manifest["segments"])
+        raise RunInputError(f"latent size {sizes} is outside what this bundle was compiled for ({ranges}). "
+                            f"Recompile with wider model.input ranges or another lower.profiles entry.")
+
+    def check_cond(self, prefix: str, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        ordered = []
+        for spec in (s for s in self.inputs if s.name.startswith(prefix + ".")):
+            key = spec.name.removeprefix(prefix + ".")
+            if key not in tensors:
+                raise RunInputError(f"missing conditioning input '{spec.name}' (expected shape {list(spec.shape)}, {spec.dtype}).")
+            tensor = tensors[key]
+            if list(tensor.shape) != list(spec.shape):
+                raise RunInputError(f"conditioning input '{spec.name}' has shape {list(tensor.shape)}; this bundle expects {list(spec.shape)}.")
+            ordered.append(tensor.to(self.device, DTYPES[spec.dtype]))
+        return ordered
+
+    def initial_noise(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def initial_state(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        sizes = dict(zip(LATENT_DIMS, shape[2:]))
+        states = []
+        for spec in self.state_specs:
+            dims = [resolve_size(d, sizes, self.manifest["latent"]["multiples"]) for d in spec.shape]
+            fill = torch.ones if spec.init == "ones" else torch.zeros
+            states.append(fill(dims, dtype=DTYPES[spec.dtype], device=self.device))
+        return states
+
+    # ----- running -------------------------------------------------------------------------------
+    def runner(self, segment: dict[str, Any]) -> Callable:
+        if segment["name"] not in self._runners:
+            backend = get_backend(segment["backend"])
+            files = [Path(f).name for f in segment["files"]]
+            self._runners[segment["name"]] = backend.load(self.path / "segments", files, self.device)
+        return self._runners[segment["name"]]
+
+    def run(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
+            frames: int | None = None, height: int | None = None, width: int | None = None,
+            progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+        shape = self.latent_shape(frames, height, width)
+        run_step = self.runner(self.segment_for(shape))
+        conds = self.check_cond("cond", cond)
+        if self.guidance:
+            conds += self.check_cond("uncond", uncond if uncond is not None else descriptor_for(self.manifest["family"]).null_cond(cond))
+        x = self.initial_noise(seed, shape)
+        state = self.initial_state(shape)
+        for i in tqdm(range(self.num_steps), desc="denoising", unit="step", disable=not progress, leave=False):
+            with nvtx_range(f"vdopt/step {i}", self.device):
+                x, *state = run_step(x, torch.tensor(i, dtype=torch.int64, device=self.device), *conds, *state)
+            if on_step is not None:
+                on_step(i, state)
+        return x
