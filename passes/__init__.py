@@ -7,6 +7,7 @@ compile (they keep the numbers and make the graph easier for backends).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from vdopt.errors import PassError
@@ -27,4 +28,6 @@ def load_pass(name: str) -> Pass:
 def pipeline(recipe_passes: list[tuple[str, dict]]) -> list[tuple[Pass, dict]]:
     """The recipe's passes in its order, then the lowering-prep passes in theirs."""
     named = [(load_pass(name), params) for name, params in recipe_passes]
-    return named + [(load_pass(name), {}) for name in LOWERING_PREP_PASSES if name not in {n for n, _ in recipe_passes}]
+    prep = [(dataclasses.replace(load_pass(name), optional=True), {}) for name in LOWERING_PREP_PASSES
+            if name not in {n for n, _ in recipe_passes}]
+    return named + prep

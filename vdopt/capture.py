@@ -66,8 +66,14 @@ class ExportedDenoiser(nn.Module):
         super().__init__()
         self.program = program.module()
 
+    def train(self, mode: bool = True) -> "ExportedDenoiser":
+        return self  # an exported program is already in inference form and refuses train()/eval()
+
     def forward(self, x, t, *cond):
-        out = self.program(x, t, *cond)
+        # Interpreting under preserve_node_meta copies each node's nn_module_stack into the new
+        # trace, so the user's module structure stays visible to the descriptors and passes.
+        with torch.fx.traceback.preserve_node_meta():
+            out = torch.fx.Interpreter(self.program).run(x, t, *cond)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -257,6 +263,18 @@ def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, in
     return rename
 
 
+def check_structure(ep: torch.export.ExportedProgram, descriptor: ArchitectureDescriptor, source) -> None:
+    """A bare program must show the family's blocks in its metadata, or no pass can find them."""
+    from vdopt.inspect import graph_modules, summarize_graph
+
+    if not any(descriptor.is_block(fqn) for fqn, _ in graph_modules(ep)):
+        raise CaptureError(
+            f"{source}: no {descriptor.family} transformer blocks (module paths matching '{descriptor.block_pattern}') were "
+            f"found in the program's nn_module_stack metadata, so passes cannot locate its structure. "
+            f"`vdopt inspect --graph` found: {summarize_graph(ep, limit=8)}".replace("\n", "; ")
+        )
+
+
 def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool = False,
             profile: dict[str, int] | None = None, fake_mode=None) -> StepProgram:
     """Loads the denoiser and exports the step program for one shape profile.
@@ -276,7 +294,9 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
     dtype = DTYPES[recipe.model.dtype]
     with fake_mode or nullcontext():
         denoiser, descriptor, config = load_denoiser(recipe, model_path, trust_pickle)
-        denoiser = denoiser.eval().requires_grad_(False).to(dtype)
+        denoiser = denoiser.eval().requires_grad_(False)
+        if any(p.dtype != dtype for p in denoiser.parameters()):
+            denoiser = denoiser.to(dtype)
         step = StepModule(denoiser, table, recipe.sampler.kind, recipe.sampler.prediction, recipe.sampler.guidance_scale,
                           len(descriptor.cond_inputs), guidance)
         names, example = example_inputs(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor), guidance)
@@ -290,8 +310,11 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
                 f"torch.export could not capture the {descriptor.family} step program for latent sizes {dims}: "
                 f"{type(exc).__name__}: {first}. Narrow model.input ranges or give lower.profiles with static sizes."
             ) from exc
+    if recipe.model.layout == "exported_program":
+        check_structure(ep, descriptor, model_path)
     inputs, outputs = io_specs(ep, names, ["x_next"], dims)
     return StepProgram(
         ep=ep, recipe=recipe, descriptor=descriptor, model_config=config, inputs=inputs, outputs=outputs, state=(),
         step_table={k: v.tolist() for k, v in table.items()}, dims=dims, example_inputs=example, guidance=guidance,
+        extras={"fake_mode": fake_mode} if fake_mode is not None else {},
     )

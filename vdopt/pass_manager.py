@@ -9,6 +9,7 @@ writes a readable graph after every pass (`000_captured.txt`, `001_<pass>.txt`, 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ class Pass:
     doc: str
     requires: tuple[str, ...] = ()
     guarantees: tuple[str, ...] = ()
+    optional: bool = False  # lowering prep: skipped (not an error) when its requirements do not hold
 
 
 FACTS: dict[str, Callable[[StepProgram], bool]] = {
@@ -52,13 +54,14 @@ def rewrite_graph(program: StepProgram, rewrite: Callable[[torch.fx.GraphModule]
     `rewrite` edits the GraphModule in place and returns whether it changed anything. Re-export
     keeps `nn_module_stack` and recomputes every node's shapes, so a rewrite never has to.
     """
-    module = program.ep.module()
-    if not rewrite(module):
-        return program
-    module.graph.eliminate_dead_code()
-    module.graph.lint()
-    module.recompile()
-    return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.descriptor))
+    with program.extras.get("fake_mode") or nullcontext():
+        module = program.ep.module()
+        if not rewrite(module):
+            return program
+        module.graph.eliminate_dead_code()
+        module.graph.lint()
+        module.recompile()
+        return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.descriptor))
 
 
 def readable_graph(program: StepProgram) -> str:
@@ -84,6 +87,9 @@ class PassManager:
         self._dump(0, "captured", program)
         for index, (spec, params) in enumerate(self.passes, start=1):
             unmet = [name for name in spec.requires if not fact(program, name)]
+            if unmet and spec.optional:
+                self.log(f"{spec.name}: skipped (needs {', '.join(unmet)})")
+                continue
             if unmet:
                 raise PassError(f"pass '{spec.name}' requires {', '.join(unmet)}, which the program does not have "
                                 f"(passes before it: {', '.join(r['name'] for r in program.passes) or 'none'}).")

@@ -1,0 +1,66 @@
+"""The plain PyTorch sampling loop that compiled bundles are checked against.
+
+It calls the diffusers module directly, with each family's own keyword arguments, and steps with
+diffusers' own scheduler: nothing of vdopt's capture, step program or sampler update is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vdopt.sampler import diffusers_scheduler
+
+
+def call_wan(model, x, t, cond):
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+
+def call_latte(model, x, t, cond):
+    out = model(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
+                enable_temporal_attentions=True, return_dict=False)[0]
+    # the Latte pipeline's DDIM has no learned variance: it keeps the first half of the channels
+    return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
+
+
+def call_cogvideox(model, x, t, cond):
+    # CogVideoX takes [B, F, C, H, W]; the reference loop keeps [B, C, F, H, W]
+    out = model(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
+                return_dict=False)[0]
+    return out.transpose(1, 2)
+
+
+def call_hunyuan_video(model, x, t, cond):
+    return model(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=cond["encoder_hidden_states"],
+                 encoder_attention_mask=cond["encoder_attention_mask"], pooled_projections=cond["pooled_projections"],
+                 guidance=None, return_dict=False)[0]
+
+
+def call_ltx_video(model, x, t, cond):
+    from diffusers import LTXPipeline
+
+    _, _, frames, height, width = x.shape
+    p, p_t = model.config.patch_size, model.config.patch_size_t
+    out = model(hidden_states=LTXPipeline._pack_latents(x, p, p_t), encoder_hidden_states=cond["encoder_hidden_states"],
+                timestep=t, encoder_attention_mask=cond["encoder_attention_mask"], num_frames=frames // p_t,
+                height=height // p, width=width // p, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
+    return LTXPipeline._unpack_latents(out, frames // p_t, height // p, width // p, p, p_t)
+
+
+FAMILY_CALLS = {"wan": call_wan, "latte": call_latte, "cogvideox": call_cogvideox,
+                "hunyuan_video": call_hunyuan_video, "ltx_video": call_ltx_video}
+
+
+@torch.no_grad()
+def reference_sample(family: str, model, sampler, cond: dict, uncond: dict | None, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    scheduler = diffusers_scheduler(sampler)
+    call = FAMILY_CALLS[family]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    for t in scheduler.timesteps:
+        if uncond is None:
+            prediction = call(model, x, t.expand(x.shape[0]), cond)
+        else:
+            both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+            out_cond, out_uncond = call(model, torch.cat([x, x]), t.expand(2 * x.shape[0]), both).chunk(2)
+            prediction = out_uncond + sampler.guidance_scale * (out_cond - out_uncond)
+        x = scheduler.step(prediction, t, x, return_dict=False)[0]
+    return x

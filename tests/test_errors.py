@@ -1,0 +1,201 @@
+"""Bad input gives a one-paragraph message and a non-zero exit, never a traceback or a partial bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from vdopt.cli import main as vdopt_main
+from vdopt.families import descriptor_for
+
+WAN_INPUT = {"frames": {"min": 1, "max": 4}, "height": {"min": 4, "max": 8}, "width": {"min": 4, "max": 8}, "text_len": 7}
+
+
+def write_recipe(path: Path, **overrides) -> Path:
+    data = {"model": {"family": "wan", "input": WAN_INPUT}, "sampler": {"steps": 2}, "lower": {"backend": "torch"}}
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        data.setdefault(section, {})
+        if field:
+            data[section][field] = value
+        else:
+            data[section] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(capsys, argv: list[str]) -> str:
+    code = vdopt_main(argv)
+    captured = capsys.readouterr()
+    assert code != 0, "a bad input must exit non-zero"
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("vdopt ") and ": error: " in line]
+    assert len(errors) == 1, f"expected one error paragraph, got: {captured.err!r}"
+    return errors[0]
+
+
+def assert_no_bundle_left(output: Path) -> None:
+    assert not output.exists()
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")], "a staging directory was left behind"
+
+
+@pytest.fixture(scope="module")
+def wan_checkpoint(tmp_path_factory) -> Path:
+    descriptor = descriptor_for("wan")
+    model = descriptor.build(dict(descriptor.tiny_config))
+    path = tmp_path_factory.mktemp("wan") / "wan.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wan_bundle(tmp_path_factory, wan_checkpoint) -> Path:
+    directory = tmp_path_factory.mktemp("bundle")
+    recipe = write_recipe(directory / "recipe.yaml")
+    bundle = directory / "wan.vdopt"
+    assert vdopt_main(["compile", str(recipe), str(wan_checkpoint), "-o", str(bundle)]) == 0
+    cond = directory / "cond.safetensors"
+    save_file({"cond.encoder_hidden_states": torch.randn(1, 7, 16)}, str(cond))
+    return bundle
+
+
+def test_unknown_recipe_key(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", lower__optimise="yes")
+    message = run_cli(capsys, ["compile", str(recipe), "-o", str(tmp_path / "out.vdopt")])
+    assert "r.yaml" in message and "unknown key 'lower.optimise'" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
+
+
+def test_wrong_type(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", sampler__steps="fifty")
+    message = run_cli(capsys, ["compile", str(recipe), "-o", str(tmp_path / "out.vdopt")])
+    assert "'sampler.steps'" in message and "integer" in message and "fifty" in message
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    message = run_cli(capsys, ["compile", str(recipe), str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "out.vdopt")])
+    assert "nope.safetensors" in message and "not found" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, capsys, wan_checkpoint):
+    recipe = write_recipe(tmp_path / "r.yaml", model__config={**descriptor_for("wan").tiny_config, "num_layers": 3, "ffn_dim": 48})
+    message = run_cli(capsys, ["compile", str(recipe), str(wan_checkpoint), "-o", str(tmp_path / "out.vdopt")])
+    assert "does not fit" in message and "missing (first: blocks.2." in message and "wrong shape" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
+
+
+def test_pickled_module_needs_trust(tmp_path, capsys):
+    model = descriptor_for("wan").build(dict(descriptor_for("wan").tiny_config))
+    pickled = tmp_path / "model.pt"
+    torch.save(model, pickled)
+    for layout in ("pickled_module", "state_dict"):
+        recipe = write_recipe(tmp_path / f"{layout}.yaml", model__layout=layout)
+        message = run_cli(capsys, ["compile", str(recipe), str(pickled), "-o", str(tmp_path / "out.vdopt")])
+        assert "--trust-pickle" in message
+        assert_no_bundle_left(tmp_path / "out.vdopt")
+    recipe = write_recipe(tmp_path / "trusted.yaml", model__layout="pickled_module")
+    assert vdopt_main(["compile", str(recipe), str(pickled), "-o", str(tmp_path / "ok.vdopt"), "--trust-pickle"]) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate_segment", "edit_segment", "truncate_manifest", "delete_segment"])
+def test_damaged_bundle(tmp_path, capsys, wan_bundle, damage):
+    import shutil
+
+    bundle = tmp_path / "copy.vdopt"
+    shutil.copytree(wan_bundle, bundle)
+    segment = bundle / json.loads((bundle / "manifest.json").read_text())["segments"][0]["files"][0]
+    if damage == "truncate_segment":
+        segment.write_bytes(segment.read_bytes()[:-100])
+    elif damage == "edit_segment":
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        segment.write_bytes(bytes(data))
+    elif damage == "truncate_manifest":
+        manifest = bundle / "manifest.json"
+        manifest.write_text(manifest.read_text()[:200])
+    else:
+        segment.unlink()
+    cond = wan_bundle.parent / "cond.safetensors"
+    message = run_cli(capsys, ["run", str(bundle), "--cond", str(cond), "-o", str(tmp_path / "v.pt")])
+    assert ("checksum" in message) or ("damaged" in message)
+    assert not (tmp_path / "v.pt").exists()
+
+
+def test_wrong_input_shape_at_run_time(tmp_path, capsys, wan_bundle):
+    cond = wan_bundle.parent / "cond.safetensors"
+    message = run_cli(capsys, ["run", str(wan_bundle), "--cond", str(cond), "--frames", "9", "-o", str(tmp_path / "v.pt")])
+    assert "frames" in message and "1..4" in message
+    message = run_cli(capsys, ["run", str(wan_bundle), "--cond", str(cond), "--height", "5", "-o", str(tmp_path / "v.pt")])
+    assert "multiple of 2" in message
+    bad = tmp_path / "bad.safetensors"
+    save_file({"cond.encoder_hidden_states": torch.randn(1, 9, 16)}, str(bad))
+    message = run_cli(capsys, ["run", str(wan_bundle), "--cond", str(bad), "-o", str(tmp_path / "v.pt")])
+    assert "[1, 9, 16]" in message and "[1, 7, 16]" in message
+
+
+@torch.library.custom_op("vdopt_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.5
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class MysteryWan(torch.nn.Module):
+    """A user's denoiser with an op ONNX has no translation for, in its output projection."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = MysteryHead()
+
+    def forward(self, x, t, encoder_hidden_states):
+        return self.head(self.model(hidden_states=x, timestep=t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0])
+
+
+class MysteryHead(torch.nn.Module):
+    def forward(self, x):
+        return mystery(x)
+
+
+def test_op_a_backend_cannot_lower(tmp_path, capsys):
+    descriptor = descriptor_for("wan")
+    user = MysteryWan(descriptor.build(dict(descriptor.tiny_config))).eval()
+    example = (torch.randn(1, 4, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, 16))
+    program = tmp_path / "user.pt2"
+    torch.export.save(torch.export.export(user, example), str(program))
+    recipe = write_recipe(tmp_path / "r.yaml", model__layout="exported_program",
+                          model__input={"frames": 2, "height": 8, "width": 8, "text_len": 7},
+                          sampler={"steps": 2, "guidance_scale": 1.0}, lower={"backend": "onnx"})
+    message = run_cli(capsys, ["compile", str(recipe), str(program), "-o", str(tmp_path / "out.vdopt")])
+    assert "vdopt_test.mystery" in message and "MysteryHead" in message and "onnx" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
+
+
+def test_bare_program_without_known_structure(tmp_path, capsys):
+    plain = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 1))
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = plain
+
+        def forward(self, x, t, encoder_hidden_states):
+            return self.net(x) + t.reshape(-1, 1, 1, 1, 1) * 0 + encoder_hidden_states.mean() * 0
+
+    program = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(Denoiser(), (torch.randn(1, 4, 2, 8, 8), torch.tensor([1.0]), torch.randn(1, 7, 16))), str(program))
+    recipe = write_recipe(tmp_path / "r.yaml", model__layout="exported_program",
+                          model__input={"frames": 2, "height": 8, "width": 8, "text_len": 7}, sampler={"steps": 2, "guidance_scale": 1.0})
+    message = run_cli(capsys, ["compile", str(recipe), str(program), "-o", str(tmp_path / "out.vdopt")])
+    assert "no wan transformer blocks" in message and "Conv3d" in message and "vdopt inspect --graph" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
