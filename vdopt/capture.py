@@ -110,6 +110,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def checkpoint_path(path: Path) -> Path:
+    """A weights file, or the single safetensors file inside a folder."""
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) != 1:
+        raise CaptureError(f"{path}: expected one .safetensors file in the folder, found {len(found)}; give the file itself.")
+    return found[0]
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, family: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -161,7 +171,7 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
         return descriptor.adapter(model), descriptor, dict(model.config)
     model = descriptor.build(config)
     if path is not None:
-        state = read_state_dict(path)
+        state = descriptor.checkpoint_state(read_state_dict(checkpoint_path(path)))
         check_state_dict(model, state, path, descriptor.family)
         model.load_state_dict(state)
     return descriptor.adapter(model), descriptor, config

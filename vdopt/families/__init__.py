@@ -1,7 +1,7 @@
 """Per-family architecture descriptors (see `base.py`). Importing this package registers them."""
 
 from vdopt.errors import CaptureError
-from vdopt.families import cogvideox, hunyuan_video, latte, ltx_video, wan  # noqa: F401  (registers)
+from vdopt.families import cogvideox, hunyuan_video, latte, ltx_video, reference, wan  # noqa: F401  (registers)
 from vdopt.families.base import ArchitectureDescriptor, registry
 
 

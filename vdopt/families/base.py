@@ -72,6 +72,10 @@ class ArchitectureDescriptor:
         """Wrap `model` as `forward(x[B,C,F,H,W], t[B], *cond) -> prediction[B,C,F,H,W]`."""
         raise NotImplementedError
 
+    def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's own tensors out of a checkpoint file that may hold more (e.g. an encoder)."""
+        return state
+
     def write_extras(self, bundle_dir, model_path) -> None:
         """Files a bundle of this family carries besides the step program (e.g. a prompt encoder)."""
 

@@ -1,0 +1,75 @@
+"""The project's reference teacher: a pixel-space Latte with an attribute-word prompt encoder.
+
+It is a `LatteTransformer3DModel` (so the Latte adapter and block patterns apply unchanged) whose
+checkpoint also holds the prompt conditioner. The conditioner is not part of the step program;
+a bundle carries it as an extra file, so `vdopt run --prompt "red circle moving up"` works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vdopt.families.base import CondInput, register
+from vdopt.families.latte import LATTE, LatteDescriptor
+from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner
+
+TRANSFORMER_PREFIX = "transformer."
+CONDITIONER_PREFIX = "conditioner."
+EXTRAS = "extras/conditioner.safetensors"
+
+
+def checkpoint_file(model_path: str | Path) -> Path:
+    path = Path(model_path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+class ReferenceDescriptor(LatteDescriptor):
+    def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not any(k.startswith(TRANSFORMER_PREFIX) for k in state):
+            return state
+        return {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
+
+    def write_extras(self, bundle_dir: Path, model_path) -> None:
+        if model_path is None:
+            return
+        state = load_file(str(checkpoint_file(model_path)))
+        conditioner = {k.removeprefix(CONDITIONER_PREFIX): v for k, v in state.items() if k.startswith(CONDITIONER_PREFIX)}
+        if conditioner:
+            (bundle_dir / EXTRAS).parent.mkdir(exist_ok=True)
+            save_file(conditioner, str(bundle_dir / EXTRAS), metadata={"config": json.dumps(CONDITIONER_CONFIG)})
+
+    def prompt_encoder(self, bundle_dir: Path, manifest: dict):
+        path = Path(bundle_dir) / EXTRAS
+        if EXTRAS not in manifest["checksums"] or not path.is_file():
+            return None
+        conditioner = PromptConditioner(**CONDITIONER_CONFIG)
+        conditioner.load_state_dict(load_file(str(path)))
+        conditioner.eval()
+        batch = manifest["latent"]["batch"]
+
+        @torch.no_grad()
+        def encode(prompt: str):
+            prompts = [p.strip() for p in prompt.split("|")] if "|" in prompt else [prompt] * batch
+            return ({"encoder_hidden_states": conditioner.encode(prompts)},
+                    {"encoder_hidden_states": conditioner.null(len(prompts)).contiguous()})
+
+        return encode
+
+
+REFERENCE = register(ReferenceDescriptor(
+    family="reference",
+    diffusers_class=LATTE.diffusers_class,
+    block_pattern=LATTE.block_pattern,
+    temporal_block_pattern=LATTE.temporal_block_pattern,
+    time_embedding_pattern=LATTE.time_embedding_pattern,
+    residual_stream=LATTE.residual_stream,
+    cond_inputs=(CondInput("encoder_hidden_states", lambda cfg, b, n: (b, CONDITIONER_CONFIG["tokens"], cfg["caption_channels"])),),
+    patch_size=(1, TEACHER_CONFIG["patch_size"], TEACHER_CONFIG["patch_size"]),
+    dynamic_frames=False,
+    tiny_config=dict(TEACHER_CONFIG),
+    full_configs={"vdopt-reference-teacher": dict(TEACHER_CONFIG)},
+))
