@@ -13,7 +13,7 @@ import importlib
 from vdopt.errors import PassError
 from vdopt.pass_manager import Pass
 
-OPTIMIZATION_PASSES: tuple[str, ...] = ()
+OPTIMIZATION_PASSES: tuple[str, ...] = ("reduce_steps", "insert_cache")
 LOWERING_PREP_PASSES: tuple[str, ...] = ("fold_guidance_batch",)
 
 
@@ -28,6 +28,10 @@ def load_pass(name: str) -> Pass:
 def pipeline(recipe_passes: list[tuple[str, dict]]) -> list[tuple[Pass, dict]]:
     """The recipe's passes in its order, then the lowering-prep passes in theirs."""
     named = [(load_pass(name), params) for name, params in recipe_passes]
+    order = [OPTIMIZATION_PASSES.index(name) for name, _ in recipe_passes if name in OPTIMIZATION_PASSES]
+    if order != sorted(order):
+        raise PassError(f"recipe passes must keep this order: {', '.join(OPTIMIZATION_PASSES)} (each rewrites what the "
+                        f"next one expects to find).")
     prep = [(dataclasses.replace(load_pass(name), optional=True), {}) for name in LOWERING_PREP_PASSES
             if name not in {n for n, _ in recipe_passes}]
     return named + prep

@@ -8,6 +8,7 @@ loaded, so they are refused unless the user says `--trust-pickle`.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -201,8 +202,13 @@ def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: Ar
     return sizes
 
 
-def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...]):
-    """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits."""
+def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...],
+                          num_state: int = 0):
+    """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
+
+    State tensors (the last `num_state` inputs) follow the latent's sizes; `Dim.AUTO` lets export
+    derive how (a cached residual has frames * height * width / patch tokens).
+    """
     x_dims = {}
     for axis, name in enumerate(LATENT_DIMS):
         lo, hi = dims[name]
@@ -217,13 +223,16 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: Architec
     shapes = torch.export.ShapesCollection()
     if x_dims:
         shapes[example[0]] = x_dims
+        for state in example[len(example) - num_state:] if num_state else ():
+            shapes[state] = {d: Dim.AUTO for d in range(1, state.dim())}
     return shapes
 
 
 def export_step(module: nn.Module, example: tuple[torch.Tensor, ...], dims: dict[str, tuple[int, int]],
-                descriptor: ArchitectureDescriptor) -> torch.export.ExportedProgram:
+                descriptor: ArchitectureDescriptor, num_state: int = 0) -> torch.export.ExportedProgram:
+    shapes = export_dynamic_shapes(dims, descriptor, example, num_state)
     with torch.no_grad():
-        return torch.export.export(module, example, dynamic_shapes=export_dynamic_shapes(dims, descriptor, example), strict=False)
+        return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
 
 
 def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: dict, sizes: dict[str, int], guidance: bool):
@@ -255,20 +264,18 @@ def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_na
 
 
 def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]]):
-    """Maps export's symbols (s0, 2*s1) to the latent dim names (frames, height)."""
+    """Maps export's symbols to latent dim names: `s0` -> `frames`, the `s1` of `2*s1` -> `height_units`."""
     x = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
     mapping = {}
     for axis, name in enumerate(LATENT_DIMS):
         size = x.meta["val"].shape[2 + axis]
         if not isinstance(size, int):
-            for symbol in size.node.expr.free_symbols:
-                mapping[str(symbol)] = name
+            expr = size.node.expr
+            for symbol in expr.free_symbols:
+                mapping[str(symbol)] = name if expr == symbol else f"{name}_units"
 
     def rename(size) -> str:
-        text = str(size)
-        for symbol, name in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(symbol, f"{name}_units" if "*" in text else name)
-        return text.replace(" ", "")
+        return re.sub(r"\b[a-z]+\d+\b", lambda m: mapping.get(m.group(0), m.group(0)), str(size)).replace(" ", "")
 
     return rename
 

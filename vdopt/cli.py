@@ -26,14 +26,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vdopt.runtime import Session
+    from vdopt.runtime.trace import CacheTrace
     from vdopt.video import load_cond, save_output
 
     session = Session(args.bundle, device=args.device)
     cond, uncond = load_cond(session, args.cond, args.prompt)
+    trace = CacheTrace(session.manifest) if args.trace else None
     video = session.run(cond, uncond, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
-                        progress=not args.quiet)
+                        progress=not args.quiet, on_step=trace.on_step if trace else None)
     save_output(video, args.output, session.manifest)
     print(f"wrote {args.output} {list(video.shape)}")
+    if trace:
+        trace.write(args.trace)
+        print(f"wrote {args.trace}: body evaluations per row {trace.body_evaluations()} of {session.num_steps} steps")
     return 0
 
 
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--trace", metavar="FILE.json", help="record cache decisions per step and row (and a .png plot beside it)")
     p.add_argument("-o", "--output", required=True, help="out.pt | out.safetensors | out.gif | out.mp4")
     p.set_defaults(func=cmd_run)
 
@@ -96,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_eval(sub)
+    from vdopt.distill.cli import register as register_distill
+
+    register_distill(sub)
     return parser
 
 

@@ -39,7 +39,7 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "recipe": recipe.model_dump(mode="json"),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in program.model_config.items()},
         "parameters": sum(t.numel() for t in program.ep.state_dict.values()),
-        "sampler": recipe.sampler.model_dump(mode="json"),
+        "sampler": program.recipe.sampler.model_dump(mode="json"),
         "guidance": program.guidance,
         "step_table": program.step_table,
         "num_steps": program.num_steps,
@@ -50,6 +50,7 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "outputs": [s.to_json() for s in program.outputs],
         "state": [s.to_json() for s in program.state],
         "passes": list(program.passes),
+        "cache": program.extras.get("cache"),
     }
 
 

@@ -47,6 +47,8 @@ def describe_bundle(path: Path) -> str:
     lines += [f"  {s['name']:<36} {s['dtype']:<8} {s['shape']}" for s in m["outputs"]]
     lines.append("state:" + ("" if m["state"] else " none"))
     lines += [f"  {s['name']:<36} {s['dtype']:<8} {s['shape']} init {s.get('init', 'zeros')}" for s in m["state"]]
+    if m.get("cache"):
+        lines.append("cache: " + ", ".join(f"{k}={v}" for k, v in m["cache"].items()))
     lines.append("segments:")
     for segment in m["segments"]:
         dims = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in segment["dims"].items())

@@ -26,15 +26,44 @@ def export_onnx(program: StepProgram, path: Path) -> None:
     try:
         onnx_program = torch.onnx.export(
             program.ep, (), dynamo=True, opset_version=OPSET, verbose=False,
-            input_names=[s.name for s in program.inputs], output_names=[s.name for s in program.outputs],
+            input_names=[s.name for s in program.inputs], output_names=onnx_output_names(program),
         )
     except Exception as exc:  # noqa: BLE001 - the exporter wraps the real failure; name the op and module
         raise unsupported_op_error("onnx", program.ep, str(exc), _first_line(exc)) from exc
     graph = gs.import_onnx(onnx_program.model_proto)
+    _bool_where_as_uint8(graph)
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
     model.opset_import[0].version = max(model.opset_import[0].version, OPSET)
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+
+
+def _bool_where_as_uint8(graph) -> None:
+    """ONNX Runtime's CPU `Where` has no tensor(bool) kernel ("NOT_IMPLEMENTED: Could not find an
+    implementation for Where(16)"), and torch's `masked_fill`/`where` on boolean tensors (attention
+    masks, e.g. HunyuanVideo's) export to exactly that. Compute such a Where in uint8 and cast back."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    for node in [n for n in graph.nodes if n.op == "Where"]:
+        out = node.outputs[0]
+        if out.dtype is None or np.dtype(out.dtype) != np.bool_:
+            continue
+        for k in (1, 2):
+            as_u8 = gs.Variable(f"{node.name}_in{k}_u8", dtype=np.uint8)
+            graph.nodes.append(gs.Node("Cast", name=f"{node.name}_cast_in{k}", inputs=[node.inputs[k]], outputs=[as_u8],
+                                       attrs={"to": onnx.TensorProto.UINT8}))
+            node.inputs[k] = as_u8
+        result = gs.Variable(f"{node.name}_out_u8", dtype=np.uint8, shape=out.shape)
+        node.outputs[0] = result
+        graph.nodes.append(gs.Node("Cast", name=f"{node.name}_cast_out", inputs=[result], outputs=[out],
+                                   attrs={"to": onnx.TensorProto.BOOL}))
+
+
+def onnx_output_names(program: StepProgram) -> list[str]:
+    """Output names; a state output gets `.next`, since an ONNX value named like an input *is* that input."""
+    inputs = {s.name for s in program.inputs}
+    return [f"{s.name}.next" if s.name in inputs else s.name for s in program.outputs]
 
 
 def _first_line(exc: Exception) -> str:

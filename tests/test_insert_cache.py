@@ -1,0 +1,144 @@
+"""insert_cache: the skip decision is a graph op, per sample and guidance branch; state is explicit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdopt.capture import capture
+from vdopt.compiler import compile_bundle
+from vdopt.errors import PassError
+from vdopt.pass_manager import PassManager
+from vdopt.passes import load_pass
+from vdopt.recipe import parse_recipe
+from vdopt.program import DTYPES
+from vdopt.runtime import Session
+from vdopt.runtime.session import resolve_size
+
+INSERT_CACHE = load_pass("insert_cache")
+DYNAMIC = {"frames": {"min": 1, "max": 8}, "height": {"min": 4, "max": 16}, "width": {"min": 4, "max": 16}, "text_len": 7}
+INPUTS = {"wan": DYNAMIC, "cogvideox": DYNAMIC, "hunyuan_video": DYNAMIC, "ltx_video": DYNAMIC,
+          "latte": {"frames": 4, "height": 8, "width": 8, "text_len": 7}}
+STEPS = 6
+
+
+def recipe(family: str, batch: int = 1, **sampler):
+    return parse_recipe({"model": {"family": family, "input": {**INPUTS[family], "batch": batch}},
+                         "sampler": {"steps": STEPS, **sampler}})
+
+
+def cached(program, **params):
+    return PassManager([(INSERT_CACHE, params)]).run(program)
+
+
+def sample(program, x, conds, steps=STEPS):
+    """The runtime loop, eagerly over the program's module: returns x and the final state."""
+    module = program.module()
+    sizes = dict(zip(("frames", "height", "width"), x.shape[2:]))
+    state = [torch.zeros([resolve_size(d, sizes, list(program.descriptor.patch_size)) for d in spec.shape], dtype=DTYPES[spec.dtype])
+             for spec in program.state]
+    for i in range(steps):
+        x, *state = module(x, torch.tensor(i), *conds, *state)
+    return x, dict(zip([s.name for s in program.state], state))
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return capture(recipe("wan"), None)
+
+
+def test_graph_gets_a_cond_and_declared_state(wan):
+    after = cached(wan, policy="first_blocks", threshold=0.1)
+    def conds(program):
+        return [n for n in program.ep.graph.nodes if n.target is torch.ops.higher_order.cond]
+
+    assert len(conds(after)) == 1 and not conds(wan)
+    assert [s.name for s in after.state] == ["state.cache.0", "state.prev_probe", "state.reuse_run", "state.computed", "state.distance"]
+    assert after.state[0].shape == (2, "height_units*width_units*frames", 16)  # cond + uncond rows
+    assert [s.name for s in after.inputs[-5:]] == [s.name for s in after.state] == [s.name for s in after.outputs[1:]]
+    assert after.extras["cache"]["body_blocks"] == [1, 2] and after.extras["cache"]["gather_rows"]
+
+
+def test_idempotent(wan):
+    once = cached(wan, policy="first_blocks")
+    assert INSERT_CACHE.run(once, policy="first_blocks") is once
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"policy": "sometimes"}, "not one of"),
+    ({"policy": "first_blocks", "first": 0}, "first >= 1"),
+    ({"policy": "static", "first": 1, "last": 1}, "empty"),
+    ({"policy": "static", "threshold": 0.1}, "unknown parameter"),
+])
+def test_bad_parameters_are_refused(wan, params, message):
+    with pytest.raises(PassError, match=message):
+        cached(wan, **params)
+
+
+@pytest.mark.parametrize("family", sorted(INPUTS))
+def test_threshold_zero_equals_uncached(family):
+    program = capture(recipe(family), None)
+    x, *rest = program.example_inputs
+    conds = rest[1:]
+    uncached, _ = sample(program, x, conds)
+    got, state = sample(cached(program, policy="first_blocks", threshold=0.0), x, conds)
+    torch.testing.assert_close(got, uncached, atol=1e-6, rtol=0)
+    assert state["state.computed"].tolist() == [STEPS, STEPS]
+
+
+def test_always_reusing_never_runs_the_body(wan):
+    x, _, *conds = wan.example_inputs
+    never = cached(wan, policy="first_blocks", threshold=1e30, warmup=0, final=0, max_reuse=-1)
+    _, state = sample(never, x, conds)
+    assert state["state.computed"].tolist() == [0, 0]
+    static = cached(wan, policy="static", interval=3, warmup=1, final=1, max_reuse=-1)
+    _, state = sample(static, x, conds)
+    assert state["state.computed"].tolist() == [4, 4]  # steps 0 (warm-up), 1 and 4 (every third after it), 5 (final)
+
+
+def test_batch_of_two_prompts_matches_each_alone():
+    torch.manual_seed(0)
+    alone = capture(recipe("wan"), None)
+    torch.manual_seed(0)  # the same random weights
+    pair = capture(recipe("wan", batch=2), None)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, 8, 8, generator=generator)
+    text = torch.randn(2, 7, 16, generator=generator) * torch.tensor([1.0, 8.0]).reshape(2, 1, 1)
+    null = torch.zeros(1, 7, 16)
+    for threshold in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
+        both, state = sample(cached(pair, policy="first_blocks", threshold=threshold), x, (text, null.expand(2, -1, -1)))
+        computed = state["state.computed"].tolist()
+        if len(set(computed)) > 1:
+            break
+    else:
+        pytest.fail("no threshold made the two prompts decide differently")
+    single = cached(alone, policy="first_blocks", threshold=threshold)
+    for k in range(2):
+        one, state = sample(single, x[k:k + 1], (text[k:k + 1], null))
+        torch.testing.assert_close(both[k:k + 1], one, atol=1e-5, rtol=1e-5)
+        assert state["state.computed"].tolist() == [computed[k], computed[k + 2]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", pytest.param("aoti", marks=pytest.mark.slow)])
+def test_lowered_cache_matches_and_leaks_nothing(backend, tmp_path):
+    data = {"model": {"family": "wan", "input": INPUTS["wan"]}, "sampler": {"steps": STEPS},
+            "passes": [{"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.15}}],
+            "lower": {"backend": backend}}
+    torch.manual_seed(0)
+    compile_bundle(parse_recipe(data), None, tmp_path / "c.vdopt")
+    session = Session(tmp_path / "c.vdopt")
+    assert session.manifest["cache"]["policy"] == "first_blocks"
+    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(0))}
+    from vdopt.runtime.trace import CacheTrace
+
+    trace = CacheTrace(session.manifest)
+    first = session.run(cond, seed=1, frames=3, height=8, width=8, progress=False, on_step=trace.on_step)
+    again = session.run(cond, seed=1, frames=3, height=8, width=8, progress=False)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert 0 < min(trace.body_evaluations()) and max(trace.body_evaluations()) < STEPS, "the threshold should skip some steps"
+    torch.manual_seed(0)  # the bundle's random weights
+    program = cached(capture(parse_recipe({**data, "passes": [], "lower": {"backend": "torch"}}), None),
+                     policy="first_blocks", threshold=0.15)
+    x = session.initial_noise(1, (1, 4, 3, 8, 8))
+    expected, _ = sample(program, x, (cond["encoder_hidden_states"], torch.zeros(1, 7, 16)))
+    torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)

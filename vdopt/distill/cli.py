@@ -1,0 +1,122 @@
+"""The `vdopt distill` command (also `python -m vdopt.distill.cli`, which torchrun can launch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vdopt.errors import VdoptError
+
+STAGES = ("trajectories", "train", "export")
+
+
+def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Path, *, stages: tuple[str, ...] = STAGES,
+            max_iterations: int | None = None, threads: int | None = None, progress: bool = True,
+            log=lambda message: None) -> dict[str, Any]:
+    """Runs the stages in order; returns a summary (paths, iterations, last losses)."""
+    import torch
+
+    from vdopt.distill.common import DistillError, init_dist, load_teacher, prompt_list, schedule_for
+    from vdopt.distill.common import threads as thread_count
+    from vdopt.distill.config import load_distill_recipe
+    from vdopt.distill.export import export_student
+    from vdopt.distill.trajectories import make_trajectories
+    from vdopt.distill.train import Trainer
+
+    recipe, section, compile_recipe = load_distill_recipe(recipe_path)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    dist = init_dist()
+    summary: dict[str, Any] = {"output": str(out), "world": dist.world}
+    with thread_count(threads), torch.inference_mode(False):
+        teacher = load_teacher(recipe, teacher_path)
+        prompts = prompt_list(section)
+        schedule = schedule_for(recipe, section)
+        summary["schedule"] = {"key_indices": schedule.key_indices, "timesteps": schedule.timesteps}
+        settings = out / "distill.json"
+        current = {"recipe": compile_recipe, "distill": section.model_dump(mode="json"), "teacher": str(Path(teacher_path).resolve())}
+        if dist.main:
+            if settings.is_file():
+                previous = json.loads(settings.read_text())
+                changed = [k for k in ("recipe", "distill") if previous.get(k) != current[k]]
+                # iterations / checkpoint cadence may grow on resume; anything else must match
+                if changed and not _only_training_length(previous, current):
+                    raise DistillError(f"{out}: holds a distillation with different settings ({', '.join(changed)}); "
+                                       f"use a new output directory or delete {settings}.")
+            settings.write_text(json.dumps(current, indent=2, default=str))
+        shards = make_trajectories(out, teacher, section, prompts, schedule, dist, progress) if "trajectories" in stages or "train" in stages else []
+        summary["shards"] = len(shards)
+        log(f"trajectories: {len(shards)} shard(s) in {out / 'trajectories'}")
+        trainer = None
+        if "train" in stages or "export" in stages:
+            from vdopt.distill.trajectories import load_trajectories
+
+            if not shards:
+                shards = sorted((out / "trajectories").glob("shard_*.safetensors"))
+            if not shards:
+                raise DistillError(f"{out}: no trajectories; run the trajectories stage first.")
+            trainer = Trainer(out, teacher, section, load_trajectories(shards), schedule, dist)
+            resumed = trainer.resume()
+            log(f"training: {'resumed at' if resumed else 'starting at'} iteration {trainer.iteration}")
+            if "train" in stages:
+                trainer.run(max_iterations=max_iterations, progress=progress)
+            summary["iterations"] = trainer.iteration
+            summary["last"] = trainer.log[-1] if trainer.log else None
+        if "export" in stages and trainer is not None and dist.main:
+            if trainer.iteration < section.iterations:
+                log(f"export skipped: training stopped at {trainer.iteration}/{section.iterations} iterations")
+            else:
+                weights, recipe_file = export_student(out, teacher, section, schedule, trainer.ema, compile_recipe, trainer.iteration)
+                summary.update(weights=str(weights), recipe=str(recipe_file))
+                log(f"export: {weights} and {recipe_file}")
+    dist.barrier()
+    return summary
+
+
+def _only_training_length(previous: dict, current: dict) -> bool:
+    loose = ("iterations", "checkpoint_every", "keep_checkpoints")
+    strip = lambda d: {k: v for k, v in d.items() if k not in loose}  # noqa: E731
+    return previous.get("recipe") == current["recipe"] and strip(previous.get("distill", {})) == strip(current["distill"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a compile recipe with a `distill:` section (recipes/distill_reference.yaml)")
+    p.add_argument("teacher", help="the teacher's weights (.safetensors / .pt state dict)")
+    p.add_argument("-o", "--output", required=True, help="student directory: trajectories/, checkpoints/, student.safetensors, recipe.yaml")
+    p.add_argument("--stage", choices=("all", *STAGES), default="all", help="run one stage only (default: all, resuming)")
+    p.add_argument("--max-iterations", type=int, help="stop training at this iteration (checkpointed); rerun to continue")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    summary = distill(args.recipe, args.teacher, args.output, stages=stages, max_iterations=args.max_iterations,
+                      threads=args.threads, progress=not args.quiet, log=lambda m: print(f"[vdopt distill] {m}", file=sys.stderr))
+    if summary.get("world", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="distil a few-step, guidance-free student from a guided teacher")
+    add_arguments(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vdopt distill", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_distill(args)
+    except VdoptError as exc:
+        print(f"vdopt distill: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The `distill:` section of a distillation recipe, and how it is read.
+
+A distillation recipe is an ordinary compile recipe (model, sampler: the *teacher's* guided
+schedule) plus a `distill:` section. `load_distill_recipe` splits the two, so the compile part is
+validated exactly as `vdopt compile` validates it and the exported student recipe reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from vdopt.errors import RecipeError
+from vdopt.recipe import Recipe, Strict, parse_recipe
+
+
+class DistillSection(Strict):
+    student_steps: int = Field(4, ge=1, le=64, description="Steps of the student; key points are uniform over the teacher's schedule.")
+    # --- stage 1: trajectories (AccVideo's synthetic data set) ---
+    prompts: int | list[str] = Field(64, description="A number of moving-shapes prompts (train split, drawn with `seed`), or the prompts.")
+    seeds_per_prompt: int = Field(4, ge=1)
+    shard_size: int = Field(16, ge=1, description="Samples per trajectory shard (also the teacher's batch).")
+    cond_file: str | None = Field(None, description="Families without a prompt encoder: safetensors with `cond.<name>` [N, ...] per prompt index.")
+    # --- stage 2: training ---
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1, description="Global batch of (sample, key point) transitions per iteration.")
+    lr: float = Field(2e-5, gt=0)
+    disc_lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    adv_weight: float = Field(0.1, ge=0, description="Weight of the adversarial (hinge) generator loss; 0 disables the discriminator.")
+    adv_start: int = Field(0, ge=0, description="Iteration at which the adversarial loss starts (trajectory loss only before).")
+    disc_blocks: int | list[int] = Field(3, description="How many teacher blocks (evenly spaced) feed discriminator heads, or their indices.")
+    head_dim: int = Field(64, ge=4)
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillSection":
+        if isinstance(self.prompts, int) and self.prompts < 1:
+            raise ValueError("prompts must be a positive count or a list")
+        return self
+
+
+def load_distill_recipe(path: str | Path) -> tuple[Recipe, DistillSection, dict[str, Any]]:
+    """(compile recipe, distill section, the raw compile-recipe mapping) of a distillation recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+    if not isinstance(data, dict) or "distill" not in data:
+        raise RecipeError(f"{path}: a distillation recipe is a compile recipe with a `distill:` section (see recipes/distill_reference.yaml).")
+    section = data.pop("distill") or {}
+    recipe = parse_recipe(data, str(path))
+    if recipe.sampler.kind != "flow_euler":
+        raise RecipeError(f"{path}: 'sampler.kind': distillation needs the flow_euler teacher sampler (got {recipe.sampler.kind}).")
+    try:
+        distill = DistillSection.model_validate(section)
+    except ValidationError as exc:
+        problems = "; ".join(f"'distill.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()[:5])
+        raise RecipeError(f"{path}: invalid distill section: {problems}.") from None
+    if distill.student_steps > recipe.sampler.steps:
+        raise RecipeError(f"{path}: 'distill.student_steps' ({distill.student_steps}) exceeds the teacher's sampler.steps ({recipe.sampler.steps}).")
+    return recipe, distill, data
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short digest of what a stage's output depends on (refuses to resume into different settings)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,63 @@
+"""`vdopt run --trace`: what the cache decided, per step and per (sample, guidance branch) row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class CacheTrace:
+    def __init__(self, manifest: dict):
+        self.names = [s["name"] for s in manifest["state"]]
+        self.batch = manifest["latent"]["batch"]
+        self.guidance = manifest["guidance"]
+        self.steps: list[dict] = []
+        self._computed = None
+
+    @property
+    def rows(self) -> list[str]:
+        branches = ("cond", "uncond") if self.guidance else ("cond",)
+        return [f"sample {s} {b}" for b in branches for s in range(self.batch)]
+
+    def on_step(self, i: int, state: list[torch.Tensor]) -> None:
+        values = dict(zip(self.names, state))
+        if "state.computed" not in values:
+            return
+        computed = values["state.computed"].cpu()
+        before = self._computed if self._computed is not None else torch.zeros_like(computed)
+        self._computed = computed
+        self.steps.append({"step": i, "computed": (computed - before).tolist(),
+                           "distance": values["state.distance"].cpu().tolist()})
+
+    def body_evaluations(self) -> list[int]:
+        return self._computed.tolist() if self._computed is not None else []
+
+    def write(self, path: str | Path) -> None:
+        path = Path(path)
+        path.write_text(json.dumps({"rows": self.rows, "steps": self.steps, "body_evaluations": self.body_evaluations()}, indent=1))
+        self.plot(path.with_suffix(".png"))
+
+    def plot(self, path: Path) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        steps = [s["step"] for s in self.steps]
+        for r, row in enumerate(self.rows):
+            distance = [s["distance"][r] for s in self.steps]
+            line, = ax.plot(steps, distance, label=f"{row} distance")
+            hits = [st for st, s in zip(steps, self.steps) if s["computed"][r]]
+            ax.scatter(hits, [distance[steps.index(h)] for h in hits], color=line.get_color(), marker="o", s=18)
+        ax.set_xlabel("step (dots: body recomputed)")
+        ax.set_ylabel("probe distance")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
