@@ -14,8 +14,15 @@ Policies (`policy=`):
   first_blocks  DBCache / first-block cache: the residual of the first `first` blocks is the
                 probe; recompute a row when its relative L1 change since that row's last
                 recompute reaches `threshold`.
-Always computed: the first `warmup` and last `final` steps; never more than `max_reuse` reuses
-in a row. A threshold of 0 never skips.
+  adacache      AdaCache with MoReg: at each recompute a codebook maps the probe's change (scaled
+                by a motion score from consecutive latent frames) to how many steps to reuse.
+  teacache      TeaCache: accumulate the rescaled change of the timestep embedding; recompute
+                when the sum reaches `threshold`.
+A body whose shape ops were traced with a literal batch size (e.g. Latte) cannot run on a subset of
+rows; it then runs on all rows whenever any row recomputes, still selecting per row (`gather_rows`
+in the manifest says which).
+Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
+and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from vdopt.pass_manager import Pass
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
 
-POLICIES = ("static", "first_blocks")
 
 
 def rows_of(tensor: torch.Tensor, index: torch.Tensor, samples: int) -> torch.Tensor:
@@ -57,15 +63,152 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor, samples: int) -> torch.
     return change / before.abs().reshape(samples, -1).mean(1).clamp(min=1e-12)
 
 
+
+ADACACHE_CODEBOOKS = {  # distance upper bound -> steps until the next recompute (AdaCache-DiT configs)
+    "fast": [(0.08, 6), (0.16, 5), (0.24, 4), (0.32, 3), (0.40, 2), (1.0, 1)],   # 30-step schedules
+    "slow": [(0.08, 3), (0.16, 2), (0.24, 1), (1.0, 1)],
+    "100": [(0.03, 12), (0.05, 10), (0.07, 8), (0.09, 6), (0.11, 4), (1.0, 3)],  # 100-step schedules
+}
+MOREG_NORM, MOREG_POWER, MOREG_GRAD = 0.385, 8, 10.0
+MOREG_WINDOW = (0.1, 0.9)  # fraction of the schedule where MoReg applies (AdaCache: steps 10-90 of 100)
+
+
+class Policy:
+    """A skip rule. `probes` names the graph values it reads; `state` the tensors it carries."""
+
+    name = ""
+    defaults: dict = {}
+    probes: tuple[str, ...] = ()
+
+    def __init__(self, params: dict, samples: int, num_steps: int, patch_frames: int):
+        self.params, self.samples, self.num_steps, self.patch_frames = params, samples, num_steps, patch_frames
+
+    def state(self, probe_shapes: list[tuple], probe_dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+        return []
+
+    def decide(self, i, x, probes, state):
+        """-> (due mask [samples], distance [samples], update(mask) -> new state)."""
+        raise NotImplementedError
+
+
+class StaticPolicy(Policy):
+    name = "static"
+    defaults = {"first": 1, "interval": 2}
+
+    def decide(self, i, x, probes, state):
+        due = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(self.samples)
+        return due, torch.zeros(self.samples, device=i.device), lambda mask: ()
+
+
+class FirstBlocksPolicy(Policy):
+    name = "first_blocks"
+    defaults = {"first": 1, "threshold": 0.08}
+    probes = ("head_out", "head_in")
+
+    def state(self, probe_shapes, probe_dtype):
+        return [("prev_probe", probe_shapes[0], probe_dtype)]
+
+    def decide(self, i, x, probes, state):
+        probe, (prev,) = probes[0] - probes[1], state
+        distance = relative_l1(probe, prev, self.samples).float()
+        return distance >= self.params["threshold"], distance, lambda mask: (torch.where(row_mask(mask, probe, self.samples), probe, prev),)
+
+
+class AdaCachePolicy(Policy):
+    """AdaCache: at each recompute, the probe's change since the last recompute (divided by the rate
+    that was used) picks from a codebook how many steps to reuse next; MoReg scales that distance by
+    a motion score from consecutive latent frames of the probe, so fast motion recomputes more often.
+    The probe is the residual of the first `first` blocks (AdaCache reads a middle block's residual,
+    which is only known on recompute steps; the first blocks run every step)."""
+
+    name = "adacache"
+    defaults = {"first": 1, "codebook": "fast", "codebook_scale": 1.0, "moreg": True}
+    probes = ("head_out", "head_in")
+
+    def codebook(self) -> list[tuple[float, int]]:
+        book = self.params["codebook"]
+        book = ADACACHE_CODEBOOKS[book] if isinstance(book, str) else [tuple(pair) for pair in book]
+        return [(bound * self.params["codebook_scale"], rate) for bound, rate in book]
+
+    def state(self, probe_shapes, probe_dtype):
+        return [("prev_probe", probe_shapes[0], probe_dtype), ("next_step", (self.samples,), torch.int64),
+                ("rate", (self.samples,), torch.float32), ("motion", (self.samples,), torch.float32)]
+
+    def motion(self, probe, x):
+        """AdaCache's MoReg score per sample: L1 change between consecutive latent frames of the probe."""
+        frames = x.shape[2] // self.patch_frames
+        if probe.shape[0] == self.samples:  # [samples, frames * tokens, ...]: frame-major tokens (Wan, CogVideoX, ...)
+            per_frame = probe.unflatten(1, (frames, -1))
+        else:  # [samples * frames, tokens, ...]: frames folded into the batch (Latte's spatial blocks)
+            per_frame = probe.unflatten(0, (self.samples, -1))
+        # Sums over consecutive frame pairs, written with roll and the two end frames rather than
+        # [1:] and [:-1] slices: a (frames - 1)-sized dim makes export guard frames != 2.
+        per_frame = per_frame.flatten(2).float()
+        first, last = per_frame.select(1, 0), per_frame.select(1, -1)
+        change = (per_frame - per_frame.roll(1, dims=1)).abs().sum((1, 2)) - (first - last).abs().sum(1)
+        size = 2 * per_frame.abs().sum((1, 2)) - first.abs().sum(1) - last.abs().sum(1)
+        return (change / size.clamp(min=1e-12) / MOREG_NORM) ** MOREG_POWER
+
+    def decide(self, i, x, probes, state):
+        probe = probes[0] - probes[1]
+        prev, next_step, rate, prev_motion = state
+        distance = relative_l1(probe, prev, self.samples).float() / rate.clamp(min=1.0)
+        motion = prev_motion
+        if self.params["moreg"]:
+            lo, hi = (int(f * self.num_steps) for f in MOREG_WINDOW)
+            motion = self.motion(probe, x)
+            gradient = MOREG_GRAD * (motion - prev_motion) / rate.clamp(min=1.0)
+            in_window = (i >= lo) & (i < hi)
+            distance = torch.where(in_window, distance * (motion + gradient.abs()), distance)
+        book = self.codebook()
+        bounds = torch.tensor([b for b, _ in book], device=distance.device)
+        rates = torch.tensor([r for _, r in book], device=distance.device, dtype=torch.int64)
+        new_rate = rates[torch.bucketize(distance, bounds).clamp(max=len(book) - 1)]
+        due = i >= next_step
+
+        def update(mask):
+            keep = row_mask(mask, probe, self.samples)
+            return (torch.where(keep, probe, prev), torch.where(mask, i + new_rate, next_step),
+                    torch.where(mask, new_rate.float(), rate), torch.where(mask, motion, prev_motion))
+
+        return due, distance, update
+
+
+class TeaCachePolicy(Policy):
+    """TeaCache: accumulate the polynomially rescaled relative L1 change of the timestep embedding
+    (the modulation every block reads) from step to step; recompute and reset once it reaches the
+    threshold. The coefficients are fitted per model (numpy.poly1d order, highest degree first)."""
+
+    name = "teacache"
+    defaults = {"first": 1, "threshold": 0.1, "coefficients": [1.0, 0.0]}
+    probes = ("time_embedding",)
+
+    def state(self, probe_shapes, probe_dtype):
+        return [("prev_probe", probe_shapes[0], probe_dtype), ("accumulated", (self.samples,), torch.float32)]
+
+    def decide(self, i, x, probes, state):
+        (embedding,), (prev, accumulated) = probes, state
+        change = relative_l1(embedding, prev, self.samples).float()
+        rescaled = torch.zeros_like(change)
+        for coefficient in self.params["coefficients"]:
+            rescaled = rescaled * change + coefficient
+        total = accumulated + rescaled
+        return total >= self.params["threshold"], total, lambda mask: (embedding, torch.where(mask, torch.zeros_like(total), total))
+
+
+POLICIES = {p.name: p for p in (StaticPolicy, FirstBlocksPolicy, AdaCachePolicy, TeaCachePolicy)}
+COMMON_DEFAULTS = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0}
+
+
 class CachedBody(nn.Module):
-    """`forward(i, *probe, *inputs, *caches, prev_probe, reuse_run, computed, distance) -> same, updated`.
+    """`forward(i, x, *probes, *inputs, *caches, *policy_state, reuse_run, computed, distance)`
+    `-> (*outputs, *caches', *policy_state', reuse_run', computed', distance')`.
 
     Rows are (sample, guidance branch) pairs: the step's batch is [cond samples; uncond samples].
-    `computed` counts body evaluations per row; `distance` is this step's probe change (for traces).
+    `computed` counts body evaluations per row; `distance` is this step's decision value (for traces).
     """
 
-    def __init__(self, body: fx.GraphModule, region: Region, batched: list[bool], samples: int, num_steps: int,
-                 policy: str, params: dict):
+    def __init__(self, body: fx.GraphModule, region: Region, batched: list[bool], policy: Policy, num_policy_state: int):
         super().__init__()
         self.body = body
         self.streams = region.streams
@@ -73,10 +216,9 @@ class CachedBody(nn.Module):
         self.num_inputs = len(region.inputs)
         self.batched = batched
         self.is_tensor = [isinstance(n.meta.get("val"), torch.Tensor) for n in region.inputs]
-        self.samples = samples
-        self.num_steps = num_steps
         self.policy = policy
-        self.params = params
+        self.samples = policy.samples
+        self.num_policy_state = num_policy_state
         self.gather = True
 
     @property
@@ -87,21 +229,11 @@ class CachedBody(nn.Module):
         tensors, scalars = iter(tensors), iter(scalars)
         return [next(tensors) if is_tensor else next(scalars) for is_tensor in self.is_tensor]
 
-    def forced(self, i: torch.Tensor) -> torch.Tensor:
-        warmup, final = self.params["warmup"], self.params["final"]
-        return (i < warmup) | (i >= self.num_steps - final)
-
-    def decide(self, i, probe, prev_probe, reuse_run):
-        """(recompute mask, distance) per row; the distance is 0 for the static policy."""
-        forced = self.forced(i).expand(self.samples)
-        if self.policy == "static":
-            distance = torch.zeros(self.samples, device=reuse_run.device)
-            due = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(self.samples)
-        else:
-            distance = relative_l1(probe, prev_probe, self.samples).float()
-            due = distance >= self.params["threshold"]
-        cap = self.params["max_reuse"]
-        return forced | due | (reuse_run >= cap if cap >= 0 else torch.zeros_like(due)), distance
+    def forced(self, i: torch.Tensor, reuse_run: torch.Tensor) -> torch.Tensor:
+        params = self.policy.params
+        edge = (i < params["warmup"]) | (i >= self.policy.num_steps - params["final"])
+        capped = reuse_run >= params["max_reuse"] if params["max_reuse"] >= 0 else torch.zeros_like(reuse_run, dtype=torch.bool)
+        return edge.expand(self.samples) | capped
 
     def compute(self, scalars, mask, *tensors):
         inputs, caches = self.with_scalars(tensors[: self.num_tensor_inputs], scalars), tensors[self.num_tensor_inputs:]
@@ -142,22 +274,22 @@ class CachedBody(nn.Module):
                    for k, cache in enumerate(caches)]
         return flat(*outputs, *(cache.clone() for cache in caches))
 
-    def forward(self, i, *tensors):
-        has_probe = self.policy != "static"
-        probe = tensors[0] - tensors[1] if has_probe else None
-        rest = tensors[2:] if has_probe else tensors
+    def forward(self, i, x, *tensors):
+        probes = tensors[: len(self.policy.probes)]
+        rest = tensors[len(self.policy.probes):]
         inputs = rest[: self.num_inputs]
         caches = rest[self.num_inputs: self.num_inputs + self.num_outputs]
-        prev_probe, reuse_run, computed, _ = rest[self.num_inputs + self.num_outputs:]
-        mask, distance = self.decide(i, probe, prev_probe, reuse_run)
+        policy_state = rest[self.num_inputs + self.num_outputs: len(rest) - 3]
+        reuse_run, computed, _ = rest[len(rest) - 3:]
+        due, distance, update = self.policy.decide(i, x, probes, policy_state)
+        mask = due | self.forced(i, reuse_run)
         scalars = [v for v in inputs if not isinstance(v, torch.Tensor)]  # sizes: closed over, not operands
         tensor_inputs = [v for v in inputs if isinstance(v, torch.Tensor)]
         results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars),
                              (mask, *tensor_inputs, *caches))
         results = [r.reshape(cache.shape) for r, cache in zip(results, (*caches, *caches))]
-        new_prev = torch.where(row_mask(mask, probe, self.samples), probe, prev_probe) if has_probe else prev_probe
         reuse_run = torch.where(mask, torch.zeros_like(reuse_run), reuse_run + 1)
-        return (*results, new_prev, reuse_run, computed + mask.to(computed.dtype), distance)
+        return (*results, *update(mask), reuse_run, computed + mask.to(computed.dtype), distance)
 
 
 SIZED_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_empty", "new_ones", "new_full",
@@ -180,16 +312,45 @@ def concrete(shape) -> list[int]:
     return [d if isinstance(d, int) else int(d.node.hint) for d in shape]
 
 
-def default_params(policy: str, params: dict) -> dict:
-    defaults = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0}
-    if policy == "static":
-        defaults.update(first=0, interval=2)
-    else:
-        defaults.update(first=1, threshold=0.08)
+def resolve_params(policy: str, params: dict) -> dict:
+    defaults = {**COMMON_DEFAULTS, **POLICIES[policy].defaults}
     unknown = set(params) - set(defaults)
     if unknown:
         raise PassError(f"insert_cache: unknown parameter(s) {sorted(unknown)} for policy {policy}; known: {sorted(defaults)}.")
     return {**defaults, **params}
+
+
+def time_embedding_output(graph: fx.Graph, program: StepProgram, before: fx.Node) -> fx.Node:
+    """The last value computed inside the time-embedding module ahead of the body: its output."""
+    found = None
+    for node in graph.nodes:
+        if node is before:
+            break
+        stack = (node.meta.get("nn_module_stack") or {}).values()
+        if node.op == "call_function" and any(program.descriptor.is_time_embedding(fqn) for fqn, _ in stack):
+            found = node
+    if found is None:
+        raise PassError(f"insert_cache: teacache needs the time embedding ('{program.descriptor.time_embedding_pattern}'), "
+                        f"which is not in the graph's metadata.")
+    return found
+
+
+def probe_nodes(policy: Policy, graph: fx.Graph, program: StepProgram, first: int, region: Region) -> list[fx.Node]:
+    if not policy.probes:
+        return []
+    if policy.probes == ("time_embedding",):
+        return [time_embedding_output(graph, program, region.nodes[0])]
+    if first < 1:
+        raise PassError(f"insert_cache: {policy.name} needs first >= 1: the first blocks' residual is the probe.")
+    stream = find_region(graph, program.descriptor, 0, first).main_stream()
+    if stream is None:
+        raise PassError("insert_cache: the first blocks have no residual stream to probe.")
+    return list(stream)
+
+
+def has_rows(node: fx.Node, samples: int) -> bool:
+    shape = shape_of(node)
+    return bool(shape) and isinstance(shape[0], int) and shape[0] % samples == 0
 
 
 def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -> StepProgram:
@@ -197,48 +358,42 @@ def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     if program.extras.get("cache"):
         return program
-    params = default_params(policy, params)
+    params = resolve_params(policy, params)
     samples = program.example_inputs[0].shape[0] * (2 if program.guidance else 1)
+    rule = POLICIES[policy](params, samples, program.num_steps, program.descriptor.patch_size[0])
     module = program.ep.module()
     module.graph._codegen = fx.graph.CodeGen()
     graph = module.graph
     blocks = block_count(graph, program.descriptor)
     first, stop = params["first"], blocks - params["last"]
-    if policy != "static" and first < 1:
-        raise PassError("insert_cache: first_blocks needs first >= 1: the first blocks' residual is the probe.")
     if not first < stop:
         raise PassError(f"insert_cache: the body [first={first}, {blocks}-last={stop}) is empty; the model has {blocks} blocks.")
     region = find_region(graph, program.descriptor, first, stop)
-    probe_nodes: list[fx.Node] = []
-    if policy != "static":
-        stream = find_region(graph, program.descriptor, 0, first).main_stream()
-        if stream is None:
-            raise PassError("insert_cache: the first blocks have no residual stream to probe.")
-        probe_nodes = list(stream)
-    batched = [bool(shape_of(n)) and isinstance(shape_of(n)[0], int) and shape_of(n)[0] % samples == 0 for n in region.inputs]
-    for o in region.outputs:
-        if not (shape_of(o) and isinstance(shape_of(o)[0], int) and shape_of(o)[0] % samples == 0):
-            raise PassError(f"insert_cache: body output '{o.name}' {shape_of(o)} has no per-sample rows; it cannot be cached per sample.")
+    probes = probe_nodes(rule, graph, program, first, region)
+    for node in [*region.outputs, *probes]:
+        if not has_rows(node, samples):
+            raise PassError(f"insert_cache: '{node.name}' {shape_of(node)} has no per-sample rows; it cannot be cached per sample.")
+    batched = [has_rows(n, samples) for n in region.inputs]
 
+    probe_dtype = probes[0].meta["val"].dtype if probes else torch.float32
+    policy_state = rule.state([shape_of(n) for n in probes], probe_dtype)
     body = extract_region(module, region)
-    cached = CachedBody(body, region, batched, samples, program.num_steps, policy, params)
+    cached = CachedBody(body, region, batched, rule, len(policy_state))
     row_counts = {shape_of(n)[0] for n, b in zip([*region.inputs, *region.outputs], [*batched, *[True] * len(region.outputs)]) if b}
     cached.gather = not has_literal_rows(body, row_counts)
     module.add_submodule("vdopt_cache", cached)
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    step_index = placeholders[1]
-    probe_shape = shape_of(probe_nodes[0]) if probe_nodes else (1,)
+    latent, step_index = placeholders[:2]
     state_values = [(f"cache.{k}", shape_of(o), o.meta["val"].dtype) for k, o in enumerate(region.outputs)]
-    state_values += [("prev_probe", probe_shape, probe_nodes[0].meta["val"].dtype if probe_nodes else torch.float32),
-                     ("reuse_run", (samples,), torch.int64), ("computed", (samples,), torch.int64),
+    state_values += [*policy_state, ("reuse_run", (samples,), torch.int64), ("computed", (samples,), torch.int64),
                      ("distance", (samples,), torch.float32)]
     with graph.inserting_after(placeholders[-1]):
         state_nodes = []
         for name, _, _ in reversed(state_values):
             state_nodes.insert(0, graph.placeholder(f"state_{name.replace('.', '_')}"))
     with graph.inserting_after(region.last):
-        call = graph.call_module("vdopt_cache", (step_index, *probe_nodes, *region.inputs, *state_nodes))
+        call = graph.call_module("vdopt_cache", (step_index, latent, *probes, *region.inputs, *state_nodes))
     with graph.inserting_after(call):
         results = [graph.call_function(operator.getitem, (call, k))
                    for k in range(len(region.outputs) + len(state_values))]

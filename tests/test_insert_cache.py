@@ -68,6 +68,7 @@ def test_idempotent(wan):
     ({"policy": "sometimes"}, "not one of"),
     ({"policy": "first_blocks", "first": 0}, "first >= 1"),
     ({"policy": "static", "first": 1, "last": 1}, "empty"),
+    ({"policy": "adacache", "first": 0}, "first >= 1"),
     ({"policy": "static", "threshold": 0.1}, "unknown parameter"),
 ])
 def test_bad_parameters_are_refused(wan, params, message):
@@ -75,13 +76,24 @@ def test_bad_parameters_are_refused(wan, params, message):
         cached(wan, **params)
 
 
+NEVER_SKIP = {"static": {"interval": 1}, "first_blocks": {"threshold": 0.0},
+              "adacache": {"codebook": [[1e9, 1]]}, "teacache": {"threshold": 0.0}}
+_captured = {}
+
+
+def captured(family):
+    if family not in _captured:
+        _captured[family] = capture(recipe(family), None)
+    return _captured[family]
+
+
+@pytest.mark.parametrize("policy", sorted(NEVER_SKIP))
 @pytest.mark.parametrize("family", sorted(INPUTS))
-def test_threshold_zero_equals_uncached(family):
-    program = capture(recipe(family), None)
-    x, *rest = program.example_inputs
-    conds = rest[1:]
+def test_never_skipping_equals_uncached(family, policy):
+    program = captured(family)
+    x, _, *conds = program.example_inputs
     uncached, _ = sample(program, x, conds)
-    got, state = sample(cached(program, policy="first_blocks", threshold=0.0), x, conds)
+    got, state = sample(cached(program, policy=policy, **NEVER_SKIP[policy]), x, conds)
     torch.testing.assert_close(got, uncached, atol=1e-6, rtol=0)
     assert state["state.computed"].tolist() == [STEPS, STEPS]
 
@@ -142,3 +154,19 @@ def test_lowered_cache_matches_and_leaks_nothing(backend, tmp_path):
     x = session.initial_noise(1, (1, 4, 3, 8, 8))
     expected, _ = sample(program, x, (cond["encoder_hidden_states"], torch.zeros(1, 7, 16)))
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)
+
+
+def test_moreg_motion_score_grows_with_frame_change():
+    from vdopt.passes.insert_cache import AdaCachePolicy, MOREG_NORM, MOREG_POWER
+
+    policy = AdaCachePolicy({}, samples=2, num_steps=10, patch_frames=1)
+    x = torch.zeros(1, 4, 4, 8, 8)  # four latent frames
+    still = torch.ones(2, 4, 3, 5)  # [samples, frames, tokens, dim]: identical frames
+    moving = still.clone()
+    moving[1, 1::2] = 3.0  # sample 1 alternates between 1 and 3 per frame
+    score = policy.motion(moving.flatten(1, 2), x)
+    assert score[0] == 0
+    # each of the 3 frame pairs changes by 2 per element over a combined size of 4: 2/4 per pair
+    expected = ((3 * 2 * 15) / (3 * 4 * 15) / MOREG_NORM) ** MOREG_POWER
+    torch.testing.assert_close(score[1], torch.tensor(expected))
+    torch.testing.assert_close(policy.motion(still.flatten(1, 2), x), torch.zeros(2))

@@ -86,7 +86,12 @@ def find_region(graph: fx.Graph, descriptor: ArchitectureDescriptor, start: int,
             members.add(node)
     region_nodes = [n for n in span if n in members]
     inputs = list(dict.fromkeys(a for n in region_nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"))
-    outputs = [n for n in region_nodes if any(user not in members for user in n.users)]
+    sizes = [n for n in inputs if n.target is torch.ops.aten.sym_size.int]
+    if sizes:  # read sizes off their tensors inside the region, so no bare size crosses into it
+        members.update(sizes)
+        region_nodes = sizes + region_nodes
+        inputs = list(dict.fromkeys(a for n in region_nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"))
+    outputs = [n for n in region_nodes if n not in sizes and any(user not in members for user in n.users)]
     first_block_inputs = {a for n in region_nodes if indices.get(n) == start for a in n.all_input_nodes}
     later_inputs = {a for n in region_nodes if indices.get(n) not in (None, start) for a in n.all_input_nodes}
     streams = {}
