@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+
+from vdopt.data.moving_shapes import make_batch
+from vdopt.reference import model as RM
+from vdopt.reference.model import (
+    TEACHER_CONFIG, WEIGHTS_DIR, PromptConditioner, build_teacher, load_reference, save_reference,
+)
+from vdopt.reference.sample import initial_noise, make_scheduler, sample
+
+TINY = dict(TEACHER_CONFIG, num_layers=1, num_attention_heads=1, attention_head_dim=16, cross_attention_dim=16,
+            caption_channels=8)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    t = build_teacher(TINY).eval()
+    c = PromptConditioner(dim=8).eval()
+    return t, c
+
+
+def test_teacher_config_is_a_pixel_space_latte():
+    from diffusers import LatteTransformer3DModel
+
+    assert TEACHER_CONFIG["in_channels"] == 3 and TEACHER_CONFIG["out_channels"] == 3
+    assert TEACHER_CONFIG["sample_size"] == 32 and TEACHER_CONFIG["patch_size"] in (2, 4)
+    assert TEACHER_CONFIG["video_length"] == 8
+    t = build_teacher()
+    assert isinstance(t, LatteTransformer3DModel)
+    assert len(t.transformer_blocks) == len(t.temporal_transformer_blocks) == TEACHER_CONFIG["num_layers"]
+    n = sum(p.numel() for p in t.parameters())
+    assert 4 * n < 20e6  # fp32 weights under 20 MB
+
+
+def test_forward_shape_and_channels(tiny):
+    t, c = tiny
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        out = t(hidden_states=x, timestep=torch.tensor([10.0, 900.0]), encoder_hidden_states=c.encode(["red circle moving up", "blue square moving left"]), return_dict=False)[0]
+    assert out.shape == (2, 3, 8, 32, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_conditioner_tokens_and_null():
+    c = PromptConditioner(dim=16)
+    e = c.encode(["red circle moving up", "red square moving up", "red circle moving up"])
+    assert e.shape == (3, 3, 16)
+    torch.testing.assert_close(e[0], e[2])
+    torch.testing.assert_close(e[0, 0], e[1, 0])  # same colour token
+    assert not torch.allclose(e[0, 1], e[1, 1])  # different shape token
+    n = c.null(4)
+    assert n.shape == (4, 3, 16)
+    assert not torch.allclose(n[0], e[0])
+    b = make_batch(4, seed=0)
+    torch.testing.assert_close(c.encode(b.prompts), c.encode_attrs(b.attrs))
+    with pytest.raises(ValueError):
+        c.encode(["purple circle moving up"])
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    t, c = tiny
+    save_reference(t, c, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["transformer"]["num_layers"] == 1 and cfg["conditioner"]["dim"] == 8
+    t2, c2 = load_reference(tmp_path)
+    for (k, v), (k2, v2) in zip(t.state_dict().items(), t2.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(v, v2, rtol=0, atol=0)
+    torch.testing.assert_close(c.encode(["red circle moving up"]), c2.encode(["red circle moving up"]), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in t2.parameters())
+    with pytest.raises(FileNotFoundError, match="vdopt.reference.train"):
+        load_reference(tmp_path / "missing")
+
+
+def test_sample_matches_a_hand_written_euler_cfg_loop(tiny):
+    t, c = tiny
+    prompts = ["red circle moving up", "green triangle moving down-left"]
+    g, steps = 2.5, 3
+    out = sample(t, c, prompts, seed=5, steps=steps, guidance_scale=g)
+    assert out.shape == (2, 3, 8, 32, 32)
+    # by hand: diffusers' sigmas (shift 1: linspace(1, 1/1000, steps) then 0), x <- x + (s_next - s) * v,
+    # v = u + g (c - u), model timestep = sigma * 1000
+    x = initial_noise(2, 5)
+    sched = make_scheduler(steps)
+    sig = sched.sigmas
+    torch.testing.assert_close(sig, torch.tensor([1.0, 0.5005, 0.001, 0.0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sched.timesteps, sig[:-1] * 1000)
+    with torch.no_grad():
+        for i in range(steps):
+            ts = torch.full((2,), float(sig[i]) * 1000)
+            u = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.null(2), return_dict=False)[0]
+            cc = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.encode(prompts), return_dict=False)[0]
+            x = x + (sig[i + 1] - sig[i]) * (u + g * (cc - u))
+    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    # deterministic in the seed, different for another seed
+    torch.testing.assert_close(sample(t, c, prompts, seed=5, steps=steps, guidance_scale=g), out, rtol=0, atol=0)
+    assert not torch.allclose(sample(t, c, prompts, seed=6, steps=steps, guidance_scale=g), out)
+
+
+def test_flow_matching_loss_target_convention():
+    from vdopt.reference.train import flow_matching_loss
+
+    class Oracle(torch.nn.Module):
+        """Predicts the exact target noise - x0 given the x0 it was told about."""
+
+        def __init__(self, x0, noise):
+            super().__init__()
+            self.x0, self.noise = x0, noise
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            s = (timestep / 1000.0).view(-1, 1, 1, 1, 1)
+            # check the interpolation convention too: x_s = (1 - s) x0 + s noise
+            torch.testing.assert_close(hidden_states, (1 - s) * self.x0 + s * self.noise)
+            return (self.noise - self.x0,)
+
+    b = make_batch(3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(b.video.shape, generator=torch.Generator().manual_seed(0))
+    loss = flow_matching_loss(Oracle(b.video, noise), PromptConditioner(dim=8), b.video, b.attrs, g)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / RM.WEIGHTS_FILE).exists(), reason="teacher weights not shipped yet")
+def test_shipped_teacher_loads_and_is_small():
+    t, c = load_reference()
+    assert (WEIGHTS_DIR / RM.WEIGHTS_FILE).stat().st_size <= 20 * 2**20
+    assert t.config.out_channels == 3 and t.config.video_length == 8
+    with torch.no_grad():
+        out = sample(t, c, ["blue square moving right"], seed=0, steps=2)
+    assert out.shape == (1, 3, 8, 32, 32)

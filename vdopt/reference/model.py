@@ -1,0 +1,168 @@
+"""The project's reference teacher: a small pixel-space Latte video transformer.
+
+``LatteTransformer3DModel`` (diffusers) with factorised spatial / temporal blocks works
+directly on RGB pixels ``[B, 3, F, 32, 32]`` (no VAE). Prompts from the moving-shapes
+data set (``"red circle moving up-left"``) are encoded by :class:`PromptConditioner`:
+one learned embedding per attribute word, plus a learned position per slot, giving a
+token sequence ``[B, L, D]`` that is fed as ``encoder_hidden_states``. A learned null
+sequence is the unconditional branch (classifier-free guidance).
+
+Objective: rectified flow, diffusers ``FlowMatchEulerDiscreteScheduler`` convention:
+``x_s = (1 - s) * x0 + s * noise``, target ``v = noise - x0``, timestep given to the
+model ``= s * 1000``.
+
+Weights ship in ``vdopt/reference/weights/teacher.safetensors`` (transformer tensors
+prefixed ``transformer.``, conditioner tensors prefixed ``conditioner.``) with
+``config.json`` next to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vdopt.data.moving_shapes import COLOURS, DIRECTIONS, SHAPES, parse_prompt
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_FILE = "teacher.safetensors"
+CONFIG_FILE = "config.json"
+
+# LatteTransformer3DModel config (diffusers). inner_dim = heads * head_dim = 64;
+# patch 4 on 32x32 -> 64 tokens per frame, 8 frames; 4 spatial + 4 temporal blocks.
+# Chosen by measurement on the shared 2-core CPU (another job was using most of it):
+# 0.53 M parameters (2.1 MB fp32); a batch-16 training step takes ~0.5 s uncontended
+# (bf16 autocast, 2 threads) and ~3 s with one contended thread; a width-96 model was
+# ~1.4x slower per step for no accuracy the evaluator could need.
+TEACHER_CONFIG: dict = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 4,
+    "dropout": 0.0,
+    "cross_attention_dim": 64,
+    "attention_bias": True,
+    "sample_size": 32,
+    "patch_size": 4,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "caption_channels": 64,
+    "video_length": 8,
+}
+
+CONDITIONER_CONFIG: dict = {"dim": 64, "tokens": 3}
+
+# Sampling defaults (see MODEL_CARD.md for how they were chosen)
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_STEPS = 50
+DEFAULT_SHIFT = 1.0
+
+
+def build_teacher(config: dict | None = None):
+    """A freshly initialised teacher transformer from a config dict."""
+    from diffusers import LatteTransformer3DModel
+
+    cfg = dict(TEACHER_CONFIG if config is None else config)
+    model = LatteTransformer3DModel(**cfg)
+    if model.out_channels != cfg.get("out_channels", cfg["in_channels"]):
+        raise RuntimeError("LatteTransformer3DModel did not honour out_channels")
+    return model
+
+
+class PromptConditioner(nn.Module):
+    """Attribute-word prompt encoder: ``[colour, shape, direction]`` -> ``[B, 3, D]``.
+
+    ``encode`` parses prompts with :func:`vdopt.data.moving_shapes.parse_prompt`;
+    ``null`` returns the learned unconditional sequence.
+    """
+
+    def __init__(self, dim: int = 64, tokens: int = 3):
+        super().__init__()
+        if tokens != 3:
+            raise ValueError("PromptConditioner uses exactly 3 tokens: colour, shape, direction")
+        self.dim = dim
+        self.colour = nn.Embedding(len(COLOURS), dim)
+        self.shape = nn.Embedding(len(SHAPES), dim)
+        self.direction = nn.Embedding(len(DIRECTIONS), dim)
+        self.pos = nn.Parameter(torch.zeros(tokens, dim))
+        self.null_tokens = nn.Parameter(torch.zeros(tokens, dim))
+        for e in (self.colour, self.shape, self.direction):
+            nn.init.normal_(e.weight, std=1.0)
+        nn.init.normal_(self.pos, std=0.2)
+        nn.init.normal_(self.null_tokens, std=1.0)
+
+    def encode_attrs(self, attrs: torch.Tensor) -> torch.Tensor:
+        """attrs: Long[B, 3] (shape, colour, direction) -> [B, 3, D]."""
+        attrs = attrs.to(self.pos.device)
+        tok = torch.stack(
+            [self.colour(attrs[:, 1]), self.shape(attrs[:, 0]), self.direction(attrs[:, 2])], dim=1
+        )
+        return tok + self.pos
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        attrs = torch.tensor([list(parse_prompt(p)) for p in prompts], dtype=torch.long).reshape(-1, 3)
+        return self.encode_attrs(attrs)
+
+    def null(self, batch: int) -> torch.Tensor:
+        return (self.null_tokens + self.pos).unsqueeze(0).expand(batch, -1, -1)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts)
+
+
+def save_reference(transformer, conditioner: PromptConditioner, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``teacher.safetensors`` + ``config.json`` atomically into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transformer.{k}": v.detach().cpu().contiguous() for k, v in transformer.state_dict().items()}
+    tensors.update({f"conditioner.{k}": v.detach().cpu().contiguous() for k, v in conditioner.state_dict().items()})
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    cfg = {
+        "transformer": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        "conditioner": {"dim": conditioner.dim, "tokens": 3},
+        "objective": "flow_matching: x_s=(1-s)x0+s*noise, v=noise-x0, timestep=s*1000",
+        "sampling": {"guidance_scale": DEFAULT_GUIDANCE, "steps": DEFAULT_STEPS, "shift": DEFAULT_SHIFT},
+    }
+    if extra:
+        cfg.update(extra)
+    tmpc = out / (CONFIG_FILE + ".tmp")
+    tmpc.write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(tmpc, out / CONFIG_FILE)
+    return out / WEIGHTS_FILE
+
+
+def load_reference(weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """Load the shipped (or a given) teacher: returns ``(transformer, conditioner)`` in eval mode."""
+    from safetensors.torch import load_file
+
+    d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    wf, cf = d / WEIGHTS_FILE, d / CONFIG_FILE
+    if not wf.exists() or not cf.exists():
+        raise FileNotFoundError(
+            f"no reference teacher in {d} (need {WEIGHTS_FILE} and {CONFIG_FILE}); "
+            f"train one with `python -m vdopt.reference.train --out {d}`"
+        )
+    cfg = json.loads(cf.read_text())
+    tcfg = {k: v for k, v in cfg["transformer"].items() if k in TEACHER_CONFIG}
+    transformer = build_teacher(tcfg)
+    conditioner = PromptConditioner(**cfg.get("conditioner", CONDITIONER_CONFIG))
+    sd = load_file(str(wf))
+    t_sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    c_sd = {k[len("conditioner."):]: v for k, v in sd.items() if k.startswith("conditioner.")}
+    transformer.load_state_dict(t_sd, strict=True)
+    conditioner.load_state_dict(c_sd, strict=True)
+    transformer.to(device).eval()
+    conditioner.to(device).eval()
+    for p in list(transformer.parameters()) + list(conditioner.parameters()):
+        p.requires_grad_(False)
+    return transformer, conditioner
