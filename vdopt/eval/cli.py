@@ -30,13 +30,8 @@ def generate_from_bundle(path: str | Path, device: str = "cpu"):
     Each clip is one ``Session.run`` call with the bundle's own prompt encoder and the
     clip's seed, so clip *i* depends only on (prompt *i*, seed *i*) as the suite requires.
     """
-    try:
-        from vdopt.runtime import Session
-    except ImportError as e:  # the runtime lands separately
-        raise RuntimeError(
-            f"cannot evaluate bundle {path}: vdopt.runtime.Session is not importable ({e}). "
-            "Evaluate the teacher instead (omit BUNDLE) until the runtime is installed."
-        ) from e
+    from vdopt.runtime import Session
+
     session = Session(path, device=device)
     encoder = session.prompt_encoder()
     if encoder is None:
