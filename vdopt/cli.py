@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vdopt.distill.cli import register as register_distill
 
     register_distill(sub)
+    from vdopt.calibrate import register as register_calibrate
+
+    register_calibrate(sub)
     return parser
 
 

@@ -1,0 +1,456 @@
+"""`vdopt calibrate`: find the most aggressive cache setting that stays within a PSNR budget.
+
+Cache thresholds do not transfer across models, step counts or precisions (research note,
+caching.md §4.5): a default is either inert or ruinous on a new model. So rather than guess, this
+measures. It captures the recipe's step program once, builds the *uncached* bundle (torch backend)
+and renders N prompts with fixed seeds as references. Then it searches the policy's knob — the one
+parameter that trades quality for skipping, looked up in `KNOBS` — over a grid from conservative to
+aggressive, stopping at the first setting that breaks the budget, and bisects between the last
+passing and the first failing value. Savings are *counted*, not timed: body evaluations per
+(sample, guidance-branch) row, read from the step state `state.computed` through the cache trace.
+The winner is the setting with the most body evaluations saved whose mean PSNR against the uncached
+output is >= the budget. It writes the input recipe plus the `insert_cache` entry it found.
+
+    vdopt calibrate recipe.yaml model.safetensors --budget psnr=30 --prompts 8 [--policy first_blocks]
+                    [--param max_reuse=8 ...] -o calibrated.yaml
+
+A new policy in `insert_cache` plugs in with one `KNOBS` entry (its parameter, its direction, its grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from vdopt.errors import VdoptError
+
+PSNR_CAP = 100.0  # dB: an identical clip counts as this, so one perfect clip cannot make the mean infinite
+CALIBRATION_SEED = 1000  # prompt-set seed for calibration; evaluation suites use other seeds
+
+
+class CalibrationError(VdoptError):
+    pass
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The parameter calibration searches for a policy.
+
+    `grid` lists candidates from the most conservative to the most aggressive; `aggressive` is +1
+    when a larger value skips more (a threshold, an interval) and -1 when a smaller one does.
+    """
+
+    param: str
+    grid: tuple[float, ...]
+    aggressive: int = 1
+    integer: bool = False
+
+    def midpoint(self, a: float, b: float) -> float | None:
+        """A value strictly between a and b (geometric for positive floats), or None if there is none."""
+        if self.integer:
+            lo, hi = sorted((int(a), int(b)))
+            return (lo + hi) // 2 if hi - lo > 1 else None
+        mid = float(f"{math.sqrt(a * b) if a > 0 and b > 0 else (a + b) / 2:.3g}")  # 3 digits: a readable recipe
+        return mid if min(a, b) < mid < max(a, b) else None
+
+    def fmt(self, value: float) -> str:
+        return str(int(value)) if self.integer else f"{value:.4g}"
+
+
+THRESHOLDS = (0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0, 1.5)
+KNOBS: dict[str, Knob] = {
+    "static": Knob("interval", (2, 3, 4, 5, 6, 8, 10, 13, 17), integer=True),
+    "first_blocks": Knob("threshold", THRESHOLDS),
+    # Being added to insert_cache; the threshold-like parameter of each, larger = more skipping.
+    "teacache": Knob("threshold", THRESHOLDS),
+    "adacache": Knob("threshold", THRESHOLDS),
+}
+
+
+def knob_for(policy: str, param: str | None = None) -> Knob:
+    if param is not None:  # a policy not in the table, or a different knob of one that is
+        base = KNOBS.get(policy)
+        return base if base is not None and base.param == param else Knob(param, THRESHOLDS)
+    if policy not in KNOBS:
+        raise CalibrationError(f"calibrate does not know which parameter of policy '{policy}' to search; known policies: "
+                               f"{', '.join(KNOBS)}. Name it with --search PARAM (searched upward over {list(THRESHOLDS)}), "
+                               f"or add the policy to vdopt.calibrate.KNOBS.")
+    return KNOBS[policy]
+
+
+@dataclass
+class Trial:
+    value: float
+    saved: float        # fraction of body evaluations (rows x steps) skipped, from state.computed
+    step_saved: float   # fraction of steps on which no row ran the body (what a non-gathering body saves)
+    psnr: float         # mean over prompts, dB, each capped at PSNR_CAP
+    psnr_min: float
+    ok: bool
+    phase: str = "grid"
+
+    def row(self, knob: Knob) -> dict[str, Any]:
+        return {knob.param: self.value, "body_evals_saved": round(self.saved, 4), "steps_without_body": round(self.step_saved, 4),
+                "psnr_mean": round(self.psnr, 3), "psnr_min": round(self.psnr_min, 3), "within_budget": self.ok, "phase": self.phase}
+
+
+@dataclass
+class Calibration:
+    policy: str
+    knob: Knob
+    params: dict[str, Any]          # the insert_cache parameters found (policy included)
+    budget_psnr: float
+    best: Trial
+    trials: list[Trial] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    recipe_path: Path | None = None
+
+    def table(self) -> str:
+        head = f"{self.knob.param:>10} {'body evals saved':>17} {'steps w/o body':>15} {'mean PSNR':>10} {'min PSNR':>9}  budget"
+        lines = [head, "-" * len(head)]
+        for t in sorted(self.trials, key=lambda t: t.value * self.knob.aggressive):
+            mark = "ok" if t.ok else "MISS"
+            star = "  <- chosen" if t is self.best else ""
+            lines.append(f"{self.knob.fmt(t.value):>10} {100 * t.saved:>16.1f}% {100 * t.step_saved:>14.1f}% "
+                         f"{t.psnr:>10.2f} {t.psnr_min:>9.2f}  {mark}{star}")
+        return "\n".join(lines)
+
+
+# ----- building and running bundles ------------------------------------------------------------
+
+def recipe_with(recipe, passes: list[tuple[str, dict]], backend: str = "torch"):
+    from vdopt.recipe import parse_recipe
+
+    data = recipe.model_dump(mode="json")
+    data["passes"] = [{"name": n, "params": p} for n, p in passes]
+    data["lower"] = {**data["lower"], "backend": backend}
+    return parse_recipe(data, "<calibration recipe>")
+
+
+def split_passes(recipe, policy: str, params: dict) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """The recipe's optimisation passes without any insert_cache, split around where insert_cache goes."""
+    from vdopt.passes import OPTIMIZATION_PASSES
+
+    rank = OPTIMIZATION_PASSES.index("insert_cache")
+    others = [(p.name, dict(p.params)) for p in recipe.passes if p.name != "insert_cache"]
+    before = [p for p in others if p[0] in OPTIMIZATION_PASSES and OPTIMIZATION_PASSES.index(p[0]) < rank]
+    after = [p for p in others if p not in before]
+    return before, after
+
+
+class Bundler:
+    """Captures once; writes a torch-backend bundle for any list of passes applied to that capture."""
+
+    def __init__(self, recipe, model_path, workdir: Path, log: Callable[[str], None]):
+        from vdopt.capture import capture
+        from vdopt.compiler import profiles_of
+
+        self.recipe, self.model_path, self.workdir, self.log = recipe, model_path, workdir, log
+        profile = profiles_of(recipe)[0]
+        log("capturing the step program" + (f" (profile {profile})" if profile else ""))
+        self.program = capture(recipe, model_path, profile=profile)
+        self.count = 0
+
+    def build(self, passes: list[tuple[str, dict]]) -> Path:
+        from vdopt.bundle import staged_bundle, write_manifest
+        from vdopt.compiler import program_manifest, segment_entry
+        from vdopt.lower import get_backend
+        from vdopt.pass_manager import PassManager
+        from vdopt.passes import pipeline
+
+        recipe = recipe_with(self.recipe, passes)
+        program = PassManager(pipeline(passes)).run(self.program)
+        backend = get_backend("torch")
+        self.count += 1
+        out = self.workdir / f"candidate_{self.count}.vdopt"
+        with staged_bundle(out, overwrite=True) as stage:
+            (stage / "segments").mkdir()
+            files = backend.lower(program, stage / "segments", "step_0")
+            program.descriptor.write_extras(stage, self.model_path)
+            write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment_entry(program, backend.name, files, 0)]})
+        return out
+
+
+@dataclass
+class Inputs:
+    """Per prompt: (label, cond, uncond, seed). Prompts go through the bundle's encoder when it has one;
+    families without one get fixed random conditioning tensors (`prompts` is then just a count)."""
+
+    items: list[tuple[str, dict, dict | None, int]]
+    pixel_space: bool
+
+
+def make_inputs(session, prompts: int | Sequence[str], seed: int) -> Inputs:
+    encoder = session.prompt_encoder()
+    if encoder is not None:
+        if isinstance(prompts, int):
+            from vdopt.eval.suite import prompt_set
+
+            names, seeds, _ = prompt_set(prompts, seed)
+        else:
+            names, seeds = list(prompts), [seed * 100_003 + i for i in range(len(prompts))]
+        return Inputs([(p, *encoder(p), s) for p, s in zip(names, seeds)], pixel_space=True)
+    if not isinstance(prompts, int):
+        raise CalibrationError(f"this {session.manifest['family']} bundle has no prompt encoder, so text prompts cannot be "
+                               f"used; give a number of prompts (random conditioning with fixed seeds).")
+    from vdopt.program import DTYPES
+
+    items = []
+    for k in range(prompts):
+        generator = torch.Generator().manual_seed(seed * 100_003 + k)
+        cond = {s.name.removeprefix("cond."): torch.randn(list(s.shape), generator=generator).to(DTYPES[s.dtype])
+                for s in session.inputs if s.name.startswith("cond.")}
+        items.append((f"random cond {k}", cond, None, seed * 100_003 + k))
+    return Inputs(items, pixel_space=False)
+
+
+def render(session, inputs: Inputs, tick: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Runs every prompt; returns the outputs and, per prompt, the cache trace's steps (empty if uncached)."""
+    from vdopt.runtime.trace import CacheTrace
+
+    clips, traces = [], []
+    for _, cond, uncond, seed in inputs.items:
+        trace = CacheTrace(session.manifest)
+        x = session.run(cond, uncond, seed=seed, progress=False, on_step=trace.on_step).float()
+        clips.append(x.clamp(-1, 1) if inputs.pixel_space else x)
+        traces.append(trace.steps)
+        tick()
+    return clips, traces
+
+
+def mean_psnr(clips: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, float]:
+    from vdopt.eval.metrics import psnr
+
+    values = torch.cat([psnr(c, r).clamp(max=PSNR_CAP) for c, r in zip(clips, refs)])
+    return float(values.mean()), float(values.min())
+
+
+def savings(traces: list[list[dict]], num_steps: int) -> tuple[float, float]:
+    rows = sum(len(s["computed"]) for t in traces for s in t)
+    if not rows:
+        raise CalibrationError("the cached bundle reported no state.computed: is insert_cache in its passes?")
+    evals = sum(sum(s["computed"]) for t in traces for s in t)
+    steps_with_body = sum(any(s["computed"]) for t in traces for s in t)
+    return 1 - evals / rows, 1 - steps_with_body / (num_steps * len(traces))
+
+
+# ----- the search ------------------------------------------------------------------------------
+
+def search(knob: Knob, candidates: Sequence[float], measure: Callable[[float], tuple[float, float, float, float]],
+           budget_psnr: float, refine: int = 3, policy: str = "?") -> tuple[Trial, list[Trial]]:
+    """Grid from conservative to aggressive, stopping at the first miss (PSNR falls as skipping rises),
+    then `refine` bisection steps between the most aggressive pass and that miss.
+
+    `measure(value) -> (body evals saved, steps without body, mean PSNR, min PSNR)`. Returns the
+    passing trial that saves the most (ties: higher PSNR) and every trial made.
+    """
+    trials: list[Trial] = []
+
+    def trial(value: float, phase: str) -> Trial:
+        saved, step_saved, mean, worst = measure(value)
+        trials.append(Trial(value, saved, step_saved, mean, worst, mean >= budget_psnr, phase))
+        return trials[-1]
+
+    failed: Trial | None = None
+    for value in sorted(candidates, key=lambda v: v * knob.aggressive):
+        if not trial(value, "grid").ok:
+            failed = trials[-1]
+            break
+        if len(trials) >= 3 and trials[-1].saved > 0 and len({(t.saved, t.psnr) for t in trials[-3:]}) == 1:
+            break  # three values, identical decisions: a cap (max_reuse, warmup, final) binds, not the knob
+    skipping = [t for t in trials if t.saved > 0]
+    if not any(t.ok for t in trials) or (skipping and not any(t.ok for t in skipping)):
+        first = skipping[0] if skipping else trials[0]
+        raise CalibrationError(
+            f"the budget mean PSNR >= {budget_psnr:g} dB is unreachable with policy {policy}: even the most conservative "
+            f"setting that skips anything, {knob.param}={knob.fmt(first.value)}, gives {first.psnr:.2f} dB "
+            f"({100 * first.saved:.1f}% body evaluations saved). Lower the budget, give more conservative {knob.param} "
+            f"values (--grid), compute more steps (--param warmup=..., final=..., max_reuse=...), or try another policy.")
+    if failed is not None:
+        lo = max((t for t in trials if t.ok), key=lambda t: t.value * knob.aggressive).value
+        hi = failed.value
+        for _ in range(refine):
+            mid = knob.midpoint(lo, hi)
+            if mid is None:
+                break
+            if trial(mid, "bisect").ok:
+                lo = mid
+            else:
+                hi = mid
+    best = max((t for t in trials if t.ok), key=lambda t: (t.saved, t.psnr))
+    return best, trials
+
+
+def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget_psnr: float = 30.0,
+              prompts: int | Sequence[str] = 4, policy: str = "first_blocks", out: str | Path | None = None, *,
+              params: dict[str, Any] | None = None, search_param: str | None = None, grid: Sequence[float] | None = None,
+              refine: int = 3, seed: int = CALIBRATION_SEED, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> Calibration:
+    """Search `policy`'s knob for the most body evaluations saved at mean PSNR >= `budget_psnr`.
+
+    `params` fixes the policy's other parameters (warmup, final, max_reuse, first, last, ...);
+    `grid` replaces the knob's candidate list (conservative first); `refine` bisection steps follow
+    the grid. Writes the calibrated recipe to `out` when given. Raises `CalibrationError` when even
+    the most conservative skipping setting misses the budget.
+    """
+    from vdopt.recipe import load_recipe
+    from vdopt.runtime import Session
+
+    log = log or (lambda message: print(f"[calibrate] {message}", file=sys.stderr))
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
+    params = dict(params or {})
+    knob = knob_for(policy, search_param)
+    if knob.param in params:
+        raise CalibrationError(f"'{knob.param}' is the parameter calibration searches for policy {policy}; do not fix it with --param.")
+    candidates = [int(v) if knob.integer else float(v) for v in (grid if grid is not None else knob.grid)]
+    if not candidates:
+        raise CalibrationError("calibrate needs at least one candidate value to try.")
+    if isinstance(prompts, int) and prompts < 1:
+        raise CalibrationError("calibrate needs at least one prompt (--prompts N, N >= 1).")
+    before, after = split_passes(recipe, policy, params)
+
+    with tempfile.TemporaryDirectory(prefix="vdopt-calibrate-") as tmp:
+        bundler = Bundler(recipe, model_path, Path(tmp), log)
+        log("building the uncached bundle (torch backend)")
+        reference = Session(bundler.build(before + after))
+        inputs = make_inputs(reference, prompts, seed)
+        n = len(inputs.items)
+        bar = tqdm(total=n * (1 + len(candidates) + refine), desc="calibrate", unit="clip", disable=not progress)
+        bar.set_postfix_str("uncached references")
+        refs, _ = render(reference, inputs, bar.update)
+        num_steps = reference.num_steps
+
+        def measure(value: float) -> tuple[float, float, float, float]:
+            bar.set_postfix_str(f"{knob.param}={knob.fmt(value)}")
+            cache = {"policy": policy, **params, knob.param: value}
+            try:
+                session = Session(bundler.build(before + [("insert_cache", cache)] + after))
+            except VdoptError as exc:
+                raise CalibrationError(f"insert_cache with {cache} could not be built: {exc}") from exc
+            clips, traces = render(session, inputs, bar.update)
+            saved, step_saved = savings(traces, num_steps)
+            mean, worst = mean_psnr(clips, refs)
+            log(f"{knob.param}={knob.fmt(value)}: {100 * saved:.1f}% body evaluations saved, mean PSNR {mean:.2f} dB")
+            return saved, step_saved, mean, worst
+
+        try:
+            best, trials = search(knob, candidates, measure, budget_psnr, refine, policy)
+        finally:
+            bar.close()
+    if best.saved <= 0:
+        log(f"no {knob.param} value tried saves any body evaluation within the budget; the recipe will compute every step")
+    cache = {"policy": policy, **params, knob.param: best.value}
+    result = Calibration(policy, knob, cache, budget_psnr, best, trials, [p for p, *_ in inputs.items])
+    if out is not None:
+        result.recipe_path = write_recipe(recipe_path, cache, out, result)
+    return result
+
+
+def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, result: Calibration) -> Path:
+    """The input recipe (as written, other keys kept) with its insert_cache entry replaced by `cache`."""
+    from vdopt.passes import OPTIMIZATION_PASSES
+    from vdopt.recipe import parse_recipe
+
+    data = yaml.safe_load(Path(recipe_path).read_text())
+    passes = [p for p in data.get("passes") or [] if (p if isinstance(p, str) else p.get("name")) != "insert_cache"]
+    rank = OPTIMIZATION_PASSES.index("insert_cache")
+    position = next((k for k, p in enumerate(passes) if (p if isinstance(p, str) else p.get("name")) in OPTIMIZATION_PASSES
+                     and OPTIMIZATION_PASSES.index(p if isinstance(p, str) else p["name"]) > rank), len(passes))
+    passes.insert(position, {"name": "insert_cache", "params": cache})
+    data["passes"] = passes
+    data.setdefault("verify", {})
+    data["verify"] = {**(data["verify"] or {}), "psnr_min": float(result.budget_psnr)}
+    parse_recipe(data, str(out))  # never write a recipe that does not validate
+    best = result.best
+    header = [
+        f"# Calibrated by `vdopt calibrate` from {recipe_path}: policy {result.policy}, {result.knob.param}={result.knob.fmt(best.value)}",
+        f"# on {len(result.prompts)} calibration prompt(s): {100 * best.saved:.1f}% body evaluations saved "
+        f"({100 * best.step_saved:.1f}% of steps ran no body), mean PSNR {best.psnr:.2f} dB vs uncached "
+        f"(budget {result.budget_psnr:g} dB).",
+    ]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+# ----- command line ----------------------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return value if isinstance(value, (int, float, bool, str)) else text
+
+
+def parse_budget(text: str) -> float:
+    name, _, value = text.partition("=")
+    if name.strip().lower() != "psnr" or not value:
+        raise CalibrationError(f"--budget '{text}': the only budget calibrate knows is psnr=DB (e.g. --budget psnr=30).")
+    try:
+        return float(value)
+    except ValueError:
+        raise CalibrationError(f"--budget '{text}': '{value}' is not a number of dB.") from None
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CalibrationError(f"--param '{item}': expected NAME=VALUE, e.g. --param max_reuse=8.")
+        params[key.strip()] = parse_value(value)
+    return params
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe")
+    p.add_argument("model", nargs="?", help="checkpoint as for `vdopt compile`; omitted: random weights (for trying it out only)")
+    p.add_argument("--budget", default="psnr=30", help="quality budget: psnr=DB, the mean PSNR vs the uncached output (default psnr=30)")
+    p.add_argument("--prompts", type=int, default=4, help="number of calibration prompts, rendered with fixed seeds (default 4)")
+    p.add_argument("--policy", default="first_blocks", help=f"insert_cache policy ({', '.join(KNOBS)})")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fix another insert_cache parameter (repeatable)")
+    p.add_argument("--search", metavar="PARAM", help="the parameter to search, for a policy calibrate does not know yet")
+    p.add_argument("--grid", metavar="V1,V2,...", help="candidate values, most conservative first")
+    p.add_argument("--refine", type=int, default=3, help="bisection steps after the grid (default 3)")
+    p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed of the calibration prompt set")
+    p.add_argument("-o", "--output", required=True, help="calibrated recipe to write")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    grid = [float(v) for v in args.grid.split(",")] if args.grid else None
+    result = calibrate(args.recipe, args.model, parse_budget(args.budget), args.prompts, args.policy, args.output,
+                       params=parse_params(args.param), search_param=args.search, grid=grid, refine=args.refine, seed=args.seed,
+                       progress=not args.quiet, log=(lambda m: None) if args.quiet else None)
+    print(result.table())
+    print(f"wrote {result.recipe_path}: insert_cache {result.params}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="search a cache policy's threshold for the most skipping within a PSNR budget")
+    add_arguments(p)
+    p.set_defaults(func=run_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vdopt calibrate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_args(args)
+    except VdoptError as exc:
+        print(f"vdopt calibrate: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
