@@ -35,15 +35,27 @@ def call_hunyuan_video(model, x, t, cond):
                  guidance=None, return_dict=False)[0]
 
 
-def call_ltx_video(model, x, t, cond):
-    from diffusers import LTXPipeline
+def pack_ltx(x, p, p_t):
+    """diffusers' `LTXPipeline._pack_latents`, restated: the pipeline class needs `transformers`."""
+    b, c, f, h, w = x.shape
+    x = x.reshape(b, c, f // p_t, p_t, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
 
+
+def unpack_ltx(tokens, frames, height, width, p, p_t):
+    """diffusers' `LTXPipeline._unpack_latents`, restated."""
+    b = tokens.size(0)
+    x = tokens.reshape(b, frames, height, width, -1, p_t, p, p)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def call_ltx_video(model, x, t, cond):
     _, _, frames, height, width = x.shape
     p, p_t = model.config.patch_size, model.config.patch_size_t
-    out = model(hidden_states=LTXPipeline._pack_latents(x, p, p_t), encoder_hidden_states=cond["encoder_hidden_states"],
+    out = model(hidden_states=pack_ltx(x, p, p_t), encoder_hidden_states=cond["encoder_hidden_states"],
                 timestep=t, encoder_attention_mask=cond["encoder_attention_mask"], num_frames=frames // p_t,
                 height=height // p, width=width // p, rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
-    return LTXPipeline._unpack_latents(out, frames // p_t, height // p, width // p, p, p_t)
+    return unpack_ltx(out, frames // p_t, height // p, width // p, p, p_t)
 
 
 FAMILY_CALLS = {"wan": call_wan, "latte": call_latte, "cogvideox": call_cogvideox,
