@@ -442,14 +442,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdopt calibrate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_args(args)
-    except VdoptError as exc:
-        print(f"vdopt calibrate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from vdopt.cli import standalone
+
+    return standalone("calibrate", __doc__.splitlines()[0], add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_guarded(command: str, func, args: argparse.Namespace) -> int:
+    try:
+        return func(args)
+    except VdoptError as exc:
+        print(f"vdopt {command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def standalone(command: str, description: str, add_arguments, func, argv: list[str] | None = None) -> int:
+    """`python -m vdopt.<module>` for a subcommand: same arguments, same error handling."""
+    parser = argparse.ArgumentParser(prog=f"vdopt {command}", description=description)
+    add_arguments(parser)
+    return run_guarded(command, func, parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except VdoptError as exc:
-        print(f"vdopt {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_guarded(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -153,14 +153,18 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: invalid recipe: {problems}.") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found.")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with sections model, sampler, passes, lower, verify.")
     return parse_recipe(data, str(path))

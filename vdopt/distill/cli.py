@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vdopt.errors import VdoptError
 
 STAGES = ("trajectories", "train", "export")
 
@@ -108,14 +107,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdopt distill", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_distill(args)
-    except VdoptError as exc:
-        print(f"vdopt distill: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    from vdopt.cli import standalone
+
+    return standalone("distill", __doc__, add_arguments, cmd_distill, argv)
 
 
 if __name__ == "__main__":

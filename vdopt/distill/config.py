@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from vdopt.errors import RecipeError
-from vdopt.recipe import Recipe, Strict, parse_recipe
+from vdopt.recipe import Recipe, Strict, parse_recipe, read_yaml
 
 
 class DistillSection(Strict):
@@ -53,12 +52,7 @@ class DistillSection(Strict):
 def load_distill_recipe(path: str | Path) -> tuple[Recipe, DistillSection, dict[str, Any]]:
     """(compile recipe, distill section, the raw compile-recipe mapping) of a distillation recipe file."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or "distill" not in data:
         raise RecipeError(f"{path}: a distillation recipe is a compile recipe with a `distill:` section (see recipes/distill_reference.yaml).")
     section = data.pop("distill") or {}
