@@ -73,10 +73,6 @@ class StepProgram:
         return dataclasses.replace(self, **changes)
 
     @property
-    def cond_names(self) -> list[str]:
-        return [s.name for s in self.inputs if s.name.startswith("cond.")]
-
-    @property
     def num_steps(self) -> int:
         return len(self.step_table["timesteps"])
 

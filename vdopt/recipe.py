@@ -41,10 +41,6 @@ class DimRange(Strict):
     def trace_size(self) -> int:
         return self.opt if self.opt is not None else (self.min + self.max + 1) // 2
 
-    @property
-    def is_static(self) -> bool:
-        return self.min == self.max
-
 
 def _as_range(value: Any) -> Any:
     return {"min": value, "max": value} if isinstance(value, int) else value

@@ -83,9 +83,6 @@ class ArchitectureDescriptor:
         """`encode(prompt) -> (cond, uncond)` from the bundle's extras; None for families without one."""
         return None
 
-    def cond_shapes(self, config: dict, batch: int, text_len: int) -> dict[str, tuple[int, ...]]:
-        return {c.name: c.shape(config, batch, text_len) for c in self.cond_inputs}
-
     def example_cond(self, config: dict, batch: int, text_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         out = {}
         for c in self.cond_inputs:
