@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from vdopt.capture import export_step, symbol_names
-from vdopt.errors import PassError
+from vdopt.errors import PassError, first_line
 from vdopt.pass_manager import Pass
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
@@ -415,7 +415,7 @@ def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -
         ep = export_step(module, example_inputs, program.dims, program.descriptor, num_state=num_state)
     except Exception as exc:  # noqa: BLE001
         raise PassError(f"insert_cache: the cached step program could not be exported: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]}") from exc
+                        f"{first_line(exc)}") from exc
     rename = symbol_names(ep, program.dims)
     state = tuple(StateSpec(f"state.{name}", tuple(d if isinstance(d, int) else rename(d) for d in shape), dtype_name(dtype))
                   for name, shape, dtype in state_values)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from vdopt.errors import CaptureError
+from vdopt.errors import CaptureError, first_line
 from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
 from vdopt.program import DTYPES, StepProgram, TensorSpec, dtype_name
@@ -322,7 +322,7 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - export errors are long; keep the first line and the fix
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise CaptureError(
                 f"torch.export could not capture the {descriptor.family} step program for latent sizes {dims}: "
                 f"{type(exc).__name__}: {first}. Narrow model.input ranges or give lower.profiles with static sizes."

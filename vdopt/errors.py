@@ -7,6 +7,12 @@ non-zero; only genuine bugs surface as tracebacks.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (export and compiler errors run to pages), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class VdoptError(Exception):
     exit_code = 2
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vdopt.errors import first_line
 from vdopt.lower.base import unsupported_op_error
 from vdopt.program import StepProgram
 
@@ -22,7 +23,7 @@ class AotiBackend:
         try:
             torch._inductor.aoti_compile_and_package(program.ep, package_path=str(directory / name))
         except Exception as exc:  # noqa: BLE001 - inductor raises many types; report the op and module
-            raise unsupported_op_error(self.name, program.ep, str(exc), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
+            raise unsupported_op_error(self.name, program.ep, str(exc), first_line(exc)) from exc
         return [name]
 
     def load(self, directory: Path, files: list[str], device: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdopt.errors import first_line
 from vdopt.lower.base import unsupported_op_error
 from vdopt.program import StepProgram
 
@@ -29,7 +30,7 @@ def export_onnx(program: StepProgram, path: Path) -> None:
             input_names=[s.name for s in program.inputs], output_names=onnx_output_names(program),
         )
     except Exception as exc:  # noqa: BLE001 - the exporter wraps the real failure; name the op and module
-        raise unsupported_op_error("onnx", program.ep, str(exc), _first_line(exc)) from exc
+        raise unsupported_op_error("onnx", program.ep, str(exc), unsupported_line(exc)) from exc
     graph = gs.import_onnx(onnx_program.model_proto)
     _bool_where_as_uint8(graph)
     graph.fold_constants().cleanup().toposort()
@@ -66,12 +67,13 @@ def onnx_output_names(program: StepProgram) -> list[str]:
     return [f"{s.name}.next" if s.name in inputs else s.name for s in program.outputs]
 
 
-def _first_line(exc: Exception) -> str:
+def unsupported_line(exc: Exception) -> str:
+    """The line that names the unsupported op, if the exporter wrote one; else the first line."""
     text = str(exc).strip()
     for line in text.splitlines():
         if "Unsupported" in line or "not supported" in line or "No decomposition" in line:
             return line.strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 class OnnxBackend:
