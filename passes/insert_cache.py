@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from vdopt.capture import export_step, symbol_names
+from vdopt.capture import export_step, named_shape, symbol_names
 from vdopt.errors import PassError, first_line
 from vdopt.pass_manager import Pass
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
@@ -379,7 +379,7 @@ def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -
     policy_state = rule.state([shape_of(n) for n in probes], probe_dtype)
     body = extract_region(module, region)
     cached = CachedBody(body, region, batched, rule, len(policy_state))
-    row_counts = {shape_of(n)[0] for n, b in zip([*region.inputs, *region.outputs], [*batched, *[True] * len(region.outputs)]) if b}
+    row_counts = {shape_of(n)[0] for n in region.outputs} | {shape_of(n)[0] for n, b in zip(region.inputs, batched) if b}
     cached.gather = not has_literal_rows(body, row_counts)
     module.add_submodule("vdopt_cache", cached)
 
@@ -417,7 +417,7 @@ def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -
         raise PassError(f"insert_cache: the cached step program could not be exported: {type(exc).__name__}: "
                         f"{first_line(exc)}") from exc
     rename = symbol_names(ep, program.dims)
-    state = tuple(StateSpec(f"state.{name}", tuple(d if isinstance(d, int) else rename(d) for d in shape), dtype_name(dtype))
+    state = tuple(StateSpec(f"state.{name}", named_shape(shape, rename), dtype_name(dtype))
                   for name, shape, dtype in state_values)
     return program.replace(
         ep=ep, example_inputs=example_inputs, state=(*program.state, *state),

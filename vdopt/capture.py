@@ -250,6 +250,11 @@ def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: d
     return names, tuple(tensors)
 
 
+def named_shape(shape, rename) -> tuple[int | str, ...]:
+    """A traced shape for the manifest: ints stay ints, symbolic sizes become latent-dim expressions."""
+    return tuple(int(d) if str(d).isdigit() else rename(d) for d in shape)
+
+
 def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str], dims: dict[str, tuple[int, int]]):
     user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
@@ -258,7 +263,7 @@ def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_na
 
     def spec(name, node):
         val = node.meta["val"]
-        return TensorSpec(name, tuple(s if isinstance(s, int) else rename(s) for s in (int(d) if str(d).isdigit() else d for d in val.shape)), dtype_name(val.dtype))
+        return TensorSpec(name, named_shape(val.shape, rename), dtype_name(val.dtype))
 
     return tuple(spec(n, node) for n, node in zip(input_names, user_inputs)), tuple(spec(n, node) for n, node in zip(output_names, outs))
 
