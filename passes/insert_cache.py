@@ -28,6 +28,7 @@ and last `final` steps; never more than `max_reuse` reuses in a row. A threshold
 from __future__ import annotations
 
 import operator
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -354,6 +355,11 @@ def has_rows(node: fx.Node, samples: int) -> bool:
 
 
 def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -> StepProgram:
+    with program.extras.get("fake_mode") or nullcontext():
+        return insert_cache_traced(program, policy, **params)
+
+
+def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProgram:
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     if program.extras.get("cache"):

@@ -13,7 +13,7 @@ from vdopt.passes import load_pass
 from vdopt.recipe import parse_recipe
 from vdopt.program import DTYPES
 from vdopt.runtime import Session
-from vdopt.runtime.session import resolve_size
+from vdopt.program import resolve_size
 
 INSERT_CACHE = load_pass("insert_cache")
 DYNAMIC = {"frames": {"min": 1, "max": 8}, "height": {"min": 4, "max": 16}, "width": {"min": 4, "max": 16}, "text_len": 7}
@@ -57,6 +57,14 @@ def test_graph_gets_a_cond_and_declared_state(wan):
     assert after.state[0].shape == (2, "height_units*width_units*frames", 16)  # cond + uncond rows
     assert [s.name for s in after.inputs[-5:]] == [s.name for s in after.state] == [s.name for s in after.outputs[1:]]
     assert after.extras["cache"]["body_blocks"] == [1, 2] and after.extras["cache"]["gather_rows"]
+
+
+def test_static_height_and_width_make_the_cache_linear_in_frames():
+    """Export refuses Dim.AUTO for a state size that is a linear function of a latent dim
+    (16 * frames); capture's export retries with the relation it names."""
+    static = parse_recipe({"model": {"family": "wan", "input": {**DYNAMIC, "height": 8, "width": 8}}, "sampler": {"steps": STEPS}})
+    after = cached(capture(static, None), policy="first_blocks")
+    assert after.state[0].shape == (2, "16*frames", 16)
 
 
 def test_idempotent(wan):
@@ -131,15 +139,19 @@ def test_batch_of_two_prompts_matches_each_alone():
         assert state["state.computed"].tolist() == [computed[k], computed[k + 2]]
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx", pytest.param("aoti", marks=pytest.mark.slow)])
-def test_lowered_cache_matches_and_leaks_nothing(backend, tmp_path):
+@pytest.mark.parametrize("backend, split", [("torch", "never"), ("onnx", "never"), ("onnx", "always"),
+                                            pytest.param("aoti", "never", marks=pytest.mark.slow)])
+def test_lowered_cache_matches_and_leaks_nothing(backend, split, tmp_path):
+    """`split: always` forces the segmented form (head, flag, compute | reuse, tail) on ONNX Runtime."""
     data = {"model": {"family": "wan", "input": INPUTS["wan"]}, "sampler": {"steps": STEPS},
             "passes": [{"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.15}}],
-            "lower": {"backend": backend}}
+            "lower": {"backend": backend, "split_conditionals": split}}
     torch.manual_seed(0)
     compile_bundle(parse_recipe(data), None, tmp_path / "c.vdopt")
     session = Session(tmp_path / "c.vdopt")
     assert session.manifest["cache"]["policy"] == "first_blocks"
+    segment = session.manifest["segments"][0]
+    assert segment.get("kind", "step") == ("split" if split == "always" else "step")
     cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(0))}
     from vdopt.runtime.trace import CacheTrace
 

@@ -161,7 +161,7 @@ class Bundler:
 
     def build(self, passes: list[tuple[str, dict]]) -> Path:
         from vdopt.bundle import staged_bundle, write_manifest
-        from vdopt.compiler import program_manifest, segment_entry
+        from vdopt.compiler import lower_segment, program_manifest
         from vdopt.lower import get_backend
         from vdopt.pass_manager import PassManager
         from vdopt.passes import pipeline
@@ -173,9 +173,9 @@ class Bundler:
         out = self.workdir / f"candidate_{self.count}.vdopt"
         with staged_bundle(out, overwrite=True) as stage:
             (stage / "segments").mkdir()
-            files = backend.lower(program, stage / "segments", "step_0")
+            segment = lower_segment(program, recipe, backend, stage / "segments", 0)
             program.descriptor.write_extras(stage, self.model_path)
-            write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment_entry(program, backend.name, files, 0)]})
+            write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment]})
         return out
 
 

@@ -12,6 +12,7 @@ import re
 from contextlib import nullcontext
 from pathlib import Path
 
+import sympy
 import torch
 from torch import nn
 from torch.export import Dim
@@ -19,11 +20,10 @@ from torch.export import Dim
 from vdopt.errors import CaptureError, first_line
 from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
-from vdopt.program import DTYPES, StepProgram, TensorSpec, dtype_name
+from vdopt.program import DTYPES, LATENT_DIMS, StepProgram, TensorSpec, dtype_name
 from vdopt.recipe import Recipe
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
 
-LATENT_DIMS = ("frames", "height", "width")
 
 
 class StepModule(nn.Module):
@@ -202,14 +202,9 @@ def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: Ar
     return sizes
 
 
-def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...],
-                          num_state: int = 0):
-    """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
-
-    State tensors (the last `num_state` inputs) follow the latent's sizes; `Dim.AUTO` lets export
-    derive how (a cached residual has frames * height * width / patch tokens).
-    """
-    x_dims = {}
+def latent_root_dims(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[int, tuple[Dim, int]]:
+    """Per dynamic latent axis of `x`: the root `Dim` (in patch units where the patch is > 1) and the multiple."""
+    roots = {}
     for axis, name in enumerate(LATENT_DIMS):
         lo, hi = dims[name]
         if lo == hi:
@@ -218,8 +213,18 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: Architec
         lo_units, hi_units = -(-lo // multiple), hi // multiple
         if lo_units > hi_units:
             raise CaptureError(f"model.input.{name}: no size in [{lo}, {hi}] is a multiple of the patch size {multiple}.")
-        dim = Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units)
-        x_dims[2 + axis] = dim * multiple if multiple > 1 else dim
+        roots[2 + axis] = (Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units), multiple)
+    return roots
+
+
+def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...],
+                          num_state: int = 0):
+    """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
+
+    State tensors (the last `num_state` inputs) follow the latent's sizes; `Dim.AUTO` lets export
+    derive how (a cached residual has frames * height * width / patch tokens).
+    """
+    x_dims = {axis: dim * multiple if multiple > 1 else dim for axis, (dim, multiple) in latent_root_dims(dims, descriptor).items()}
     shapes = torch.export.ShapesCollection()
     if x_dims:
         shapes[example[0]] = x_dims
@@ -228,11 +233,42 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: Architec
     return shapes
 
 
+SUGGESTED_FIX = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\] = (.+)")
+
+
+def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim, int]]) -> dict:
+    """`shapes` (keyed by argument name) with the linear relations export found
+    (`L['state_cache_0'].size()[1] = 16*frames`) as derived dims."""
+    by_name = {dim.__name__: dim for dim, _ in roots.values()}
+    fixed = {name: dict(spec) if spec else spec for name, spec in shapes.items()}
+    for line in message.split("Suggested fixes:", 1)[1].splitlines():
+        match = SUGGESTED_FIX.fullmatch(line.strip())
+        if not match or not fixed.get(match.group(1)):
+            continue
+        expr = sympy.sympify(match.group(3))
+        if len(expr.free_symbols) != 1 or str(next(iter(expr.free_symbols))) not in by_name:
+            continue
+        (symbol,) = expr.free_symbols
+        slope, offset = (int(c) for c in sympy.Poly(expr, symbol).all_coeffs())
+        derived = by_name[str(symbol)] * slope
+        fixed[match.group(1)][int(match.group(2))] = derived + offset if offset else derived
+    return fixed
+
+
 def export_step(module: nn.Module, example: tuple[torch.Tensor, ...], dims: dict[str, tuple[int, int]],
                 descriptor: ArchitectureDescriptor, num_state: int = 0) -> torch.export.ExportedProgram:
-    shapes = export_dynamic_shapes(dims, descriptor, example, num_state)
+    """Exports with the latent's dims dynamic. When a state size turns out to be a linear function of
+    a latent dim (a cached residual has 1560 * frames tokens when height and width are static),
+    export refuses `Dim.AUTO` and names the relation; the export is retried with it as a derived dim."""
+    shapes = export_dynamic_shapes(dims, descriptor, example, num_state).dynamic_shapes(module, example)
     with torch.no_grad():
-        return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+        try:
+            return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+        except torch._dynamo.exc.UserError as exc:
+            if "Suggested fixes:" not in str(exc) or not isinstance(shapes, dict):
+                raise
+            fixed = with_suggested_fixes(str(exc), shapes, latent_root_dims(dims, descriptor))
+            return torch.export.export(module, example, dynamic_shapes=fixed, strict=False)
 
 
 def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: dict, sizes: dict[str, int], guidance: bool):

@@ -12,6 +12,7 @@ import vdopt
 from vdopt.bundle import staged_bundle, write_manifest
 from vdopt.capture import capture
 from vdopt.lower import get_backend
+from vdopt.lower.split_conditional import SplitStep, split_conditional
 from vdopt.pass_manager import PassManager
 from vdopt.passes import pipeline
 from vdopt.program import StepProgram
@@ -27,6 +28,25 @@ def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
 def segment_entry(program: StepProgram, backend: str, files: list[str], index: int) -> dict[str, Any]:
     return {"name": f"step_{index}", "kind": "step", "backend": backend, "files": [f"segments/{f}" for f in files],
             "dims": {k: list(v) for k, v in program.dims.items()}, "passes": list(program.passes)}
+
+
+def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int) -> dict[str, Any]:
+    """A step cut at its conditional: each part lowered on its own, wired by value names."""
+    parts = []
+    for part in split.parts:
+        files = backend.lower(part.program, directory, f"step_{index}.{part.name}")
+        parts.append({"name": part.name, "files": [f"segments/{f}" for f in files],
+                      "inputs": [s.to_json() for s in part.program.inputs],
+                      "outputs": [s.to_json() for s in part.program.outputs]})
+    return {**segment_entry(program, backend.name, [], index), "kind": "split", "flag": split.flag, "parts": parts}
+
+
+def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path, index: int) -> dict[str, Any]:
+    mode = recipe.lower.split_conditionals
+    split = split_conditional(program) if mode == "always" or (mode == "auto" and backend.splits_conditionals) else None
+    if split is not None:
+        return split_segment(program, split, backend, directory, index)
+    return segment_entry(program, backend.name, backend.lower(program, directory, f"step_{index}"), index)
 
 
 def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
@@ -79,8 +99,7 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
             ir_dir = Path(dump_ir) / f"profile_{index}" if dump_ir and len(profiles) > 1 else dump_ir
             program = compile_program(recipe, model_path, trust_pickle=trust_pickle, dump_ir=ir_dir, log=log, profile=profile)
             log(f"lowering with {backend.name}")
-            files = backend.lower(program, segments_dir, f"step_{index}")
-            segments.append(segment_entry(program, backend.name, files, index))
+            segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
         first.descriptor.write_extras(stage, model_path)
         manifest = write_manifest(stage, {**program_manifest(first, recipe), "segments": segments})

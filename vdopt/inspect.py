@@ -53,6 +53,10 @@ def describe_bundle(path: Path) -> str:
     for segment in m["segments"]:
         dims = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in segment["dims"].items())
         lines.append(f"  {segment['name']} [{segment['backend']}] {', '.join(segment['files'])}  ({dims})")
+        if segment.get("kind") == "split":
+            lines.append(f"    split at the conditional; the runtime reads '{segment['flag']}' and runs compute or reuse:")
+            lines += [f"    {part['name']:<8} {', '.join(part['files'])}: {len(part['inputs'])} inputs -> "
+                      f"{', '.join(s['name'] for s in part['outputs'])}" for part in segment["parts"]]
         for p in segment["passes"]:
             params = f" {p['params']}" if p["params"] else ""
             lines.append(f"    pass {p['name']}{params}: {p['seconds'] * 1000:.1f} ms, {p['nodes_before']} -> {p['nodes_after']} ops")
@@ -63,7 +67,7 @@ def describe(path: Path, graph: bool = False) -> str:
     if path.is_dir():
         text = describe_bundle(path)
         if graph:
-            segment = next((s for s in read_manifest(path)["segments"] if s["backend"] == "torch"), None)
+            segment = next((s for s in read_manifest(path)["segments"] if s["backend"] == "torch" and s["files"]), None)
             if segment is None:
                 return text + "\n(--graph needs a torch-backend segment; AOTI and ONNX segments hold no module metadata)"
             text += "\n" + summarize_graph(torch.export.load(str(path / segment["files"][0])))

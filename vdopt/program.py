@@ -11,16 +11,32 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 
 from vdopt.families.base import ArchitectureDescriptor
 from vdopt.recipe import Recipe
+
+LATENT_DIMS = ("frames", "height", "width")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def resolve_size(size: int | str, sizes: dict[str, int], multiples: list[int]) -> int:
+    """Evaluates a manifest size: an int, or an expression in the latent dims (`frames`, `2*height_units`,
+    `32*frames*height_units*width_units`), where `NAME_units` is NAME divided by its patch multiple."""
+    if isinstance(size, int):
+        return size
+    values = {**sizes, **{f"{name}_units": sizes[name] // m for name, m in zip(LATENT_DIMS, multiples)}}
+    expr = sympy.sympify(size)
+    unknown = {str(s) for s in expr.free_symbols} - set(values)
+    if unknown:
+        raise ValueError(f"size '{size}' names {sorted(unknown)}, which are not latent dims")
+    return int(expr.subs({sympy.Symbol(k): v for k, v in values.items()}))
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,11 @@ class LowerSection(Strict):
     profiles: list[Profile] | None = Field(
         None, description="Static shape profiles, for families or backends that cannot export dynamic sizes."
     )
+    split_conditionals: Literal["auto", "always", "never"] = Field(
+        "auto", description="Cut the step at insert_cache's conditional into head / compute | reuse / tail parts; the "
+                            "runtime reads the one-byte flag and runs one branch. auto: only for backends whose "
+                            "conditionals may run both branches (tensorrt).",
+    )
 
 
 class VerifySection(Strict):

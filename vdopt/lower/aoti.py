@@ -17,6 +17,7 @@ from vdopt.program import StepProgram
 
 class AotiBackend:
     name = "aoti"
+    splits_conditionals = False  # runs `torch.cond` lazily
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.aoti.pt2"

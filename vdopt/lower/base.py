@@ -15,6 +15,7 @@ Runner = Callable[..., Sequence[torch.Tensor]]
 
 class Backend(Protocol):
     name: str
+    splits_conditionals: bool  # whether `lower.split_conditionals: auto` cuts the step at its conditional for it
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         """Writes the segment's files under `directory`; returns their names relative to it."""

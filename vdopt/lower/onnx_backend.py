@@ -78,11 +78,12 @@ def unsupported_line(exc: Exception) -> str:
 
 class OnnxBackend:
     name = "onnx"
+    splits_conditionals = False  # runs `torch.cond` lazily
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.onnx"
         export_onnx(program, directory / name)
-        return sorted(p.name for p in directory.iterdir() if p.name.startswith(stem) and p.name.endswith((".onnx", ".onnx.data")))
+        return sorted(p.name for p in directory.iterdir() if p.name in (name, f"{name}.data"))
 
     def load(self, directory: Path, files: list[str], device: str):
         import onnxruntime as ort

@@ -16,7 +16,7 @@ import torch
 
 from vdopt.errors import LoweringError
 from vdopt.lower.onnx_backend import export_onnx
-from vdopt.program import StepProgram
+from vdopt.program import StepProgram, resolve_size
 
 WORKSPACE_BYTES = 8 << 30
 
@@ -32,18 +32,17 @@ class BuildSettings:
 
 
 def profile_shapes(program: StepProgram) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min/opt/max shape per input: the latent's dims from the recipe ranges, the rest static."""
-    example = program.example_inputs[0]
-    lows, highs = list(example.shape), list(example.shape)
-    for axis, name in enumerate(("frames", "height", "width")):
-        lows[2 + axis], highs[2 + axis] = program.dims[name]
-        multiple = program.descriptor.patch_size[axis]
-        lows[2 + axis] = -(-lows[2 + axis] // multiple) * multiple
-        highs[2 + axis] -= highs[2 + axis] % multiple
-    shapes = {program.inputs[0].name: (tuple(lows), tuple(example.shape), tuple(highs))}
-    for spec, tensor in zip(program.inputs[1:], program.example_inputs[1:]):
-        shapes[spec.name] = (tuple(tensor.shape),) * 3
-    return shapes
+    """min/opt/max shape per input: every manifest shape evaluated at the recipe's smallest and largest
+    latent sizes (rounded inwards to the patch multiples); opt is the example the program was traced at."""
+    multiples = list(program.descriptor.patch_size)
+    low = {name: -(-lo // m) * m for (name, (lo, _)), m in zip(program.dims.items(), multiples)}
+    high = {name: hi - hi % m for (name, (_, hi)), m in zip(program.dims.items(), multiples)}
+
+    def at(spec, sizes):
+        return tuple(resolve_size(d, sizes, multiples) for d in spec.shape)
+
+    return {spec.name: (at(spec, low), tuple(example.shape), at(spec, high))
+            for spec, example in zip(program.inputs, program.example_inputs)}
 
 
 def build_settings(program: StepProgram) -> BuildSettings:
@@ -91,6 +90,7 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 
 class TensorRTBackend:
     name = "tensorrt"
+    splits_conditionals = True  # an `if` layer may run both branches; see vdopt.lower.split_conditional
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         onnx_name, plan_name = f"{stem}.onnx", f"{stem}.plan"

@@ -11,6 +11,7 @@ from vdopt.program import StepProgram
 
 class TorchBackend:
     name = "torch"
+    splits_conditionals = False  # runs `torch.cond` lazily
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.pt2"

@@ -20,21 +20,7 @@ from vdopt.bundle import read_manifest
 from vdopt.errors import RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
-from vdopt.program import DTYPES, StateSpec, TensorSpec
-
-LATENT_DIMS = ("frames", "height", "width")
-
-
-def resolve_size(size: int | str, sizes: dict[str, int], multiples: list[int]) -> int:
-    """Evaluates a manifest size: an int, a latent dim name, `NAME_units`, or a product like `2*height_units`."""
-    if isinstance(size, int):
-        return size
-    units = {f"{name}_units": sizes[name] // m for name, m in zip(LATENT_DIMS, multiples)}
-    value = 1
-    for factor in size.split("*"):
-        value *= int(factor) if factor.isdigit() else {**sizes, **units}[factor]
-    return value
-
+from vdopt.program import DTYPES, LATENT_DIMS, StateSpec, TensorSpec, resolve_size
 
 def nvtx_range(name: str, device: str):
     if device.startswith("cuda"):
@@ -114,12 +100,37 @@ class Session:
         return states
 
     # ----- running -------------------------------------------------------------------------------
+    def load(self, backend_name: str, files: list[str]) -> Callable:
+        return get_backend(backend_name).load(self.path / "segments", [Path(f).name for f in files], self.device)
+
     def runner(self, segment: dict[str, Any]) -> Callable:
         if segment["name"] not in self._runners:
-            backend = get_backend(segment["backend"])
-            files = [Path(f).name for f in segment["files"]]
-            self._runners[segment["name"]] = backend.load(self.path / "segments", files, self.device)
+            if segment.get("kind") == "split":
+                self._runners[segment["name"]] = self.split_runner(segment)
+            else:
+                self._runners[segment["name"]] = self.load(segment["backend"], segment["files"])
         return self._runners[segment["name"]]
+
+    def split_runner(self, segment: dict[str, Any]) -> Callable:
+        """head, then compute or reuse as the head's one-byte device flag says, then tail; values by name."""
+        parts = {part["name"]: (self.load(segment["backend"], part["files"]), [s["name"] for s in part["inputs"]],
+                                [s["name"] for s in part["outputs"]]) for part in segment["parts"]}
+        step_inputs = [s.name for s in self.inputs]
+        step_outputs = [s["name"] for s in self.manifest["outputs"]]
+
+        def run(*inputs):
+            values = dict(zip(step_inputs, inputs))
+
+            def call(name: str) -> None:
+                run_part, reads, writes = parts[name]
+                values.update(zip(writes, run_part(*(values[n] for n in reads))))
+
+            call("head")
+            call("compute" if bool(values[segment["flag"]]) else "reuse")
+            call("tail")
+            return [values[n] for n in step_outputs]
+
+        return run
 
     def run(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
             frames: int | None = None, height: int | None = None, width: int | None = None,
