@@ -5,8 +5,7 @@
 Flow matching (``x_s = (1-s) x0 + s noise``, target ``noise - x0``, model timestep
 ``s * 1000``) with ``s`` half logit-normal, half uniform, 10 % prompt dropout to the learned null sequence
 (for classifier-free guidance), AdamW with warm-up and a time-based cosine decay, an EMA
-of the weights (the EMA is what gets exported), bf16 autocast on CPU/CUDA. Parameters
-start from PixArt-alpha's initialisation (:func:`vdopt.reference.model.init_for_training`).
+of the weights (the EMA is what gets exported), bf16 autocast on CPU/CUDA.
 
 The run is bounded by wall-clock minutes, not steps. A checkpoint (``ckpt.pt``: model,
 EMA, optimiser, step, elapsed time) is written every ``--ckpt-every`` seconds and on
@@ -28,9 +27,7 @@ from pathlib import Path
 import torch
 
 from vdopt.data.moving_shapes import ClipConfig, make_batch
-from vdopt.reference.model import (
-    CONDITIONER_CONFIG, TEACHER_CONFIG, PromptConditioner, build_teacher, init_for_training, save_reference,
-)
+from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, PromptConditioner, build_teacher, save_reference
 
 
 def flow_matching_loss(transformer, conditioner, x0, attrs, generator, drop_prob=0.1, autocast_dtype=None, uniform_frac=0.5):
@@ -59,11 +56,11 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=55.0, help="wall-clock training budget (total, across resumes)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     ap.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
@@ -74,9 +71,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)  # parameter init only
-    transformer = build_teacher(TEACHER_CONFIG)
-    init_for_training(transformer)
-    transformer = transformer.to(dev)
+    transformer = build_teacher(TEACHER_CONFIG).to(dev)
     conditioner = PromptConditioner(**CONDITIONER_CONFIG).to(dev)
     params = list(transformer.parameters()) + list(conditioner.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
