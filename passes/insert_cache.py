@@ -28,7 +28,6 @@ and last `final` steps; never more than `max_reuse` reuses in a row. A threshold
 from __future__ import annotations
 
 import operator
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -355,7 +354,7 @@ def has_rows(node: fx.Node, samples: int) -> bool:
 
 
 def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -> StepProgram:
-    with program.extras.get("fake_mode") or nullcontext():
+    with program.tracing():
         return insert_cache_traced(program, policy, **params)
 
 

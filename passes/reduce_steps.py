@@ -630,8 +630,7 @@ def plain_module(module: fx.GraphModule) -> fx.GraphModule:
 def reduce_steps(program: StepProgram, weights: str | None = None, lora_scale: float = 1.0,
                  timesteps: list[float] | None = None, steps: int | None = None, shift: float | None = None,
                  keep_guidance: bool = False) -> StepProgram:
-    from contextlib import nullcontext
-
+    
     from vdopt.capture import export_step, io_specs
 
     if timesteps is not None and steps is not None and steps != len(timesteps):
@@ -647,7 +646,7 @@ def reduce_steps(program: StepProgram, weights: str | None = None, lora_scale: f
     if not (swap or table_changed or drop_guidance):
         return program
     names = [s.name for s in program.inputs]
-    with program.extras.get("fake_mode") or nullcontext():
+    with program.tracing():
         module = program.ep.module()
         record: dict[str, Any] = {}
         if swap:

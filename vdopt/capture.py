@@ -25,7 +25,6 @@ from vdopt.recipe import Recipe
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
 
 
-
 class StepModule(nn.Module):
     """`step(x, i, *cond, *uncond) -> (x_next,)`: denoiser + guidance + sampler update."""
 
@@ -291,8 +290,13 @@ def named_shape(shape, rename) -> tuple[int | str, ...]:
     return tuple(int(d) if str(d).isdigit() else rename(d) for d in shape)
 
 
+def user_input_nodes(ep: torch.export.ExportedProgram) -> list:
+    """The placeholders of the step's own inputs (not lifted parameters or buffers), in order."""
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+
+
 def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str], dims: dict[str, tuple[int, int]]):
-    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    user_inputs = user_input_nodes(ep)
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = [a for a in output_node.args[0]][-len(output_names):]
     rename = symbol_names(ep, dims)
@@ -306,7 +310,7 @@ def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_na
 
 def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]]):
     """Maps export's symbols to latent dim names: `s0` -> `frames`, the `s1` of `2*s1` -> `height_units`."""
-    x = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
+    x = user_input_nodes(ep)[0]
     mapping = {}
     for axis, name in enumerate(LATENT_DIMS):
         size = x.meta["val"].shape[2 + axis]

@@ -9,7 +9,6 @@ writes a readable graph after every pass (`000_captured.txt`, `001_<pass>.txt`, 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -54,7 +53,7 @@ def rewrite_graph(program: StepProgram, rewrite: Callable[[torch.fx.GraphModule]
     `rewrite` edits the GraphModule in place and returns whether it changed anything. Re-export
     keeps `nn_module_stack` and recomputes every node's shapes, so a rewrite never has to.
     """
-    with program.extras.get("fake_mode") or nullcontext():
+    with program.tracing():
         module = program.ep.module()
         if not rewrite(module):
             return program

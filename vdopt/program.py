@@ -8,6 +8,7 @@ Passes take a `StepProgram` and return a new one.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,10 @@ class StepProgram:
 
     def replace(self, **changes: Any) -> "StepProgram":
         return dataclasses.replace(self, **changes)
+
+    def tracing(self):
+        """The context a pass traces in: the capture's `FakeTensorMode` for full-size checks, else nothing."""
+        return self.extras.get("fake_mode") or nullcontext()
 
     @property
     def num_steps(self) -> int:

@@ -23,7 +23,6 @@ rest from ``SEEN_COMBOS``, drawn deterministically from ``seed``; clip *i* uses 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable

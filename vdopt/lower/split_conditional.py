@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import operator
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import sympy
 import torch
 from torch import fx
 
+from vdopt.capture import user_input_nodes
 from vdopt.errors import LoweringError, first_line
 from vdopt.program import StepProgram, TensorSpec, dtype_name
 
@@ -58,9 +58,9 @@ def is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
-def build_part(root: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node], inputs_first: list[fx.Node] = ()) -> tuple[fx.GraphModule, list[fx.Node]]:
+def build_part(root: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A GraphModule computing `outputs` from `nodes` (in order); every other node they read becomes
-    an input (in first-use order, after `inputs_first`), except parameters, which are copied, and
+    an input (in first-use order), except parameters, which are copied, and
     symbolic sizes computed elsewhere, which are recomputed here from their own inputs."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -78,8 +78,6 @@ def build_part(root: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node
             env[node].meta = dict(node.meta)
         return env[node]
 
-    for node in inputs_first:
-        lookup(node)
     for node in nodes:
         env[node] = graph.node_copy(node, lookup)
     graph.output(tuple(lookup(n) for n in outputs))
@@ -124,9 +122,8 @@ def branch_part(root: fx.GraphModule, branch: fx.Node, operands: list[fx.Node]) 
 def size_namer(program: StepProgram):
     """Names sizes in the latent dims: each input's export symbols are solved against the
     manifest shape of that input (`2*s1` ~ `2*height_units` gives s1 = height_units)."""
-    placeholders = [n for n in program.ep.graph.nodes if n.op == "placeholder" and n.name in program.ep.graph_signature.user_inputs]
     solved: dict[sympy.Symbol, sympy.Expr] = {}
-    for node, spec in zip(placeholders, program.inputs):
+    for node, spec in zip(user_input_nodes(program.ep), program.inputs):
         for size, named in zip(node.meta["val"].shape, spec.shape):
             if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
                 (symbol,) = size.node.expr.free_symbols
@@ -156,7 +153,7 @@ def export_part(name: str, module: fx.GraphModule, example: tuple[torch.Tensor, 
 
 def split_conditional(program: StepProgram) -> SplitStep | None:
     """The step cut at its one conditional, or None when it has none (nothing to split)."""
-    with program.extras.get("fake_mode") or nullcontext():
+    with program.tracing():
         return split_traced(program)
 
 
@@ -176,16 +173,17 @@ def split_traced(program: StepProgram) -> SplitStep | None:
     results = sorted((u for u in cond.users), key=lambda n: n.args[1])
     if any(u.target is not operator.getitem for u in results):
         raise LoweringError("a conditional's results are used other than by index; cannot split there.")
-    tail_nodes = [n for n in body if order[n] > order[cond] and n not in set(results)]
+    result_set = set(results)
+    tail_nodes = [n for n in body if order[n] > order[cond] and n not in result_set]
 
     step_inputs = [n for n in graph.nodes if n.op == "placeholder"]
     output_node = next(n for n in graph.nodes if n.op == "output")
     step_outputs = list(output_node.args[0])
     runtime_operands = [op for op in operands if op.op != "get_attr"]
-    head_set = set(head_nodes)
-    crossing = [n for n in head_nodes if is_tensor(n) and any(u in set(tail_nodes) or u is output_node for u in n.users)]
+    head_set, read_later = set(head_nodes), set(tail_nodes) | {output_node}
     head_outputs = [pred, *[op for op in runtime_operands if op in head_set]]
-    head_outputs += [n for n in crossing if n not in set(head_outputs)]
+    already = set(head_outputs)
+    head_outputs += [n for n in head_nodes if is_tensor(n) and n not in already and not read_later.isdisjoint(n.users)]
 
     name_size = size_namer(program)
     names: dict[fx.Node, str] = {n: spec.name for n, spec in zip(step_inputs, program.inputs)}
@@ -210,12 +208,13 @@ def split_traced(program: StepProgram) -> SplitStep | None:
     # fake tensors (full-size checks) cannot evaluate
     examples = reuse(*(values[n] for n in runtime_operands))
     values.update({node: examples[node.args[1]] for node in results})
+    branch_specs = [spec(n) for n in results]
     parts = []
-    for name, part, part_in, part_out, out_specs in (
-        ("head", head, head_in, head_outputs, [spec(n) for n in head_outputs]),
-        ("compute", compute, runtime_operands, results, [spec(n) for n in results]),
-        ("reuse", reuse, runtime_operands, results, [spec(n) for n in results]),
-        ("tail", tail, tail_in, step_outputs, list(program.outputs)),
+    for name, part, part_in, out_specs in (
+        ("head", head, head_in, [spec(n) for n in head_outputs]),
+        ("compute", compute, runtime_operands, branch_specs),
+        ("reuse", reuse, runtime_operands, branch_specs),
+        ("tail", tail, tail_in, list(program.outputs)),
     ):
         example = tuple(values[n] for n in part_in)
         ep = export_part(name, part, example)

@@ -22,6 +22,7 @@ from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
 from vdopt.program import DTYPES, LATENT_DIMS, StateSpec, TensorSpec, resolve_size
 
+
 def nvtx_range(name: str, device: str):
     if device.startswith("cuda"):
         return torch.cuda.nvtx.range(name)
