@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from vdopt.data.moving_shapes import make_batch
+from vdopt.data.moving_shapes import ClipConfig, make_batch
 from vdopt.reference import model as RM
 from vdopt.reference.model import (
     TEACHER_CONFIG, WEIGHTS_DIR, PromptConditioner, build_teacher, load_reference, save_reference,
@@ -82,7 +82,8 @@ def test_sample_matches_a_hand_written_euler_cfg_loop(tiny):
     out = sample(t, c, prompts, seed=5, steps=steps, guidance_scale=g)
     assert out.shape == (2, 3, 8, 32, 32)
     # by hand: diffusers' sigmas (shift 1: linspace(1, 1/1000, steps) then 0), x <- x + (s_next - s) * v,
-    # v = u + g (c - u), model timestep = sigma * 1000
+    # the transformer predicts x0, v = (x - x0) / max(sigma, SIGMA_MIN), v = u + g (c - u),
+    # model timestep = sigma * 1000
     x = initial_noise(2, 5)
     sched = make_scheduler(steps)
     sig = sched.sigmas
@@ -91,8 +92,10 @@ def test_sample_matches_a_hand_written_euler_cfg_loop(tiny):
     with torch.no_grad():
         for i in range(steps):
             ts = torch.full((2,), float(sig[i]) * 1000)
-            u = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.null(2), return_dict=False)[0]
-            cc = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.encode(prompts), return_dict=False)[0]
+            divisor = max(float(sig[i]), RM.SIGMA_MIN)
+            x0_u = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.null(2), return_dict=False)[0]
+            x0_c = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.encode(prompts), return_dict=False)[0]
+            u, cc = (x - x0_u) / divisor, (x - x0_c) / divisor
             x = x + (sig[i + 1] - sig[i]) * (u + g * (cc - u))
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
     # deterministic in the seed, different for another seed
@@ -104,23 +107,43 @@ def test_flow_matching_loss_target_convention():
     from vdopt.reference.train import flow_matching_loss
 
     class Oracle(torch.nn.Module):
-        """Predicts the exact target noise - x0 given the x0 it was told about."""
+        """Predicts the clean clip it was told about (the teacher is an x0-predictor)."""
 
         def __init__(self, x0, noise):
             super().__init__()
-            self.x0, self.noise = x0, noise
+            self.x0, self.noise, self.answer = x0, noise, x0
+            self.noise_levels = []
 
         def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
             s = (timestep / 1000.0).view(-1, 1, 1, 1, 1)
             # check the interpolation convention too: x_s = (1 - s) x0 + s noise
             torch.testing.assert_close(hidden_states, (1 - s) * self.x0 + s * self.noise)
-            return (self.noise - self.x0,)
+            self.noise_levels.append(s.flatten())
+            return (self.answer,)
 
-    b = make_batch(3, seed=1)
+    b = make_batch(512, seed=1, config=ClipConfig(frames=2, height=16, width=16))
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(b.video.shape, generator=torch.Generator().manual_seed(0))
-    loss = flow_matching_loss(Oracle(b.video, noise), PromptConditioner(dim=8), b.video, b.attrs, g)
+    oracle = Oracle(b.video, noise)
+    loss = flow_matching_loss(RM.ReferenceDenoiser(oracle), PromptConditioner(dim=8), b.video, b.attrs, g)
     assert float(loss) == pytest.approx(0.0, abs=1e-10)
+    assert float(oracle.noise_levels[0].min()) < RM.SIGMA_MIN  # exact also where the velocity is clamped
+    # a wrong clean clip costs |x0_hat - x0|^2 / max(s, SIGMA_MIN)^2: 1 / s^2 for an error of 1 everywhere
+    oracle.answer = b.video + 1
+    oracle.noise_levels.clear()
+    loss = flow_matching_loss(RM.ReferenceDenoiser(oracle), PromptConditioner(dim=8), b.video, b.attrs,
+                              torch.Generator().manual_seed(0))
+    s = oracle.noise_levels[0]
+    assert float(loss) == pytest.approx(float((1 / s.clamp_min(RM.SIGMA_MIN) ** 2).mean()), rel=1e-5)
+
+
+def test_reference_denoiser_turns_a_clean_clip_into_the_flow_velocity():
+    x0, noise = torch.randn(3, 3, 2, 8, 8), torch.randn(3, 3, 2, 8, 8)
+    s = torch.tensor([1.0, 0.5, 0.01])
+    x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+    v = RM.velocity_from_sample(x_s, x0, s * 1000)
+    torch.testing.assert_close(v[:2], (noise - x0)[:2])
+    torch.testing.assert_close(v[2], (x_s[2] - x0[2]) / RM.SIGMA_MIN)
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / RM.WEIGHTS_FILE).exists(), reason="teacher weights not shipped yet")
@@ -131,3 +154,26 @@ def test_shipped_teacher_loads_and_is_small():
     with torch.no_grad():
         out = sample(t, c, ["blue square moving right"], seed=0, steps=2)
     assert out.shape == (1, 3, 8, 32, 32)
+
+
+def test_compiled_teacher_bundle_generates_what_the_reference_loop_does(tiny, tmp_path):
+    """`vdopt eval` compares bundles with the teacher run by `sample`: the two must be the same generator."""
+    from vdopt.compiler import compile_bundle
+    from vdopt.eval.cli import generate_from_bundle
+    from vdopt.eval.suite import teacher_generate_fn
+    from vdopt.recipe import parse_recipe
+
+    t, c = tiny
+    save_reference(t, c, tmp_path / "teacher")
+    recipe = parse_recipe({
+        "model": {"family": "reference", "config": dict(TINY),
+                  "input": {"batch": 1, "frames": 8, "height": 32, "width": 32, "text_len": 3}},
+        "sampler": {"kind": "flow_euler", "steps": 4, "shift": 1.0, "guidance_scale": 3.0},
+        "lower": {"backend": "torch"},
+    })
+    bundle = tmp_path / "teacher.vdopt"
+    compile_bundle(recipe, tmp_path / "teacher" / RM.WEIGHTS_FILE, bundle)
+    prompts, seeds = ["red circle moving up", "blue triangle moving down-left"], [3, 11]
+    compiled = generate_from_bundle(bundle)(prompts, seeds)
+    eager = teacher_generate_fn(t, c, steps=4, guidance_scale=3.0)(prompts, seeds)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -7,13 +7,13 @@ from vdopt.reference.train import main
 
 
 def test_train_writes_weights_and_resumes(tmp_path):
-    main(["--out", str(tmp_path), "--minutes", "5", "--max-steps", "2", "--batch", "2", "--threads", "1"])
+    main(["--out", str(tmp_path), "--steps", "2", "--batch", "2", "--threads", "1"])
     assert json.loads((tmp_path / "train_log.json").read_text())["step"] == 2
     t1, _ = load_reference(tmp_path)
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["step"] == 2 and ck["elapsed"] > 0
     # running again resumes from the checkpoint instead of starting over
-    main(["--out", str(tmp_path), "--minutes", "5", "--max-steps", "3", "--batch", "2", "--threads", "1"])
+    main(["--out", str(tmp_path), "--steps", "3", "--batch", "2", "--threads", "1"])
     assert json.loads((tmp_path / "train_log.json").read_text())["step"] == 3
     t2, c2 = load_reference(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -1,8 +1,10 @@
 """The project's reference teacher: a pixel-space Latte with an attribute-word prompt encoder.
 
-It is a `LatteTransformer3DModel` (so the Latte adapter and block patterns apply unchanged) whose
-checkpoint also holds the prompt conditioner. The conditioner is not part of the step program;
-a bundle carries it as an extra file, so `vdopt run --prompt "red circle moving up"` works.
+It is a `LatteTransformer3DModel` (so the Latte block patterns apply unchanged) that predicts the
+clean clip; its adapter is `ReferenceDenoiser`, which turns that into the flow velocity, so the
+step program sees an ordinary flow denoiser. The checkpoint also holds the prompt conditioner,
+which is not part of the step program: a bundle carries it as an extra file, so
+`vdopt run --prompt "red circle moving up"` works.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vdopt.families.base import CondInput, register
 from vdopt.families.latte import LATTE, LatteDescriptor
-from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner
+from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner, ReferenceDenoiser
 
 TRANSFORMER_PREFIX = "transformer."
 CONDITIONER_PREFIX = "conditioner."
@@ -28,6 +31,9 @@ def checkpoint_file(model_path: str | Path) -> Path:
 
 
 class ReferenceDescriptor(LatteDescriptor):
+    def adapter(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ReferenceDenoiser(model)
+
     def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not any(k.startswith(TRANSFORMER_PREFIX) for k in state):
             return state
@@ -40,13 +46,16 @@ class ReferenceDescriptor(LatteDescriptor):
         conditioner = {k.removeprefix(CONDITIONER_PREFIX): v for k, v in state.items() if k.startswith(CONDITIONER_PREFIX)}
         if conditioner:
             (bundle_dir / EXTRAS).parent.mkdir(exist_ok=True)
-            save_file(conditioner, str(bundle_dir / EXTRAS), metadata={"config": json.dumps(CONDITIONER_CONFIG)})
+            config = dict(CONDITIONER_CONFIG, dim=int(conditioner["colour.weight"].shape[1]))
+            save_file(conditioner, str(bundle_dir / EXTRAS), metadata={"config": json.dumps(config)})
 
     def prompt_encoder(self, bundle_dir: Path, manifest: dict):
         path = Path(bundle_dir) / EXTRAS
         if EXTRAS not in manifest["checksums"] or not path.is_file():
             return None
-        conditioner = PromptConditioner(**CONDITIONER_CONFIG)
+        with safe_open(str(path), "pt") as f:
+            config = json.loads(f.metadata()["config"])
+        conditioner = PromptConditioner(**config)
         conditioner.load_state_dict(load_file(str(path)))
         conditioner.eval()
         batch = manifest["latent"]["batch"]

@@ -8,8 +8,15 @@ token sequence ``[B, L, D]`` that is fed as ``encoder_hidden_states``. A learned
 sequence is the unconditional branch (classifier-free guidance).
 
 Objective: rectified flow, diffusers ``FlowMatchEulerDiscreteScheduler`` convention:
-``x_s = (1 - s) * x0 + s * noise``, target ``v = noise - x0``, timestep given to the
-model ``= s * 1000``.
+``x_s = (1 - s) * x0 + s * noise``, velocity ``v = noise - x0``, timestep given to the
+model ``= s * 1000``. The transformer predicts the *clean clip* ``x0`` and
+:class:`ReferenceDenoiser` turns that into the velocity ``(x_s - x0_hat) / max(s, SIGMA_MIN)``
+("x-prediction, v-loss", Li & He 2025, "Back to Basics: Let Denoising Generative Models
+Denoise"). A pixel-space transformer whose patch (4 x 4 x 3 = 48 values) is nearly as wide as
+its tokens (64) cannot carry the noise through to a v- or epsilon-prediction: the first teacher,
+trained that way, copied noise structure into its samples (scattered 4x4 blocks). The clean
+clip lies on a simple manifold the network can reach. Everything outside this module sees an
+ordinary flow (velocity) denoiser.
 
 Weights ship in ``vdopt/reference/weights/teacher.safetensors`` (transformer tensors
 prefixed ``transformer.``, conditioner tensors prefixed ``conditioner.``) with
@@ -62,6 +69,8 @@ CONDITIONER_CONFIG: dict = {"dim": 64, "tokens": 3}
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STEPS = 50
 DEFAULT_SHIFT = 1.0
+# the noise level below which x-prediction is no longer divided by sigma (JiT's t_eps)
+SIGMA_MIN = 0.05
 
 
 def build_teacher(config: dict | None = None):
@@ -73,6 +82,23 @@ def build_teacher(config: dict | None = None):
     if model.out_channels != cfg.get("out_channels", cfg["in_channels"]):
         raise RuntimeError("LatteTransformer3DModel did not honour out_channels")
     return model
+
+
+class ReferenceDenoiser(nn.Module):
+    """The teacher as a flow denoiser: ``(x_s, timestep = s * 1000, context) -> velocity``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        x0 = self.model(hidden_states=x, timestep=t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return velocity_from_sample(x, x0.to(x.dtype), t)
+
+
+def velocity_from_sample(x: torch.Tensor, x0: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    sigma = (timestep.to(x.dtype) / 1000.0).clamp_min(SIGMA_MIN).reshape(-1, *([1] * (x.dim() - 1)))
+    return (x - x0) / sigma
 
 
 class PromptConditioner(nn.Module):
@@ -130,7 +156,8 @@ def save_reference(transformer, conditioner: PromptConditioner, out_dir: str | o
     cfg = {
         "transformer": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
         "conditioner": {"dim": conditioner.dim, "tokens": 3},
-        "objective": "flow_matching: x_s=(1-s)x0+s*noise, v=noise-x0, timestep=s*1000",
+        "objective": f"flow_matching: x_s=(1-s)x0+s*noise, v=noise-x0, timestep=s*1000; "
+                     f"the transformer predicts x0, v=(x_s-x0)/max(s,{SIGMA_MIN})",
         "sampling": {"guidance_scale": DEFAULT_GUIDANCE, "steps": DEFAULT_STEPS, "shift": DEFAULT_SHIFT},
     }
     if extra:

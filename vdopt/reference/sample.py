@@ -5,14 +5,14 @@ This is the loop every compiled bundle is compared against, so it is deliberatel
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift); scheduler.set_timesteps(steps)
     x = randn([B, 3, F, H, W], generator=Generator().manual_seed(seed))
     for t in scheduler.timesteps:
-        u, c = transformer(cat([x, x]), t.expand(2B), cat([null, cond])).chunk(2)
+        u, c = ReferenceDenoiser(transformer)(cat([x, x]), t.expand(2B), cat([null, cond])).chunk(2)
         x = scheduler.step(u + g * (c - u), t, x).prev_sample
 """
 from __future__ import annotations
 
 import torch
 
-from vdopt.reference.model import DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
+from vdopt.reference.model import DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS, ReferenceDenoiser
 
 
 def make_scheduler(steps: int, shift: float = DEFAULT_SHIFT):
@@ -55,6 +55,7 @@ def sample(
     cond = conditioner.encode(prompts).to(device=device, dtype=dtype)
     uncond = conditioner.null(B).to(device=device, dtype=dtype)
     context = torch.cat([uncond, cond], dim=0)
+    denoiser = ReferenceDenoiser(transformer)
     sched = make_scheduler(steps, shift)
     timesteps = sched.timesteps
     it = timesteps
@@ -64,12 +65,7 @@ def sample(
         it = tqdm(timesteps, desc="sample", leave=False)
     for t in it:
         x_in = torch.cat([x, x], dim=0).to(dtype)
-        v = transformer(
-            hidden_states=x_in,
-            timestep=t.expand(2 * B).to(device),
-            encoder_hidden_states=context,
-            return_dict=False,
-        )[0].float()
+        v = denoiser(x_in, t.expand(2 * B).to(device), context).float()
         v_u, v_c = v.chunk(2, dim=0)
         v = v_u + guidance_scale * (v_c - v_u)
         x = sched.step(v, t, x, return_dict=False)[0]
