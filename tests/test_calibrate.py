@@ -69,7 +69,7 @@ def test_direction_and_integer_knobs():
 
 def test_knob_table_and_arguments():
     assert knob_for("first_blocks").param == "threshold" and knob_for("static").param == "interval"
-    assert knob_for("teacache").param == "threshold" and knob_for("adacache").param == "threshold"
+    assert knob_for("teacache").param == "threshold" and knob_for("adacache").param == "codebook_scale"
     assert knob_for("future", "rho").param == "rho"
     with pytest.raises(CalibrationError, match="--search"):
         knob_for("future")

@@ -9,6 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vdopt.capture import capture
 from vdopt.families import descriptor_for
+from vdopt.lower.split_conditional import PART_NAMES, conditionals, split_conditional
+from vdopt.lower.tensorrt_backend import build_settings
 from vdopt.pass_manager import PassManager
 from vdopt.passes import pipeline
 from vdopt.recipe import parse_recipe
@@ -20,11 +22,20 @@ WAN_13B_RECIPE = {
 }
 
 
-@pytest.mark.slow
-def test_wan_1_3b_captured_and_passed_under_fake_tensors():
+CACHE_POLICIES = ("static", "first_blocks", "adacache", "teacache")
+
+
+@pytest.fixture(scope="module")
+def wan_1_3b():
     start = time.perf_counter()
-    recipe = parse_recipe(WAN_13B_RECIPE)
-    program = capture(recipe, None, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+    program = capture(parse_recipe(WAN_13B_RECIPE), None, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+    return program, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_wan_1_3b_captured_and_passed_under_fake_tensors(wan_1_3b):
+    program, capture_s = wan_1_3b
+    start = time.perf_counter() - capture_s
     parameters = sum(t.numel() for t in program.ep.state_dict.values())
     assert 1.3e9 < parameters < 1.5e9
     blocks = {fqn for n in program.ep.graph.nodes for fqn, _ in (n.meta.get("nn_module_stack") or {}).values()
@@ -34,3 +45,30 @@ def test_wan_1_3b_captured_and_passed_under_fake_tensors():
     assert [record["name"] for record in passed.passes] == [spec.name for spec, _ in pipeline([])]
     assert passed.inputs[0].shape[2] == "frames"
     print(f"Wan2.1-T2V-1.3B fake capture + passes: {time.perf_counter() - start:.1f} s")  # the issue's bound: 2 minutes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+def test_wan_1_3b_cache_inserted_and_split_under_fake_tensors(wan_1_3b, policy):
+    """Issue 4: every policy on the full-size graph, lowered to the segmented (TensorRT) form."""
+    program, _ = wan_1_3b
+    start = time.perf_counter()
+    cached = PassManager(pipeline([("insert_cache", {"policy": policy})])).run(program)
+    assert len(conditionals(cached.ep.graph)) == 1
+    assert cached.state, "the cache keeps its residuals and counters as declared step state"
+    split = split_conditional(cached)
+    assert [part.name for part in split.parts] == list(PART_NAMES)
+    head, compute, reuse, tail = (part.program for part in split.parts)
+    assert head.outputs[0].name == "flag" and head.outputs[0].dtype == "bool"
+    assert not any(conditionals(part.ep.graph) for part in (head, compute, reuse, tail))
+    body = {fqn for n in compute.ep.graph.nodes for fqn, _ in (n.meta.get("nn_module_stack") or {}).values()
+            if program.descriptor.is_block(fqn)}
+    assert len(body) == 30 - 1  # the body: every block but the first, which is the probe
+    for part in (head, reuse, tail):
+        assert sum(t.numel() for t in part.ep.state_dict.values()) < sum(t.numel() for t in compute.ep.state_dict.values())
+    for part in (head, compute, reuse, tail):
+        profiles = build_settings(part).profiles
+        assert list(profiles) == [spec.name for spec in part.inputs]
+        for low, opt, high in profiles.values():
+            assert all(lo <= o <= hi for lo, o, hi in zip(low, opt, high))
+    print(f"Wan2.1-T2V-1.3B insert_cache({policy}) + split under fake tensors: {time.perf_counter() - start:.1f} s")

@@ -70,9 +70,9 @@ THRESHOLDS = (0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0
 KNOBS: dict[str, Knob] = {
     "static": Knob("interval", (2, 3, 4, 5, 6, 8, 10, 13, 17), integer=True),
     "first_blocks": Knob("threshold", THRESHOLDS),
-    # Being added to insert_cache; the threshold-like parameter of each, larger = more skipping.
     "teacache": Knob("threshold", THRESHOLDS),
-    "adacache": Knob("threshold", THRESHOLDS),
+    # adacache's codebook bounds times this scale: a larger scale maps a change to a longer reuse
+    "adacache": Knob("codebook_scale", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)),
 }
 
 
