@@ -9,12 +9,19 @@ every round runs every bundle on the same prompt, uncached first), mean PSNR / S
 attribute accuracy, FVD-MS. A `floor` row (the body never runs) bounds what any body cache can
 gain on this model: its speedup is 1 / (non-body fraction of a step), Amdahl's law.
 
+MoReg ablation (`adacache` against `adacache:moreg=false`): body evaluations per clip for the
+fast-moving prompts (diagonal directions, 2.8 px/frame) against the slow ones (axis directions,
+2 px/frame), and quality at equal speed: each variant's calibration trials give mean PSNR as a
+function of body evaluations saved, compared at the savings the variant without MoReg was
+calibrated to (linear interpolation between trials).
+
 Every row uses the same backend (torch by default: all bundles share one capture). Prints the
 table, writes JSON, the trace plot of one held-out prompt under the best policy, and that
 policy's calibrated recipe.
 
     python bench/cache.py [--quick] [--model vdopt/reference/weights/teacher.safetensors]
-        [--policies static,static:max_reuse=-1,first_blocks,first_blocks:max_reuse=10] [--budget 30]
+        [--policies static:max_reuse=-1,first_blocks:max_reuse=10,adacache,adacache:moreg=false,teacache:max_reuse=10]
+        [--budget 30]
         [--json bench/results/cache.json] [--trace-png docs/cache_trace.png] [--recipe-out recipes/reference_cached.yaml]
 """
 
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 
 from vdopt.calibrate import Bundler, calibrate, recipe_with
-from vdopt.data.moving_shapes import prompt_of, sample_attrs
+from vdopt.data.moving_shapes import DIRECTION_VEC, DIRECTIONS, parse_prompt, prompt_of, sample_attrs
 from vdopt.eval import suite
 from vdopt.recipe import load_recipe
 from vdopt.runtime import Session
@@ -46,6 +53,22 @@ FALLBACK_WEIGHTS = ROOT / "out" / "teacher" / "teacher.safetensors"
 EVAL_SEED = 0          # suite.prompt_set seed of the held evaluation set
 CALIBRATION_SEED = 1000
 FLOOR = {"policy": "first_blocks", "threshold": 1e30, "warmup": 0, "final": 0, "max_reuse": -1}
+MOREG_PAIR = ("adacache", "adacache:moreg=false")
+
+
+def is_fast(prompt: str) -> bool:
+    """Diagonal motion: both axes move, 2.8 px/frame against 2 px/frame for the axis directions."""
+    dx, dy = DIRECTION_VEC[DIRECTIONS[parse_prompt(prompt).direction]]
+    return dx != 0 and dy != 0
+
+
+def psnr_at(trials: list[dict], saved: float) -> float | None:
+    """Mean PSNR at a fraction of body evaluations saved, interpolated between calibration trials."""
+    points = sorted((t["body_evals_saved"], t["psnr_mean"]) for t in trials)
+    for (s0, p0), (s1, p1) in zip(points, points[1:]):
+        if s0 <= saved <= s1:
+            return p0 if s1 == s0 else p0 + (p1 - p0) * (saved - s0) / (s1 - s0)
+    return None
 
 
 def parse_policy(text: str) -> tuple[str, str, dict]:
@@ -58,6 +81,17 @@ def parse_policy(text: str) -> tuple[str, str, dict]:
         key, _, value = item.partition("=")
         params[key.strip()] = parse_value(value)
     return text, name.strip(), params
+
+
+def split_policies(text: str) -> list[str]:
+    """`a:k=v,k=v,b,c:k=v` -> ['a:k=v,k=v', 'b', 'c:k=v']: an item with `=` and no `:` is a parameter of the policy before it."""
+    policies: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" in item and ":" not in item and policies:
+            policies[-1] += "," + item
+        else:
+            policies.append(item)
+    return policies
 
 
 def calibration_prompts(n: int, exclude: set[str]) -> list[str]:
@@ -79,6 +113,7 @@ class Generator:
         self.session = Session(path)
         self.encoder = self.session.prompt_encoder()
         self.evals: list[int] = []       # body evaluations per clip, summed over rows
+        self.prompts: list[str] = []     # the prompt of each entry of evals
         self.steps_with_body: list[int] = []
 
     def run(self, prompt: str, seed: int, trace: CacheTrace | None = None) -> torch.Tensor:
@@ -92,9 +127,16 @@ class Generator:
             x = self.run(p, int(s), trace)
             if trace.steps:
                 self.evals.append(sum(trace.body_evaluations()))
+                self.prompts.append(p)
                 self.steps_with_body.append(sum(any(st["computed"]) for st in trace.steps))
             outs.append(x if x.dim() == 5 else x.unsqueeze(0))
         return torch.cat(outs).float().clamp(-1, 1)
+
+    def evals_by_motion(self) -> dict[str, float]:
+        """Mean body evaluations per clip for fast- and slow-moving prompts."""
+        groups = {"fast": [e for e, p in zip(self.evals, self.prompts) if is_fast(p)],
+                  "slow": [e for e, p in zip(self.evals, self.prompts) if not is_fast(p)]}
+        return {k: round(statistics.mean(v), 2) for k, v in groups.items() if v}
 
     def saved(self) -> tuple[float, float]:
         if not self.evals:
@@ -121,7 +163,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: few prompts, short grid, 2 timing rounds")
     parser.add_argument("--model", help=f"teacher checkpoint (default {WEIGHTS.relative_to(ROOT)}, else {FALLBACK_WEIGHTS.relative_to(ROOT)})")
     parser.add_argument("--recipe", default=str(RECIPE))
-    parser.add_argument("--policies", default="static,static:max_reuse=-1,first_blocks,first_blocks:max_reuse=10")
+    parser.add_argument("--policies", default="static:max_reuse=-1,first_blocks:max_reuse=10,adacache,adacache:moreg=false,"
+                                              "teacache:max_reuse=10")
     parser.add_argument("--budget", type=float, default=30.0, help="mean PSNR (dB) budget for calibration")
     parser.add_argument("--calibration-prompts", type=int, default=6)
     parser.add_argument("--eval-prompts", type=int, default=16)
@@ -139,7 +182,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     eval_prompts, eval_seeds, _ = suite.prompt_set(args.eval_prompts, EVAL_SEED)
     cal_prompts = calibration_prompts(args.calibration_prompts, set(eval_prompts))
-    policies = [parse_policy(p) for p in args.policies.split(",") if p]
+    policies = [parse_policy(p) for p in split_policies(args.policies)]
     grid = {"threshold": (0.01, 0.04, 0.1, 0.2, 0.4, 1.0), "interval": (2, 3, 5, 8)} if args.quick else {}
 
     results: dict = {"rows": {}}
@@ -187,6 +230,7 @@ def main() -> None:
                 "seconds_median": round(statistics.median(times[name]), 4), "seconds": [round(t, 4) for t in times[name]],
                 "speedup": round(uncached_s / statistics.median(times[name]), 3),
                 "speedup_per_round_median": round(statistics.median(ratios), 3),
+                "body_evals_per_clip_by_motion": gen.evals_by_motion(),
                 "accuracy_all": e["accuracy"]["all"], "accuracy": e["accuracy"],
                 "fvd_ms_vs_real": e["fvd_ms"], "fvd_ms_floor": e["fvd_ms_floor"],
             }
@@ -198,6 +242,15 @@ def main() -> None:
                 row["calibration"] = {"psnr_db": round(cal.best.psnr, 3), "body_evals_saved": round(cal.best.saved, 4),
                                       "seconds": round(seconds, 1), "trials": [t.row(cal.knob) for t in cal.trials]}
             results["rows"][name] = row
+
+        if all(name in calibrated for name in MOREG_PAIR):
+            with_moreg, without = (results["rows"][name] for name in MOREG_PAIR)
+            level = without["calibration"]["body_evals_saved"]
+            results["moreg_ablation"] = {
+                "body_evals_per_clip_by_motion": {name: results["rows"][name]["body_evals_per_clip_by_motion"] for name in MOREG_PAIR},
+                "equal_speed_body_evals_saved": level,
+                "psnr_at_equal_speed": {name: psnr_at(results["rows"][name]["calibration"]["trials"], level) for name in MOREG_PAIR},
+            }
 
         # the best policy: the fastest whose held-out mean PSNR meets the budget
         policy_rows = {n: r for n, r in results["rows"].items() if n in calibrated}
@@ -248,6 +301,15 @@ def main() -> None:
               f"{100 * r['accuracy_all']:>7.1f}% {r['fvd_ms_vs_real']:>8.2f}")
     print(f"\nnon-body fraction of a step (floor / uncached): {results['non_body_fraction']:.3f} -> "
           f"no body cache can exceed {1 / results['non_body_fraction']:.2f}x here")
+    if "moreg_ablation" in results:
+        ablation = results["moreg_ablation"]
+        for name in MOREG_PAIR:
+            by_motion = ablation["body_evals_per_clip_by_motion"][name]
+            psnr = ablation["psnr_at_equal_speed"][name]
+            print(f"MoReg ablation, {name:<22}: body evaluations per clip fast {by_motion.get('fast', float('nan')):.1f} / "
+                  f"slow {by_motion.get('slow', float('nan')):.1f}; mean PSNR at "
+                  f"{100 * ablation['equal_speed_body_evals_saved']:.1f}% saved: "
+                  + (f"{psnr:.2f} dB" if psnr is not None else "outside its trials"))
     print(f"best: {best}; bar (>= 2.5x at PSNR >= {args.budget} dB, accuracy within 2 points): {'MET' if met else 'NOT met'}")
     print(f"wrote {args.json}, {args.trace_png}, {args.recipe_out}")
 
