@@ -177,7 +177,8 @@ def test_torchrun_two_processes_match_one(workdir, full_run, tmp_path):
     The two ranks each average the loss over half of every global batch and the gradients are
     averaged with an all-reduce; one process averages over the whole batch. The sums run in a
     different order (and batched GEMMs block differently at batch 2 vs 4), so the weights agree to
-    float32 rounding, not bit for bit.
+    float32 rounding, not bit for bit; attention key biases, whose true gradient is zero, only
+    move by rounding noise in either run.
     """
     out, _ = full_run
     two = tmp_path / "two"
@@ -188,5 +189,13 @@ def test_torchrun_two_processes_match_one(workdir, full_run, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load_file(str(out / "student.safetensors")), load_file(str(two / "student.safetensors"))
+    teacher = load_file(str(workdir / "teacher.safetensors"))
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+        if key.endswith("to_k.bias"):
+            # A key bias adds the same logit to every key of a query; softmax ignores that, so its gradient
+            # is zero in exact arithmetic and Adam turns the rounding noise (whose sign depends on the
+            # summation order) into steps. Both runs must leave it where the teacher had it.
+            for student in (a, b):
+                torch.testing.assert_close(student[key], teacher[key], atol=1e-4, rtol=0, msg=key)
+        else:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
