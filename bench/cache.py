@@ -244,8 +244,7 @@ def main() -> None:
             results["rows"][name] = row
 
         if all(name in calibrated for name in MOREG_PAIR):
-            with_moreg, without = (results["rows"][name] for name in MOREG_PAIR)
-            level = without["calibration"]["body_evals_saved"]
+            level = results["rows"][MOREG_PAIR[1]]["calibration"]["body_evals_saved"]
             results["moreg_ablation"] = {
                 "body_evals_per_clip_by_motion": {name: results["rows"][name]["body_evals_per_clip_by_motion"] for name in MOREG_PAIR},
                 "equal_speed_body_evals_saved": level,

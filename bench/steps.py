@@ -6,7 +6,7 @@ each in interleaved rounds, teacher first in every round, on the same prompt and
 same machine state. Prints network evaluations per clip, median seconds per clip and the ratio;
 writes JSON.
 
-    python bench/steps.py [--student-recipe recipes/reference_student.yaml]
+    python bench/steps.py --student-recipe out/student/recipe.yaml
         [--teacher vdopt/reference/weights/teacher.safetensors] [--backend onnx] [--rounds 10]
         [--json bench/results/steps.json]
 """
@@ -31,7 +31,6 @@ from vdopt.runtime import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_RECIPE = ROOT / "recipes" / "reference.yaml"
-STUDENT_RECIPE = ROOT / "recipes" / "reference_student.yaml"
 TEACHER_WEIGHTS = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
 
 
@@ -39,16 +38,21 @@ def with_backend(recipe: Recipe, backend: str) -> Recipe:
     return recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": backend})})
 
 
+def guided(recipe: Recipe) -> bool:
+    return recipe.sampler.guidance_scale != 1.0
+
+
 def evaluations_per_clip(recipe: Recipe) -> int:
     """Network evaluations (batch rows through the denoiser) of one clip: guidance doubles them."""
-    return recipe.sampler.steps * (2 if recipe.sampler.guidance_scale != 1.0 else 1)
+    return recipe.sampler.steps * (2 if guided(recipe) else 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(TEACHER_WEIGHTS), help="teacher checkpoint")
     parser.add_argument("--teacher-recipe", default=str(TEACHER_RECIPE))
-    parser.add_argument("--student-recipe", default=str(STUDENT_RECIPE), help="a recipe applying the student with reduce_steps")
+    parser.add_argument("--student-recipe", required=True,
+                        help="a recipe applying the student with reduce_steps (vdopt distill writes one: OUT/recipe.yaml)")
     parser.add_argument("--backend", default="onnx", help="one backend for both bundles (torch, aoti, onnx)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
@@ -76,7 +80,7 @@ def main() -> None:
         def generate(name: str, k: int) -> float:
             cond, uncond = encoders[name](prompts[k])
             start = time.perf_counter()
-            sessions[name].run(cond, uncond if recipes[name].sampler.guidance_scale != 1.0 else None,
+            sessions[name].run(cond, uncond if guided(recipes[name]) else None,
                                seed=int(seeds[k]), progress=False)
             return time.perf_counter() - start
 
