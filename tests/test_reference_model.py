@@ -137,7 +137,7 @@ def test_flow_matching_loss_target_convention():
     assert float(loss) == pytest.approx(float((1 / s.clamp_min(RM.SIGMA_MIN) ** 2).mean()), rel=1e-5)
 
 
-def test_reference_denoiser_turns_a_clean_clip_into_the_flow_velocity():
+def test_velocity_from_sample_is_the_flow_velocity_clamped_at_sigma_min():
     x0, noise = torch.randn(3, 3, 2, 8, 8), torch.randn(3, 3, 2, 8, 8)
     s = torch.tensor([1.0, 0.5, 0.01])
     x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise

@@ -179,7 +179,7 @@ def main(argv=None):
                                                           "loss_per_100": [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]}))
         if step < args.steps:
             print(f"stopped at the {args.minutes:g}-minute cap after {step} of {args.steps} steps; "
-                  f"run the same command again to continue")
+                  f"run it again with a larger --minutes to continue (the cap counts every resumed run)")
         print(f"wrote {out / 'teacher.safetensors'} after {step} steps, {elapsed / 60:.1f} min")
 
 
