@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -182,3 +184,25 @@ def test_moreg_motion_score_grows_with_frame_change():
     expected = ((3 * 2 * 15) / (3 * 4 * 15) / MOREG_NORM) ** MOREG_POWER
     torch.testing.assert_close(score[1], torch.tensor(expected))
     torch.testing.assert_close(policy.motion(still.flatten(1, 2), x), torch.zeros(2))
+
+
+def test_trace_records_the_moreg_motion_score_per_row(tmp_path):
+    from vdopt.runtime.trace import CacheTrace
+
+    data = {"model": {"family": "wan", "input": INPUTS["wan"]}, "sampler": {"steps": STEPS},
+            "passes": [{"name": "insert_cache", "params": {"policy": "adacache"}}], "lower": {"backend": "torch"}}
+    torch.manual_seed(0)
+    compile_bundle(parse_recipe(data), None, tmp_path / "c.vdopt")
+    session = Session(tmp_path / "c.vdopt")
+    trace = CacheTrace(session.manifest)
+    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(0))}
+    session.run(cond, seed=1, frames=3, height=8, width=8, progress=False, on_step=trace.on_step)
+    assert all(len(s["motion"]) == len(trace.rows) for s in trace.steps)
+    motion = torch.tensor([s["motion"] for s in trace.steps])
+    assert torch.isfinite(motion).all() and (motion > 0).any()
+    # the score changes only where the body was recomputed
+    computed = torch.tensor([s["computed"] for s in trace.steps], dtype=torch.bool)
+    assert ((motion[1:] != motion[:-1]) <= computed[1:]).all()
+    trace.write(tmp_path / "trace.json")
+    assert "motion" in json.loads((tmp_path / "trace.json").read_text())["steps"][0]
+    assert (tmp_path / "trace.png").stat().st_size > 0

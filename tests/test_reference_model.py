@@ -25,12 +25,13 @@ def tiny():
 def test_teacher_config_is_a_pixel_space_latte():
     from diffusers import LatteTransformer3DModel
 
-    assert TEACHER_CONFIG["in_channels"] == 3 and TEACHER_CONFIG["out_channels"] == 3
+    assert TEACHER_CONFIG["in_channels"] == 5 and TEACHER_CONFIG["out_channels"] == 3  # RGB + 2 layout channels
     assert TEACHER_CONFIG["sample_size"] == 32 and TEACHER_CONFIG["patch_size"] in (2, 4)
     assert TEACHER_CONFIG["video_length"] == 8
     t = build_teacher()
     assert isinstance(t, LatteTransformer3DModel)
     assert len(t.transformer_blocks) == len(t.temporal_transformer_blocks) == TEACHER_CONFIG["num_layers"]
+    assert any(k.startswith("prompt_layout.") for k in t.state_dict())
     n = sum(p.numel() for p in t.parameters())
     assert 4 * n < 20e6  # fp32 weights under 20 MB
 
@@ -39,9 +40,28 @@ def test_forward_shape_and_channels(tiny):
     t, c = tiny
     x = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
-        out = t(hidden_states=x, timestep=torch.tensor([10.0, 900.0]), encoder_hidden_states=c.encode(["red circle moving up", "blue square moving left"]), return_dict=False)[0]
+        out = RM.ReferenceDenoiser(t)(x, torch.tensor([10.0, 900.0]), c.encode(["red circle moving up", "blue square moving left"]))
     assert out.shape == (2, 3, 8, 32, 32)
     assert torch.isfinite(out).all()
+
+
+def test_prompt_layout_is_a_coarse_per_frame_map_of_the_prompt(tiny):
+    t, c = tiny
+    with torch.no_grad():
+        maps = t.prompt_layout(torch.cat([c.encode(["red circle moving up", "red circle moving down"]), c.null(1)]), (8, 32, 32))
+    assert maps.shape == (3, 2, 8, 32, 32)
+    grid = maps[:, :, :, ::4, ::4]  # an 8 x 8 lattice per frame, each cell 4 x 4 pixels
+    torch.testing.assert_close(maps, grid.repeat_interleave(4, -2).repeat_interleave(4, -1), rtol=0, atol=0)
+    assert not torch.allclose(maps[0], maps[1]) and not torch.allclose(maps[0], maps[2])
+    assert not torch.allclose(maps[0, :, 0], maps[0, :, 7])  # one map per frame
+
+
+def test_a_config_without_extra_input_channels_has_no_layout():
+    from vdopt.families.reference import REFERENCE
+
+    plain = build_teacher(dict(TINY, in_channels=3))
+    assert not hasattr(plain, "prompt_layout")
+    assert REFERENCE.in_channels(TEACHER_CONFIG) == 3 and hasattr(REFERENCE.build(TINY), "prompt_layout")
 
 
 def test_conditioner_tokens_and_null():
@@ -93,8 +113,11 @@ def test_sample_matches_a_hand_written_euler_cfg_loop(tiny):
         for i in range(steps):
             ts = torch.full((2,), float(sig[i]) * 1000)
             divisor = max(float(sig[i]), RM.SIGMA_MIN)
-            x0_u = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.null(2), return_dict=False)[0]
-            x0_c = t(hidden_states=x, timestep=ts, encoder_hidden_states=c.encode(prompts), return_dict=False)[0]
+            x0_u, x0_c = (
+                t(hidden_states=torch.cat([x, t.prompt_layout(ctx, (8, 32, 32))], 1), timestep=ts, encoder_hidden_states=ctx,
+                  return_dict=False)[0]
+                for ctx in (c.null(2), c.encode(prompts))
+            )
             u, cc = (x - x0_u) / divisor, (x - x0_c) / divisor
             x = x + (sig[i + 1] - sig[i]) * (u + g * (cc - u))
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
@@ -154,6 +177,31 @@ def test_shipped_teacher_loads_and_is_small():
     with torch.no_grad():
         out = sample(t, c, ["blue square moving right"], seed=0, steps=2)
     assert out.shape == (1, 3, 8, 32, 32)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / RM.WEIGHTS_FILE).exists(), reason="teacher weights not shipped yet")
+def test_shipped_teacher_moves_its_clean_estimate_along_the_prompt_direction():
+    """At pure noise the teacher's clean-clip estimate is the mean clip of the prompt: its mass must
+    travel the prompt's way (the first teacher's was the same clip for every direction)."""
+    from vdopt.data.moving_shapes import BACKGROUND_LEVEL, DIRECTION_VEC, DIRECTIONS, prompt_of
+
+    t, c = load_reference()
+    cosines = []
+    for d, name in enumerate(DIRECTIONS):
+        prompts = [prompt_of((k % 3, k % 4, d)) for k in range(4)]
+        x = initial_noise(4, 100 + d)
+        with torch.no_grad():
+            x0 = x - RM.ReferenceDenoiser(t)(x, torch.full((4,), 1000.0), c.encode(prompts))
+        mass = (x0 - BACKGROUND_LEVEL).abs().mean(1)  # [B, F, H, W]
+        mass = (mass - mass.mean((2, 3), keepdim=True)).clamp(min=0)
+        yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        total = mass.sum((2, 3))
+        centre = torch.stack([(mass * xx).sum((2, 3)) / total, (mass * yy).sum((2, 3)) / total], -1)  # [B, F, 2]
+        frames = torch.arange(8.0) - 3.5
+        velocity = (centre * frames[:, None]).sum(1) / frames.pow(2).sum()
+        want = torch.tensor(DIRECTION_VEC[name], dtype=torch.float32)
+        cosines.append(torch.nn.functional.cosine_similarity(velocity, want.expand_as(velocity), dim=1))
+    assert float(torch.cat(cosines).mean()) > 0.8
 
 
 def test_compiled_teacher_bundle_generates_what_the_reference_loop_does(tiny, tmp_path):

@@ -251,7 +251,7 @@ def teacher_generate_fn(transformer=None, conditioner=None, steps: int = 50, gui
     cfg = transformer.config
 
     def fn(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        noise = torch.cat([initial_noise(1, sd, cfg.video_length, cfg.sample_size, cfg.sample_size, cfg.in_channels) for sd in seeds])
+        noise = torch.cat([initial_noise(1, sd, cfg.video_length, cfg.sample_size, cfg.sample_size, cfg.out_channels) for sd in seeds])
         return sample(transformer, conditioner, prompts, seed=seeds[0], steps=steps, guidance_scale=g, shift=s, noise=noise)
 
     return fn

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from vdopt.families.base import CondInput, register
 from vdopt.families.latte import LATTE, LatteDescriptor
-from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner, ReferenceDenoiser
+from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner, ReferenceDenoiser, build_teacher
 
 TRANSFORMER_PREFIX = "transformer."
 CONDITIONER_PREFIX = "conditioner."
@@ -31,6 +31,13 @@ def checkpoint_file(model_path: str | Path) -> Path:
 
 
 class ReferenceDescriptor(LatteDescriptor):
+    def build(self, config: dict) -> torch.nn.Module:
+        return build_teacher(config)
+
+    def in_channels(self, config: dict) -> int:
+        """The clip's channels: the transformer's extra input channels are its prompt layout."""
+        return int(config.get("out_channels") or config["in_channels"])
+
     def adapter(self, model: torch.nn.Module) -> torch.nn.Module:
         return ReferenceDenoiser(model)
 

@@ -7,6 +7,18 @@ one learned embedding per attribute word, plus a learned position per slot, givi
 token sequence ``[B, L, D]`` that is fed as ``encoder_hidden_states``. A learned null
 sequence is the unconditional branch (classifier-free guidance).
 
+Prompt layout channels: Latte conditions only its spatial blocks on the prompt (cross-attention,
+the same for every frame) and tells frames apart only by a sin-cos code added before the first
+temporal block, so "up" versus "down" must be composed from the direction token and the frame
+index deep in the residual stream. A first teacher without help learned shape and colour but not
+direction (23.8 % after 8 518 steps: its clean-clip estimate at pure noise was the same clip for
+every direction). :class:`PromptLayout` maps the prompt tokens to a coarse per-frame map
+(``LAYOUT_CHANNELS x F x 8 x 8``, upsampled) that is concatenated to the noisy clip as extra
+input channels, the way image-to-video models concatenate their conditioning image: the
+transformer's ``in_channels`` is 3 + 2 layout channels, its ``out_channels`` 3. The layout
+network is a submodule of the transformer (``prompt_layout.*``), so it travels with the
+transformer's weights through capture, distillation and export.
+
 Objective: rectified flow, diffusers ``FlowMatchEulerDiscreteScheduler`` convention:
 ``x_s = (1 - s) * x0 + s * noise``, velocity ``v = noise - x0``, timestep given to the
 model ``= s * 1000``. The transformer predicts the *clean clip* ``x0`` and
@@ -46,7 +58,7 @@ CONFIG_FILE = "config.json"
 TEACHER_CONFIG: dict = {
     "num_attention_heads": 2,
     "attention_head_dim": 32,
-    "in_channels": 3,
+    "in_channels": 5,  # 3 RGB + 2 prompt-layout channels
     "out_channels": 3,
     "num_layers": 4,
     "dropout": 0.0,
@@ -64,6 +76,7 @@ TEACHER_CONFIG: dict = {
 }
 
 CONDITIONER_CONFIG: dict = {"dim": 64, "tokens": 3}
+LAYOUT_GRID = 8
 
 # Sampling defaults (see MODEL_CARD.md for how they were chosen)
 DEFAULT_GUIDANCE = 3.0
@@ -73,14 +86,36 @@ DEFAULT_SHIFT = 1.0
 SIGMA_MIN = 0.05
 
 
+class PromptLayout(nn.Module):
+    """Prompt tokens ``[B, L, D]`` -> a per-frame layout map ``[B, C, F, H, W]`` (learned on an
+    ``F x grid x grid`` lattice, nearest-upsampled to the clip's size)."""
+
+    def __init__(self, dim: int, tokens: int, frames: int, channels: int, grid: int = LAYOUT_GRID):
+        super().__init__()
+        self.channels, self.frames, self.grid = channels, frames, grid
+        self.net = nn.Sequential(nn.Linear(tokens * dim, dim), nn.GELU(), nn.Linear(dim, channels * frames * grid * grid))
+
+    def forward(self, tokens: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        grid = self.net(tokens.flatten(1)).view(-1, self.channels, self.frames, self.grid, self.grid)
+        return nn.functional.interpolate(grid, size=size, mode="nearest")
+
+
+def layout_channels(config: dict) -> int:
+    return int(config["in_channels"]) - int(config.get("out_channels") or config["in_channels"])
+
+
 def build_teacher(config: dict | None = None):
-    """A freshly initialised teacher transformer from a config dict."""
+    """A freshly initialised teacher transformer from a config dict (with its ``prompt_layout``
+    submodule when ``in_channels`` exceeds ``out_channels``)."""
     from diffusers import LatteTransformer3DModel
 
     cfg = dict(TEACHER_CONFIG if config is None else config)
     model = LatteTransformer3DModel(**cfg)
     if model.out_channels != cfg.get("out_channels", cfg["in_channels"]):
         raise RuntimeError("LatteTransformer3DModel did not honour out_channels")
+    if layout_channels(cfg) > 0:
+        model.prompt_layout = PromptLayout(cfg["caption_channels"], CONDITIONER_CONFIG["tokens"], cfg["video_length"],
+                                           layout_channels(cfg))
     return model
 
 
@@ -92,7 +127,11 @@ class ReferenceDenoiser(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        x0 = self.model(hidden_states=x, timestep=t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        x_in = x
+        if hasattr(self.model, "prompt_layout"):
+            layout = self.model.prompt_layout(encoder_hidden_states, tuple(x.shape[2:]))
+            x_in = torch.cat([x, layout.to(x.dtype)], dim=1)
+        x0 = self.model(hidden_states=x_in, timestep=t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return velocity_from_sample(x, x0.to(x.dtype), t)
 
 

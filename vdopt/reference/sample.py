@@ -50,7 +50,7 @@ def sample(
     dtype = next(transformer.parameters()).dtype
     B = len(prompts)
     if noise is None:
-        noise = initial_noise(B, seed, cfg.video_length, cfg.sample_size, cfg.sample_size, cfg.in_channels)
+        noise = initial_noise(B, seed, cfg.video_length, cfg.sample_size, cfg.sample_size, cfg.out_channels)
     x = noise.to(device=device, dtype=torch.float32)
     cond = conditioner.encode(prompts).to(device=device, dtype=dtype)
     uncond = conditioner.null(B).to(device=device, dtype=dtype)

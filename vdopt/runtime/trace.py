@@ -1,4 +1,8 @@
-"""`vdopt run --trace`: what the cache decided, per step and per (sample, guidance branch) row."""
+"""`vdopt run --trace`: what the cache decided, per step and per (sample, guidance branch) row.
+
+Each step records the probe distance the policy compared, whether the body was recomputed and,
+for `adacache` with MoReg, the motion score (the state keeps the score of the last recomputed step).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ class CacheTrace:
         computed = values["state.computed"].cpu()
         before = self._computed if self._computed is not None else torch.zeros_like(computed)
         self._computed = computed
-        self.steps.append({"step": i, "computed": (computed - before).tolist(),
-                           "distance": values["state.distance"].cpu().tolist()})
+        record = {"step": i, "computed": (computed - before).tolist(), "distance": values["state.distance"].cpu().tolist()}
+        if "state.motion" in values:
+            record["motion"] = values["state.motion"].cpu().tolist()
+        self.steps.append(record)
 
     def body_evaluations(self) -> list[int]:
         return self._computed.tolist() if self._computed is not None else []
@@ -57,7 +63,13 @@ class CacheTrace:
         ax.set_xlabel("step (dots: body recomputed)")
         ax.set_ylabel("probe distance")
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        if self.steps and "motion" in self.steps[0]:
+            motion_ax = ax.twinx()
+            for r, row in enumerate(self.rows):
+                motion_ax.plot(steps, [s["motion"][r] for s in self.steps], linestyle="--", linewidth=1, label=f"{row} motion")
+            motion_ax.set_ylabel("MoReg motion score (dashed)")
+            motion_ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
