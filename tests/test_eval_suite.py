@@ -118,3 +118,20 @@ def test_cli_eval_teacher_end_to_end(tmp_path, capsys):
     assert 0 < v["psnr_db"] < 100 and -1 <= v["ssim"] < 1  # 1-step differs from 3-step
     assert "FVD-MS" in capsys.readouterr().out
     assert len(list((tmp_path / "c").iterdir())) == 2  # one batch per generator
+
+
+def test_cached_teacher_clips_are_keyed_by_the_weights(tmp_path, monkeypatch):
+    """A retrained teacher must not reuse the clips its predecessor left in --cache."""
+    from vdopt.eval.cli import _generator
+    from vdopt.reference import model as RM
+
+    tiny = dict(RM.TEACHER_CONFIG, num_layers=1, num_attention_heads=1, attention_head_dim=16, cross_attention_dim=16,
+                caption_channels=8)
+    labels = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        RM.save_reference(RM.build_teacher(tiny), RM.PromptConditioner(dim=8), tmp_path / str(seed))
+        monkeypatch.setattr(RM, "WEIGHTS_DIR", tmp_path / str(seed))
+        _, label, cache_label = _generator("teacher", 50, None, "cpu")
+        labels.append((label, cache_label))
+    assert labels[0][0] == labels[1][0] and labels[0][1] != labels[1][1]

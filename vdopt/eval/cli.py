@@ -71,17 +71,24 @@ def cached(fn, label: str, cache_dir: str | Path | None):
     return wrapped
 
 
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
 def _generator(name: str | None, steps: int, guidance: float | None, device: str):
-    """(generate_fn, label) for a bundle path or the teacher."""
+    """(generate_fn, label, cache label) for a bundle path or the teacher. The cache label names the
+    weights (or the bundle's manifest) by content, so retrained weights never reuse stale clips."""
     if name in (None, TEACHER):
-        from vdopt.reference.model import load_reference
+        from vdopt.reference.model import DEFAULT_GUIDANCE, WEIGHTS_DIR, WEIGHTS_FILE, load_reference
 
         t, c = load_reference(device=device)
-        from vdopt.reference.model import DEFAULT_GUIDANCE
-
         g = DEFAULT_GUIDANCE if guidance is None else guidance
-        return suite.teacher_generate_fn(t, c, steps=steps, guidance_scale=g), f"teacher@{steps}steps,g={g:g}"
-    return generate_from_bundle(name, device=device), Path(name).name
+        label = f"teacher@{steps}steps,g={g:g}"
+        return suite.teacher_generate_fn(t, c, steps=steps, guidance_scale=g), label, f"{label}#{file_digest(WEIGHTS_DIR / WEIGHTS_FILE)}"
+    generate = generate_from_bundle(name, device=device)
+    return generate, Path(name).name, f"{Path(name).name}#{file_digest(Path(name) / 'manifest.json')}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,15 +113,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     n = args.prompts or (suite.QUICK_N if args.quick else suite.FULL_N)
     main_steps = args.naive_steps or args.steps
-    gen, label = _generator(args.bundle, main_steps, args.guidance, args.device)
-    gen = cached(gen, label, args.cache)
+    gen, label, cache_label = _generator(args.bundle, main_steps, args.guidance, args.device)
+    gen = cached(gen, cache_label, args.cache)
     ref_fn, ref_label = None, "real"
     against = args.against
     if against is None and (args.bundle not in (None, TEACHER) or args.naive_steps):
         against = TEACHER
     if against is not None:
-        ref_fn, ref_label = _generator(against, args.steps, args.guidance, args.device)
-        ref_fn = cached(ref_fn, ref_label, args.cache)
+        ref_fn, ref_label, ref_cache_label = _generator(against, args.steps, args.guidance, args.device)
+        ref_fn = cached(ref_fn, ref_cache_label, args.cache)
     result = suite.evaluate(gen, n, args.seed, reference_fn=ref_fn, batch=args.batch, json_path=args.json_path,
                             sheet_path=args.sheet_path, label=label, reference_label=ref_label)
     print(f"vdopt eval: {label}" + (f" against {ref_label}" if ref_fn else "") + f", {n} clips")
