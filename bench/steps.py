@@ -8,7 +8,10 @@ writes JSON.
 
     python bench/steps.py --student-recipe out/student/recipe.yaml
         [--teacher vdopt/reference/weights/teacher.safetensors] [--backend onnx] [--rounds 10]
-        [--json bench/results/steps.json]
+        [--batch 1] [--json bench/results/steps.json]
+
+`--batch N` compiles both bundles for N clips per generation (N different prompts) and reports
+seconds per clip (a generation's time / N): throughput, where fixed per-call costs weigh less.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def with_backend(recipe: Recipe, backend: str) -> Recipe:
     return recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": backend})})
 
 
+def with_batch(recipe: Recipe, batch: int) -> Recipe:
+    model = recipe.model.model_copy(update={"input": recipe.model.input.model_copy(update={"batch": batch})})
+    return recipe.model_copy(update={"model": model})
+
+
 def guided(recipe: Recipe) -> bool:
     return recipe.sampler.guidance_scale != 1.0
 
@@ -57,14 +65,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=1, help="clips per generation (different prompts)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "steps.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    recipes = {"teacher": with_backend(load_recipe(args.teacher_recipe), args.backend),
-               "student": with_backend(load_recipe(args.student_recipe), args.backend)}
-    prompts, seeds, _ = suite.prompt_set(max(args.rounds, 1), seed=0)
+    recipes = {"teacher": with_batch(with_backend(load_recipe(args.teacher_recipe), args.backend), args.batch),
+               "student": with_batch(with_backend(load_recipe(args.student_recipe), args.backend), args.batch)}
+    prompts, seeds, _ = suite.prompt_set(max(args.rounds, 1) * args.batch, seed=0)
     samples: dict[str, list[float]] = {name: [] for name in recipes}
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-steps-") as tmp:
         sessions = {}
@@ -78,14 +87,15 @@ def main() -> None:
         encoders = {name: session.prompt_encoder() for name, session in sessions.items()}
 
         def generate(name: str, k: int) -> float:
-            cond, uncond = encoders[name](prompts[k])
+            """Seconds per clip of one generation of prompts k * batch ... (k + 1) * batch - 1."""
+            cond, uncond = encoders[name](" | ".join(prompts[k * args.batch:(k + 1) * args.batch]))
             start = time.perf_counter()
             sessions[name].run(cond, uncond if guided(recipes[name]) else None,
                                seed=int(seeds[k]), progress=False)
-            return time.perf_counter() - start
+            return (time.perf_counter() - start) / args.batch
 
         for r in range(args.warmup + args.rounds):
-            k = r % len(prompts)
+            k = r % max(args.rounds, 1)
             for name in recipes:  # teacher first in every round
                 seconds = generate(name, k)
                 if r >= args.warmup:
@@ -99,10 +109,10 @@ def main() -> None:
                    "seconds": [round(t, 4) for t in samples[name]]} for name in recipes}
     result = {"backend": args.backend, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
-              "rounds": args.rounds, "rows": rows, "speedup": round(teacher_s / student_s, 3),
+              "rounds": args.rounds, "batch": args.batch, "rows": rows, "speedup": round(teacher_s / student_s, 3),
               "speedup_per_round_median": round(statistics.median(per_round), 3),
               "evaluation_ratio": evaluations_per_clip(recipes["teacher"]) / evaluations_per_clip(recipes["student"])}
-    print(f"\nwhole generation of one 8x32x32 clip, {args.backend}, median of {args.rounds} interleaved rounds")
+    print(f"\nwhole generation of {args.batch} 8x32x32 clip(s), per clip, {args.backend}, median of {args.rounds} interleaved rounds")
     print(f"{'program':<8} {'steps':>5} {'guidance':>8} {'evals/clip':>10} {'s/clip':>8}")
     for name, row in rows.items():
         print(f"{name:<8} {row['steps']:>5} {row['guidance_scale']:>8g} {row['evaluations_per_clip']:>10} {row['seconds_median']:>8.3f}")
