@@ -6,8 +6,8 @@ each in interleaved rounds, teacher first in every round, on the same prompt and
 same machine state. Prints network evaluations per clip, median seconds per clip and the ratio;
 writes JSON.
 
-    python bench/steps.py --student-recipe out/student/recipe.yaml
-        [--teacher vdopt/reference/weights/teacher.safetensors] [--backend onnx] [--rounds 10]
+    python bench/steps.py [--student-recipe recipes/student_reference.yaml]
+        [--teacher vdopt/reference/weights/teacher.safetensors] [--backend aoti] [--rounds 10]
         [--batch 1] [--json bench/results/steps.json]
 
 `--batch N` compiles both bundles for N clips per generation (N different prompts) and reports
@@ -59,9 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(TEACHER_WEIGHTS), help="teacher checkpoint")
     parser.add_argument("--teacher-recipe", default=str(TEACHER_RECIPE))
-    parser.add_argument("--student-recipe", required=True,
-                        help="a recipe applying the student with reduce_steps (vdopt distill writes one: OUT/recipe.yaml)")
-    parser.add_argument("--backend", default="onnx", help="one backend for both bundles (torch, aoti, onnx)")
+    parser.add_argument("--student-recipe", default=str(ROOT / "recipes" / "student_reference.yaml"),
+                        help="a recipe applying a student with reduce_steps (default: the shipped one; vdopt distill writes OUT/recipe.yaml)")
+    parser.add_argument("--backend", default="aoti", help="one backend for both bundles (torch, aoti, onnx; default aoti, the recipes' own)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -103,13 +103,10 @@ def test_training_logs_both_losses_and_exports_a_student(workdir, full_run):
     assert max((student[k] - teacher[k]).abs().max().item() for k in teacher if k.startswith("transformer.")) > 0
 
 
-def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run, monkeypatch):
-    """The student recipe compiles (reduce_steps registered by monkeypatch until passes/__init__ lists it)."""
-    import vdopt.passes
+def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     from vdopt.compiler import compile_program
     from vdopt.recipe import load_recipe
 
-    monkeypatch.setattr(vdopt.passes, "OPTIMIZATION_PASSES", (*vdopt.passes.OPTIMIZATION_PASSES, "reduce_steps"))
     out, _ = full_run
     program = compile_program(load_recipe(out / "recipe.yaml"), workdir / "teacher.safetensors")
     assert program.num_steps == 2 and not program.guidance
@@ -199,3 +196,41 @@ def test_torchrun_two_processes_match_one(workdir, full_run, tmp_path):
                 torch.testing.assert_close(student[key], teacher[key], atol=1e-4, rtol=0, msg=key)
         else:
             torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+SHIPPED = Path(__file__).parents[1] / "vdopt" / "reference" / "weights"
+
+
+@pytest.mark.skipif(not (SHIPPED / "student.safetensors").exists(), reason="no distilled student shipped")
+def test_shipped_student_recipe_runs_its_weights_for_four_unguided_steps(tmp_path, monkeypatch):
+    """recipes/student_reference.yaml compiles the shipped student over the shipped teacher; the bundle
+    must be the plain Euler loop of the student's weights at its own sigmas, cond branch only."""
+    from vdopt.compiler import compile_bundle
+    from vdopt.recipe import load_recipe
+    from vdopt.reference.model import PromptConditioner, ReferenceDenoiser, build_teacher
+    from vdopt.runtime import Session
+
+    monkeypatch.chdir(Path(__file__).parents[1])  # the recipe's weights path is relative to the repository root
+    recipe = load_recipe("recipes/student_reference.yaml")
+    recipe = recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": "torch"})})
+    assert recipe.sampler.steps == 4 and recipe.sampler.guidance_scale == 1.0
+    compile_bundle(recipe, SHIPPED / "teacher.safetensors", tmp_path / "student.vdopt")
+    session = Session(tmp_path / "student.vdopt")
+    cond, _ = session.prompt_encoder()("green triangle moving up-right")
+    got = session.run(cond, None, seed=3, progress=False)
+
+    with safe_open(str(SHIPPED / "student.safetensors"), "pt") as f:
+        schedule = json.loads(f.metadata()["vdopt_schedule"])
+    state = load_file(str(SHIPPED / "student.safetensors"))
+    config = json.loads((SHIPPED / "config.json").read_text())
+    model = build_teacher(config["transformer"])
+    model.load_state_dict({k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")})
+    conditioner = PromptConditioner(**config["conditioner"])
+    conditioner.load_state_dict({k.removeprefix("conditioner."): v for k, v in state.items() if k.startswith("conditioner.")})
+    sigmas = [*schedule["sigmas"][:4], 0.0]
+    x = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tokens = conditioner.encode(["green triangle moving up-right"])
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s_next - s) * ReferenceDenoiser(model.eval())(x, torch.tensor([s * 1000.0]), tokens)
+    torch.testing.assert_close(got, x, atol=1e-4, rtol=1e-4)
