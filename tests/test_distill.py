@@ -127,6 +127,16 @@ def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_ema_warm_up_forgets_the_teacher_it_starts_from():
+    from vdopt.distill.train import ema_decay_at
+
+    decays = [ema_decay_at(n, 0.999) for n in range(2000)]
+    assert decays[0] == pytest.approx(0.1) and decays == sorted(decays) and max(decays) <= 0.999
+    assert ema_decay_at(20_000, 0.999) == 0.999
+    teacher_share = torch.tensor(decays, dtype=torch.float64).prod().item()  # weight of the initial value after 2000 updates
+    assert teacher_share < 1e-20 < 0.999 ** 2000
+
+
 def test_kill_and_resume_gives_the_uninterrupted_weights(workdir, full_run):
     out, _ = full_run
     resumed = workdir / "resumed"

@@ -37,7 +37,7 @@ class DistillSection(Strict):
     adv_start: int = Field(0, ge=0, description="Iteration at which the adversarial loss starts (trajectory loss only before).")
     disc_blocks: int | list[int] = Field(3, description="How many teacher blocks (evenly spaced) feed discriminator heads, or their indices.")
     head_dim: int = Field(64, ge=4)
-    ema_decay: float = Field(0.999, ge=0, le=1)
+    ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay, reached after a warm-up: min(ema_decay, (1 + n) / (10 + n)) after iteration n.")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0

@@ -19,7 +19,11 @@ the stored latent x_k at sigma_k, its target x_{k+1} at sigma_{k+1}, and sample 
   `mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))`; the student minimises `-mean(D(fake))`
   (gradients reach it through the frozen teacher). Total student loss
   `L_traj + adv_weight * L_adv` from iteration `adv_start` on.
-* **EMA** of the student's weights (`ema_decay`), which is what is exported.
+* **EMA** of the student's weights, which is what is exported, with diffusers' `EMAModel` warm-up:
+  the decay after iteration n is `min(ema_decay, (1 + n) / (10 + n))`. Without it the average
+  starts at the teacher and, after the reference run's 2 000 iterations at 0.999, still holds
+  0.999^2000 = 13.5 % of the teacher's weights: that student scored 93.4 % shape accuracy against
+  96.1 % for its raw weights.
 
 Data order. Iteration n trains on the transitions `randperm(items, Generator(seed, n))[:batch]`
 (with replacement when the batch exceeds the data), a pure function of n: a resumed run, or a run on
@@ -133,6 +137,10 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 # ----- training ---------------------------------------------------------------------------------
 
+def ema_decay_at(iteration: int, decay: float) -> float:
+    return min(decay, (1 + iteration) / (10 + iteration))
+
+
 def batch_indices(iteration: int, items: int, batch: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 7_919 + iteration)
     if batch <= items:
@@ -234,7 +242,7 @@ class Trainer:
             self.disc_opt.step()
             record["d"] = d_loss.item()
         with torch.no_grad():
-            decay = self.distill.ema_decay
+            decay = ema_decay_at(self.iteration, self.distill.ema_decay)
             for k, v in self.model.state_dict().items():
                 if v.is_floating_point():
                     self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
