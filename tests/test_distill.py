@@ -217,7 +217,7 @@ def test_shipped_student_recipe_runs_its_weights_for_four_unguided_steps(tmp_pat
     must be the plain Euler loop of the student's weights at its own sigmas, cond branch only."""
     from vdopt.compiler import compile_bundle
     from vdopt.recipe import load_recipe
-    from vdopt.reference.model import PromptConditioner, ReferenceDenoiser, build_teacher
+    from vdopt.reference.model import ReferenceDenoiser, load_reference
     from vdopt.runtime import Session
 
     monkeypatch.chdir(Path(__file__).parents[1])  # the recipe's weights path is relative to the repository root
@@ -231,16 +231,11 @@ def test_shipped_student_recipe_runs_its_weights_for_four_unguided_steps(tmp_pat
 
     with safe_open(str(SHIPPED / "student.safetensors"), "pt") as f:
         schedule = json.loads(f.metadata()["vdopt_schedule"])
-    state = load_file(str(SHIPPED / "student.safetensors"))
-    config = json.loads((SHIPPED / "config.json").read_text())
-    model = build_teacher(config["transformer"])
-    model.load_state_dict({k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")})
-    conditioner = PromptConditioner(**config["conditioner"])
-    conditioner.load_state_dict({k.removeprefix("conditioner."): v for k, v in state.items() if k.startswith("conditioner.")})
+    model, conditioner = load_reference(SHIPPED, weights_file="student.safetensors")
     sigmas = [*schedule["sigmas"][:4], 0.0]
     x = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         tokens = conditioner.encode(["green triangle moving up-right"])
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            x = x + (s_next - s) * ReferenceDenoiser(model.eval())(x, torch.tensor([s * 1000.0]), tokens)
+            x = x + (s_next - s) * ReferenceDenoiser(model)(x, torch.tensor([s * 1000.0]), tokens)
     torch.testing.assert_close(got, x, atol=1e-4, rtol=1e-4)

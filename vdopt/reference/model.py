@@ -207,15 +207,17 @@ def save_reference(transformer, conditioner: PromptConditioner, out_dir: str | o
     return out / WEIGHTS_FILE
 
 
-def load_reference(weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """Load the shipped (or a given) teacher: returns ``(transformer, conditioner)`` in eval mode."""
+def load_reference(weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   weights_file: str = WEIGHTS_FILE):
+    """Load the shipped (or a given) teacher, or another file of its layout such as the distilled
+    ``student.safetensors``: returns ``(transformer, conditioner)`` in eval mode."""
     from safetensors.torch import load_file
 
     d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    wf, cf = d / WEIGHTS_FILE, d / CONFIG_FILE
+    wf, cf = d / weights_file, d / CONFIG_FILE
     if not wf.exists() or not cf.exists():
         raise FileNotFoundError(
-            f"no reference teacher in {d} (need {WEIGHTS_FILE} and {CONFIG_FILE}); "
+            f"no reference model in {d} (need {weights_file} and {CONFIG_FILE}); "
             f"train one with `python -m vdopt.reference.train --out {d}`"
         )
     cfg = json.loads(cf.read_text())
