@@ -53,7 +53,7 @@ class CacheTrace:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        fig, ax = plt.subplots(figsize=(8, 3.8))
         steps = [s["step"] for s in self.steps]
         for r, row in enumerate(self.rows):
             distance = [s["distance"][r] for s in self.steps]
@@ -63,13 +63,19 @@ class CacheTrace:
         ax.set_xlabel("step (dots: body recomputed)")
         ax.set_ylabel("probe distance")
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7, loc="upper left")
+        # the first step compares against an empty probe: its distance is huge and says nothing
+        later = [d for s in self.steps[1:] for d in s["distance"]]
+        if later and max(later) > 0:
+            ax.set_ylim(top=2 * max(later))
+        handles, labels = ax.get_legend_handles_labels()
         if self.steps and "motion" in self.steps[0]:
             motion_ax = ax.twinx()
             for r, row in enumerate(self.rows):
                 motion_ax.plot(steps, [s["motion"][r] for s in self.steps], linestyle="--", linewidth=1, label=f"{row} motion")
             motion_ax.set_ylabel("MoReg motion score (dashed)")
-            motion_ax.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
+            more = motion_ax.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        fig.legend(handles, labels, fontsize=7, loc="upper center", ncol=4, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
         fig.savefig(path, dpi=110)
         plt.close(fig)
