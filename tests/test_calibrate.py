@@ -83,7 +83,8 @@ TINY_WAN = {"model": {"family": "wan", "input": {"frames": 3, "height": 8, "widt
             "sampler": {"steps": 6}, "lower": {"backend": "torch"}}
 
 
-def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path):
+def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     source = tmp_path / "wan.yaml"
     source.write_text(yaml.safe_dump(TINY_WAN))
     torch.manual_seed(0)  # random weights, drawn at capture
@@ -95,6 +96,8 @@ def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path):
     assert result.params == {"policy": "first_blocks", "max_reuse": 3, "threshold": 0.1}
     assert "threshold" in result.table() and "<- chosen" in result.table()
 
+    header = (tmp_path / "cal.yaml").read_text().splitlines()[0]
+    assert header.startswith("# Calibrated by `vdopt calibrate` from wan.yaml:")  # relative to the working directory
     recipe = load_recipe(tmp_path / "cal.yaml")
     assert [(p.name, p.params) for p in recipe.passes] == [("insert_cache", result.params)]
     assert recipe.verify.psnr_min == 40.0 and recipe.model.family == "wan"

@@ -371,8 +371,11 @@ def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, resu
     data["verify"] = {**(data["verify"] or {}), "psnr_min": float(result.budget_psnr)}
     parse_recipe(data, str(out))  # never write a recipe that does not validate
     best = result.best
+    source = Path(recipe_path).resolve()
+    if source.is_relative_to(Path.cwd()):
+        source = source.relative_to(Path.cwd())  # a header that does not leak the machine's directories
     header = [
-        f"# Calibrated by `vdopt calibrate` from {recipe_path}: policy {result.policy}, {result.knob.param}={result.knob.fmt(best.value)}",
+        f"# Calibrated by `vdopt calibrate` from {source}: policy {result.policy}, {result.knob.param}={result.knob.fmt(best.value)}",
         f"# on {len(result.prompts)} calibration prompt(s): {100 * best.saved:.1f}% body evaluations saved "
         f"({100 * best.step_saved:.1f}% of steps ran no body), mean PSNR {best.psnr:.2f} dB vs uncached "
         f"(budget {result.budget_psnr:g} dB).",
