@@ -30,6 +30,7 @@ from vdopt.distill.common import load_teacher, schedule_for
 from vdopt.distill.config import load_distill_recipe
 from vdopt.distill.train import Trainer
 from vdopt.distill.trajectories import load_trajectories
+from vdopt.sampler import flow_euler_update
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 32
@@ -38,7 +39,7 @@ CHUNK = 32
 def student_step(trainer: Trainer, x: torch.Tensor, k: int, cond: list[torch.Tensor]) -> torch.Tensor:
     sigmas = trainer.schedule.sigmas
     t = torch.full((x.shape[0],), sigmas[k] * 1000.0)
-    return x + (sigmas[k + 1] - sigmas[k]) * trainer.student(x, t, *cond)
+    return flow_euler_update(x, trainer.student(x, t, *cond), sigmas[k], sigmas[k + 1])
 
 
 def pooled_features(trainer: Trainer, x: torch.Tensor, t: float, cond: list[torch.Tensor]) -> torch.Tensor:

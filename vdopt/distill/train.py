@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from vdopt.distill.common import Dist, DistillError, Schedule, Teacher, atomic_save
 from vdopt.distill.config import DistillSection
+from vdopt.sampler import flow_euler_update
 
 
 # ----- the discriminator -----------------------------------------------------------------------
@@ -216,7 +217,7 @@ class Trainer:
         x, target, sigma, sigma_next, cond = self.batch()
         shape = (-1,) + (1,) * (x.dim() - 1)
         velocity = self.student(x, sigma * 1000.0, *cond)
-        fake = x + (sigma_next - sigma).view(shape) * velocity
+        fake = flow_euler_update(x, velocity, sigma.view(shape), sigma_next.view(shape))
         traj = F.mse_loss(fake, target)
         loss, record = traj, {"iteration": self.iteration, "traj": traj.item()}
         adversarial = self.distill.adv_weight > 0 and self.iteration >= self.distill.adv_start

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from vdopt.distill.common import Dist, PromptEncoder, Schedule, Teacher, latent_shape
 from vdopt.distill.config import DistillSection, fingerprint
+from vdopt.sampler import flow_euler_update
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -70,7 +71,7 @@ def solve(teacher: Teacher, noise: torch.Tensor, cond: dict, uncond: dict, sched
     for i, t in enumerate(timesteps):
         out = teacher.denoiser(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t)), *both)
         c, u = out.chunk(2)
-        x = x + (sigmas[i + 1] - sigmas[i]) * (u + g * (c - u))
+        x = flow_euler_update(x, u + g * (c - u), sigmas[i], sigmas[i + 1])
         if i + 1 in schedule.key_indices:
             keep[i + 1] = x
         if on_step is not None:
