@@ -23,6 +23,15 @@ rows; it then runs on all rows whenever any row recomputes, still selecting per 
 in the manifest says which).
 Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
 and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
+
+`forecast=w` (0 < w <= 1) replaces plain reuse by a damped form of TaylorSeer's first-order forecast
+(cache-dit's and diffusers' TaylorSeer calibrator): a row that skips the body at step i gets its last
+computed residual r_k (step k) moved along the difference to the one before it (r_j, step j),
+`r_k + w * (r_k - r_j) * min(i - k, k - j) / (k - j)`. The residual drifts steadily along a
+schedule, so reusing it unchanged falls further behind with every step skipped. w = 1 is
+TaylorSeer's order 1; extrapolating past one gap, or at full weight after an uneven gap (adaptive
+policies), overshoots: on the reference teacher the change slows as a clip converges (measured in
+bench/cache.py's forecast rows). Costs one more cached tensor per body output and a multiply-add.
 """
 
 from __future__ import annotations
@@ -197,15 +206,17 @@ class TeaCachePolicy(Policy):
 
 
 POLICIES = {p.name: p for p in (StaticPolicy, FirstBlocksPolicy, AdaCachePolicy, TeaCachePolicy)}
-COMMON_DEFAULTS = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0}
+COMMON_DEFAULTS = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0, "forecast": 0}
 
 
 class CachedBody(nn.Module):
-    """`forward(i, x, *probes, *inputs, *caches, *policy_state, reuse_run, computed, distance)`
-    `-> (*outputs, *caches', *policy_state', reuse_run', computed', distance')`.
+    """`forward(i, x, *probes, *inputs, *caches, *forecast_state, *policy_state, reuse_run, computed, distance)`
+    `-> (*outputs, *caches', *forecast_state', *policy_state', reuse_run', computed', distance')`.
 
     Rows are (sample, guidance branch) pairs: the step's batch is [cond samples; uncond samples].
     `computed` counts body evaluations per row; `distance` is this step's decision value (for traces).
+    With `forecast`, `forecast_state` is the residuals computed before the cached ones and `gap`, the
+    steps between those two computations per row (0 until a row has computed twice).
     """
 
     def __init__(self, body: fx.GraphModule, region: Region, batched: list[bool], policy: Policy, num_policy_state: int):
@@ -219,6 +230,7 @@ class CachedBody(nn.Module):
         self.policy = policy
         self.samples = policy.samples
         self.num_policy_state = num_policy_state
+        self.forecast = policy.params["forecast"]
         self.gather = True
 
     @property
@@ -235,61 +247,85 @@ class CachedBody(nn.Module):
         capped = reuse_run >= params["max_reuse"] if params["max_reuse"] >= 0 else torch.zeros_like(reuse_run, dtype=torch.bool)
         return edge.expand(self.samples) | capped
 
+    def split_operands(self, tensors, scalars):
+        """Branch operands -> (inputs, caches, bases): `bases` are what a skipping row's body outputs
+        are built from, the forecast residuals when forecasting, otherwise the cached ones."""
+        inputs = self.with_scalars(tensors[: self.num_tensor_inputs], scalars)
+        caches = tensors[self.num_tensor_inputs: self.num_tensor_inputs + self.num_outputs]
+        bases = tensors[self.num_tensor_inputs + self.num_outputs:] or caches
+        return inputs, caches, bases
+
     def compute(self, scalars, mask, *tensors):
-        inputs, caches = self.with_scalars(tensors[: self.num_tensor_inputs], scalars), tensors[self.num_tensor_inputs:]
+        inputs, caches, bases = self.split_operands(tensors, scalars)
         if not self.gather:
-            return self.compute_all_rows(mask, inputs, caches)
+            return self.compute_all_rows(mask, inputs, caches, bases)
         index = torch.nonzero(mask).squeeze(1)
         torch._check(index.shape[0] >= 1)  # this branch runs only when some row recomputes
         torch._check(index.shape[0] <= self.samples)
         picked = [t.index_select(0, rows_of(t, index, self.samples)) if b else t for t, b in zip(inputs, self.batched)]
         fresh = self.body(*picked)
         outputs, new_caches = [], []
-        for k, (value, cache) in enumerate(zip(fresh, caches)):
+        for k, (value, cache, base) in enumerate(zip(fresh, caches, bases)):
             rows = rows_of(cache, index, self.samples)
             stream = self.streams.get(k)
             if stream is None:
-                outputs.append(cache.index_copy(0, rows, value))
-                new_caches.append(outputs[-1].clone())
+                outputs.append(base.index_copy(0, rows, value))
+                new_caches.append(cache.index_copy(0, rows, value))
             else:
-                outputs.append((inputs[stream] + cache).index_copy(0, rows, value))
+                outputs.append((inputs[stream] + base).index_copy(0, rows, value))
                 new_caches.append(cache.index_copy(0, rows, value - picked[stream]))
         return flat(*outputs, *new_caches)
 
-    def compute_all_rows(self, mask, inputs, caches):
+    def compute_all_rows(self, mask, inputs, caches, bases):
         """For bodies traced with literal batch sizes: run every row, keep the fresh ones where due."""
         fresh = self.body(*inputs)
         outputs, new_caches = [], []
-        for k, (value, cache) in enumerate(zip(fresh, caches)):
+        for k, (value, cache, base) in enumerate(zip(fresh, caches, bases)):
             keep = row_mask(mask, cache, self.samples)
             stream = self.streams.get(k)
-            base = cache if stream is None else inputs[stream] + cache
-            outputs.append(torch.where(keep, value, base))
+            outputs.append(torch.where(keep, value, base if stream is None else inputs[stream] + base))
             new_caches.append(torch.where(keep, value if stream is None else value - inputs[stream], cache))
         return flat(*outputs, *new_caches)
 
     def reuse(self, scalars, mask, *tensors):
-        inputs, caches = self.with_scalars(tensors[: self.num_tensor_inputs], scalars), tensors[self.num_tensor_inputs:]
-        outputs = [cache.clone() if self.streams.get(k) is None else inputs[self.streams[k]] + cache
-                   for k, cache in enumerate(caches)]
+        inputs, caches, bases = self.split_operands(tensors, scalars)
+        outputs = [base.clone() if self.streams.get(k) is None else inputs[self.streams[k]] + base
+                   for k, base in enumerate(bases)]
         return flat(*outputs, *(cache.clone() for cache in caches))
+
+    def forecast_bases(self, caches, previous, gap, reuse_run) -> list[torch.Tensor]:
+        """Each cached residual moved `forecast` of the way along its first-order Taylor forecast to this
+        step, extrapolating at most one gap ahead (plain reuse for rows that have computed only once)."""
+        steps_ahead = ((reuse_run + 1).float() / gap.clamp(min=1.0)).clamp(max=1.0)
+        weight = torch.where(gap > 0, self.forecast * steps_ahead, torch.zeros_like(gap))
+        return [cache + (cache - prev) * row_mask(weight, cache, self.samples).to(cache.dtype)
+                for cache, prev in zip(caches, previous)]
 
     def forward(self, i, x, *tensors):
         probes = tensors[: len(self.policy.probes)]
         rest = tensors[len(self.policy.probes):]
         inputs = rest[: self.num_inputs]
-        caches = rest[self.num_inputs: self.num_inputs + self.num_outputs]
-        policy_state = rest[self.num_inputs + self.num_outputs: len(rest) - 3]
+        caches_end = self.num_inputs + self.num_outputs
+        caches = rest[self.num_inputs: caches_end]
+        forecast_in = rest[caches_end: caches_end + (self.num_outputs + 1 if self.forecast else 0)]
+        policy_state = rest[caches_end + len(forecast_in): len(rest) - 3]
         reuse_run, computed, _ = rest[len(rest) - 3:]
         due, distance, update = self.policy.decide(i, x, probes, policy_state)
         mask = due | self.forced(i, reuse_run)
         scalars = [v for v in inputs if not isinstance(v, torch.Tensor)]  # sizes: closed over, not operands
         tensor_inputs = [v for v in inputs if isinstance(v, torch.Tensor)]
+        forecast_state, bases = (), ()
+        if self.forecast:
+            *previous, gap = forecast_in
+            bases = self.forecast_bases(caches, previous, gap, reuse_run)
+            recomputed_again = mask & (computed > 0)
+            forecast_state = (*(torch.where(row_mask(mask, cache, self.samples), cache, prev) for cache, prev in zip(caches, previous)),
+                              torch.where(recomputed_again, (reuse_run + 1).float(), gap))
         results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars),
-                             (mask, *tensor_inputs, *caches))
+                             (mask, *tensor_inputs, *caches, *bases))
         results = [r.reshape(cache.shape) for r, cache in zip(results, (*caches, *caches))]
         reuse_run = torch.where(mask, torch.zeros_like(reuse_run), reuse_run + 1)
-        return (*results, *update(mask), reuse_run, computed + mask.to(computed.dtype), distance)
+        return (*results, *forecast_state, *update(mask), reuse_run, computed + mask.to(computed.dtype), distance)
 
 
 SIZED_OPS = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_empty", "new_ones", "new_full",
@@ -364,6 +400,9 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     if program.extras.get("cache"):
         return program
     params = resolve_params(policy, params)
+    if not isinstance(params["forecast"], (int, float)) or not 0 <= params["forecast"] <= 1:
+        raise PassError(f"insert_cache: forecast={params['forecast']!r}; expected a weight in [0, 1] "
+                        f"(0: reuse the cached residual, 1: TaylorSeer's full first-order forecast).")
     samples = program.example_inputs[0].shape[0] * (2 if program.guidance else 1)
     rule = POLICIES[policy](params, samples, program.num_steps, program.descriptor.patch_size[0])
     module = program.ep.module()
@@ -391,6 +430,9 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     latent, step_index = placeholders[:2]
     state_values = [(f"cache.{k}", shape_of(o), o.meta["val"].dtype) for k, o in enumerate(region.outputs)]
+    if params["forecast"]:
+        state_values += [(f"cache_before.{k}", shape, dtype) for k, (_, shape, dtype) in enumerate(list(state_values))]
+        state_values.append(("gap", (samples,), torch.float32))
     state_values += [*policy_state, ("reuse_run", (samples,), torch.int64), ("computed", (samples,), torch.int64),
                      ("distance", (samples,), torch.float32)]
     with graph.inserting_after(placeholders[-1]):

@@ -80,6 +80,7 @@ def test_idempotent(wan):
     ({"policy": "static", "first": 1, "last": 1}, "empty"),
     ({"policy": "adacache", "first": 0}, "first >= 1"),
     ({"policy": "static", "threshold": 0.1}, "unknown parameter"),
+    ({"policy": "static", "forecast": 2}, "weight in"),
 ])
 def test_bad_parameters_are_refused(wan, params, message):
     with pytest.raises(PassError, match=message):
@@ -106,6 +107,47 @@ def test_never_skipping_equals_uncached(family, policy):
     got, state = sample(cached(program, policy=policy, **NEVER_SKIP[policy]), x, conds)
     torch.testing.assert_close(got, uncached, atol=1e-6, rtol=0)
     assert state["state.computed"].tolist() == [STEPS, STEPS]
+
+
+def test_never_skipping_with_a_forecast_equals_uncached(wan):
+    x, _, *conds = wan.example_inputs
+    uncached, _ = sample(wan, x, conds)
+    got, state = sample(cached(wan, policy="static", interval=1, forecast=1.0), x, conds)
+    torch.testing.assert_close(got, uncached, atol=1e-6, rtol=0)
+    assert state["state.gap"].tolist() == [1.0, 1.0]
+
+
+def step_states(program, x, conds, steps):
+    """x and the state (by name) entering each of the first `steps` steps."""
+    module = program.module()
+    _, initial = sample(program, x, conds, steps=0)
+    state, seen = list(initial.values()), []
+    for i in range(steps):
+        seen.append((x, dict(zip(initial, state))))
+        x, *state = module(x, torch.tensor(i), *conds, *state)
+    return seen
+
+
+@pytest.mark.parametrize("interval, step, ahead", [(3, 2, 1.0), (3, 3, 1.0), (2, 4, 0.5)])
+def test_forecast_is_reuse_of_the_damped_taylor_step(wan, interval, step, ahead):
+    """At a skipped step the forecast program gives what plain reuse gives with the cache set to
+    r_k + w * (r_k - r_j) * min(i - k, k - j) / (k - j). Interval 3 computes steps 0, 1, 4, 5: at step 3
+    the forecast would reach two gaps ahead and stops at one; interval 2 computes 0, 1, 3, 5: step 4
+    is half a gap ahead of step 3."""
+    x, _, *conds = wan.example_inputs
+    schedule = {"policy": "static", "interval": interval, "warmup": 1, "final": 1, "max_reuse": -1}
+    weight = 0.5
+    forecasting = cached(wan, **schedule, forecast=weight)
+    x_i, state = step_states(forecasting, x, conds, step + 1)[step]
+    newest, before = state["state.cache.0"], state["state.cache_before.0"]
+    assert state["state.gap"].tolist() == [1.0 if interval == 3 else 2.0] * 2
+    reusing = cached(wan, **schedule)
+    reuse_state = {name: state[name] for name in [s.name for s in reusing.state]}
+    reuse_state["state.cache.0"] = newest + weight * ahead * (newest - before)
+    expected = reusing.module()(x_i, torch.tensor(step), *conds, *reuse_state.values())[0]
+    got = forecasting.module()(x_i, torch.tensor(step), *conds, *state.values())[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(newest, before), "the two computed residuals should differ for the test to mean anything"
 
 
 def test_always_reusing_never_runs_the_body(wan):
@@ -141,12 +183,14 @@ def test_batch_of_two_prompts_matches_each_alone():
         assert state["state.computed"].tolist() == [computed[k], computed[k + 2]]
 
 
-@pytest.mark.parametrize("backend, split", [("torch", "never"), ("onnx", "never"), ("onnx", "always"),
-                                            pytest.param("aoti", "never", marks=pytest.mark.slow)])
-def test_lowered_cache_matches_and_leaks_nothing(backend, split, tmp_path):
+@pytest.mark.parametrize("backend, split, forecast", [("torch", "never", 0), ("onnx", "never", 0), ("onnx", "always", 0),
+                                                      ("onnx", "always", 0.5),
+                                                      pytest.param("aoti", "never", 0, marks=pytest.mark.slow)])
+def test_lowered_cache_matches_and_leaks_nothing(backend, split, forecast, tmp_path):
     """`split: always` forces the segmented form (head, flag, compute | reuse, tail) on ONNX Runtime."""
+    params = {"policy": "first_blocks", "threshold": 0.15, "forecast": forecast}
     data = {"model": {"family": "wan", "input": INPUTS["wan"]}, "sampler": {"steps": STEPS},
-            "passes": [{"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.15}}],
+            "passes": [{"name": "insert_cache", "params": params}],
             "lower": {"backend": backend, "split_conditionals": split}}
     torch.manual_seed(0)
     compile_bundle(parse_recipe(data), None, tmp_path / "c.vdopt")
@@ -163,8 +207,7 @@ def test_lowered_cache_matches_and_leaks_nothing(backend, split, tmp_path):
     torch.testing.assert_close(first, again, atol=0, rtol=0)
     assert 0 < min(trace.body_evaluations()) and max(trace.body_evaluations()) < STEPS, "the threshold should skip some steps"
     torch.manual_seed(0)  # the bundle's random weights
-    program = cached(capture(parse_recipe({**data, "passes": [], "lower": {"backend": "torch"}}), None),
-                     policy="first_blocks", threshold=0.15)
+    program = cached(capture(parse_recipe({**data, "passes": [], "lower": {"backend": "torch"}}), None), **params)
     x = session.initial_noise(1, (1, 4, 3, 8, 8))
     expected, _ = sample(program, x, (cond["encoder_hidden_states"], torch.zeros(1, 7, 16)))
     torch.testing.assert_close(first, expected, atol=1e-4, rtol=0)
