@@ -30,8 +30,8 @@ computed residual r_k (step k) moved along the difference to the one before it (
 `r_k + w * (r_k - r_j) * min(i - k, k - j) / (k - j)`. The residual drifts steadily along a
 schedule, so reusing it unchanged falls further behind with every step skipped. w = 1 is
 TaylorSeer's order 1; extrapolating past one gap, or at full weight after an uneven gap (adaptive
-policies), overshoots: on the reference teacher the change slows as a clip converges (measured in
-bench/cache.py's forecast rows). Costs one more cached tensor per body output and a multiply-add.
+policies), overshoots: on the reference teacher the change slows as a clip converges (the sweep in
+the README's caching section). Costs one more cached tensor per body output and a multiply-add.
 """
 
 from __future__ import annotations
