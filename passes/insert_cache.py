@@ -431,7 +431,7 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     latent, step_index = placeholders[:2]
     state_values = [(f"cache.{k}", shape_of(o), o.meta["val"].dtype) for k, o in enumerate(region.outputs)]
     if params["forecast"]:
-        state_values += [(f"cache_before.{k}", shape, dtype) for k, (_, shape, dtype) in enumerate(list(state_values))]
+        state_values += [(f"cache_before.{k}", shape, dtype) for k, (_, shape, dtype) in enumerate(state_values)]
         state_values.append(("gap", (samples,), torch.float32))
     state_values += [*policy_state, ("reuse_run", (samples,), torch.int64), ("computed", (samples,), torch.int64),
                      ("distance", (samples,), torch.float32)]

@@ -33,12 +33,16 @@ def cached(program, **params):
     return PassManager([(INSERT_CACHE, params)]).run(program)
 
 
+def initial_state(program, x) -> list[torch.Tensor]:
+    sizes = dict(zip(("frames", "height", "width"), x.shape[2:]))
+    return [torch.zeros([resolve_size(d, sizes, list(program.descriptor.patch_size)) for d in spec.shape], dtype=DTYPES[spec.dtype])
+            for spec in program.state]
+
+
 def sample(program, x, conds, steps=STEPS):
     """The runtime loop, eagerly over the program's module: returns x and the final state."""
     module = program.module()
-    sizes = dict(zip(("frames", "height", "width"), x.shape[2:]))
-    state = [torch.zeros([resolve_size(d, sizes, list(program.descriptor.patch_size)) for d in spec.shape], dtype=DTYPES[spec.dtype])
-             for spec in program.state]
+    state = initial_state(program, x)
     for i in range(steps):
         x, *state = module(x, torch.tensor(i), *conds, *state)
     return x, dict(zip([s.name for s in program.state], state))
@@ -120,10 +124,10 @@ def test_never_skipping_with_a_forecast_equals_uncached(wan):
 def step_states(program, x, conds, steps):
     """x and the state (by name) entering each of the first `steps` steps."""
     module = program.module()
-    _, initial = sample(program, x, conds, steps=0)
-    state, seen = list(initial.values()), []
+    names = [spec.name for spec in program.state]
+    state, seen = initial_state(program, x), []
     for i in range(steps):
-        seen.append((x, dict(zip(initial, state))))
+        seen.append((x, dict(zip(names, state))))
         x, *state = module(x, torch.tensor(i), *conds, *state)
     return seen
 
