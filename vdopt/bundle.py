@@ -1,14 +1,27 @@
 """The bundle: a directory with `manifest.json`, the lowered step segments and checksums.
 
-It is written into a temporary sibling directory and renamed into place (contract 7), so an
-interrupted or failed compile leaves nothing half-made; every file is checksummed and verified
-when the bundle is opened, so a truncated copy or an edited file is refused with a clear error.
+It is written into a temporary sibling directory and swapped into place (contract 7): a failed or
+killed compile leaves the old bundle (or nothing) at the path, never half of one, and its staging
+debris is cleaned by the next compile. Only bundles are ever replaced, and only when asked
+(`--force`); an ordinary file or directory at the path is never touched.
+
+Trust model: a bundle holds native code (AOTI `.so` inside packages, op libraries), so opening
+one checks, before anything is loaded, that `manifest.json` matches `manifest.sha256` beside
+it, that every path the manifest names is a relative path confined to the bundle (no absolute
+path, `..` or symlink), that every named file is listed in `checksums` and every file in the
+bundle is, that each file matches its checksum, and that every shape is an expression of the
+small size grammar (`vdopt.safety`). A checksum catches edits and damage; it is not a signature:
+whoever can rewrite every file can rewrite `manifest.sha256` too.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -16,10 +29,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vdopt.errors import BundleError
+from vdopt.safety import UnsafeInputError, confined_path, shape_expression
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest.sha256"
 REQUIRED_KEYS = ("schema_version", "family", "inputs", "outputs", "state", "step_table", "segments", "checksums")
+MAX_MANIFEST_BYTES = 64 << 20
+SHAPE_NAMES = frozenset({"frames", "height", "width", "frames_units", "height_units", "width_units"})
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256(path: Path) -> str:
@@ -30,52 +48,255 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ----- writing ------------------------------------------------------------------------------
+
+def is_bundle(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
+
+
+def check_destination(destination: Path, overwrite: bool) -> None:
+    """Refuses, before any work, to write over anything but a bundle (and a bundle only with force)."""
+    if destination.is_symlink():
+        raise BundleError(f"{destination}: is a symlink; vdopt will not replace it. Give the real path of a new or "
+                          f"existing bundle directory.")
+    if not destination.exists():
+        return
+    if destination.is_dir() and not any(destination.iterdir()):
+        return  # an empty directory holds nothing of the user's
+    if not destination.is_dir():
+        raise BundleError(f"{destination}: is an existing file, not a bundle directory; vdopt never replaces it. "
+                          f"Choose another -o path (e.g. {destination.name}.vdopt) or remove the file yourself.")
+    if not is_bundle(destination):
+        raise BundleError(f"{destination}: is an existing directory that is not a vdopt bundle (no {MANIFEST}); vdopt "
+                          f"never deletes its contents. Choose another -o path, or empty or remove it yourself.")
+    if not overwrite:
+        raise BundleError(f"{destination}: a bundle already exists there; pass --force to replace it (the old bundle "
+                          f"stays in place until the new one is complete), or choose another -o path.")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(destination: Path) -> None:
+    """Removes what killed compiles of `destination` left behind: staging directories of processes that
+    no longer run, and a retired old bundle (restored if the kill came before the new one was in place)."""
+    pattern = re.compile(rf"\.{re.escape(destination.name)}\.(\d+)\.[^.]+\.(partial|retired)")
+    if not destination.parent.is_dir():
+        return
+    for entry in destination.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir() or _pid_alive(int(match.group(1))):
+            continue
+        if match.group(2) == "retired" and not os.path.lexists(destination) and is_bundle(entry):
+            os.rename(entry, destination)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_bundle(staging: Path, destination: Path) -> None:
+    """Puts the finished `staging` at `destination`. At every instant the path holds the old bundle or
+    the new one: an atomic exchange where the OS has one, else two renames whose in-between state
+    (old bundle renamed `.retired`, nothing at the path) `clean_stale` repairs at the next compile."""
+    if not os.path.lexists(destination):
+        os.rename(staging, destination)
+        return
+    if destination.is_dir() and not any(destination.iterdir()):
+        os.rmdir(destination)
+        os.rename(staging, destination)
+        return
+    if _exchange(staging, destination):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old bundle
+        return
+    retired = staging.with_name(staging.name.removesuffix(".partial") + ".retired")
+    os.rename(destination, retired)
+    os.rename(staging, destination)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 @contextmanager
 def staged_bundle(destination: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yields a temporary directory; on success it replaces `destination`, on failure it vanishes."""
+    """Yields a temporary directory; on success it replaces `destination`, on failure it vanishes.
+
+    `destination` is checked first (`check_destination`), so a refused path costs no compile time."""
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise BundleError(f"{destination}: already exists; pass --force to replace it.")
+    check_destination(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    clean_stale(destination)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.{os.getpid()}.", suffix=".partial",
+                                    dir=destination.parent))
     try:
         yield staging
-        if destination.exists():
-            retired = staging.with_suffix(".retired")
-            destination.rename(retired)
-            staging.rename(destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(destination)
+        check_destination(destination, overwrite)  # the path may have changed during a long compile
+        replace_bundle(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    files = sorted(p for p in bundle_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Writes `manifest.json` with the checksums of every file in the bundle, and its own checksum
+    in `manifest.sha256`; refuses a manifest that names a file outside or missing from the bundle."""
+    files = sorted(p for p in bundle_dir.rglob("*") if p.is_file() and p.relative_to(bundle_dir).as_posix()
+                   not in (MANIFEST, MANIFEST_CHECKSUM))
     manifest = {"schema_version": SCHEMA_VERSION, **manifest,
-                "checksums": {str(p.relative_to(bundle_dir)): sha256(p) for p in files}}
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+                "checksums": {p.relative_to(bundle_dir).as_posix(): sha256(p) for p in files}}
+    check_paths(bundle_dir, manifest)
+    text = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    (bundle_dir / MANIFEST).write_bytes(text)
+    (bundle_dir / MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n")
     return manifest
 
 
+# ----- reading ------------------------------------------------------------------------------
+
+def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Every file the manifest names, as (where it is named, name)."""
+    for i, segment in enumerate(manifest.get("segments") or []):
+        if not isinstance(segment, dict):
+            continue
+        for name in segment.get("files") or []:
+            yield f"segments[{i}].files", name
+        for j, part in enumerate(segment.get("parts") or []):
+            if isinstance(part, dict):
+                for name in part.get("files") or []:
+                    yield f"segments[{i}].parts[{j}].files", name
+    extras = manifest.get("extras")
+    items = extras.items() if isinstance(extras, dict) else enumerate(extras) if isinstance(extras, list) else ()
+    for key, value in items:
+        name = value.get("file") if isinstance(value, dict) else value
+        if name is not None:
+            yield f"extras[{key!r}]", name
+
+
+def tensor_specs(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    for key in ("inputs", "outputs", "state"):
+        for i, spec in enumerate(manifest.get(key) or []):
+            yield f"{key}[{i}]", spec
+    for i, segment in enumerate(manifest.get("segments") or []):
+        for j, part in enumerate((segment.get("parts") or []) if isinstance(segment, dict) else []):
+            for key in ("inputs", "outputs"):
+                for k, spec in enumerate(part.get(key) or [] if isinstance(part, dict) else []):
+                    yield f"segments[{i}].parts[{j}].{key}[{k}]", spec
+
+
+def check_shapes(path: Path, manifest: dict[str, Any]) -> None:
+    """Every size in the manifest is an int or an expression of the size grammar."""
+    for where, spec in tensor_specs(manifest):
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list):
+            raise BundleError(f"{path}: {where} has no shape list; the manifest was edited. Recompile the bundle.")
+        for size in shape:
+            if type(size) is int:
+                continue
+            try:
+                shape_expression(size, SHAPE_NAMES)
+            except ValueError as exc:
+                raise UnsafeInputError(
+                    f"{path}: {where}.shape entry {str(size)[:80]!r} is not a size expression: {exc}. Sizes are ints "
+                    f"or expressions of the latent dims in a small grammar, never code; the manifest was edited or "
+                    f"crafted. Recompile the bundle."
+                ) from None
+
+
+def check_paths(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every checksum name and every named file is confined to the bundle; every named file is checksummed."""
+    checksums = manifest.get("checksums")
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) and HEX64.fullmatch(v) for v in checksums.values()):
+        raise BundleError(f"{bundle_dir}: the manifest's checksums are not a map of file names to sha256 digests; it was "
+                          f"edited. Recompile the bundle.")
+    for name in checksums:
+        confined_path(bundle_dir, name, "checksum name")
+        if name in (MANIFEST, MANIFEST_CHECKSUM):
+            raise BundleError(f"{bundle_dir}: the manifest lists {name} among its checksums; it was edited. Recompile.")
+    for where, name in named_files(manifest):
+        confined_path(bundle_dir, name, where)
+        if name not in checksums:
+            raise UnsafeInputError(
+                f"{bundle_dir}: {where} names '{name}', which has no entry in the manifest's checksums, so it cannot "
+                f"be verified and will not be loaded. The manifest was edited; recompile the bundle."
+            )
+
+
+def _read_regular(path: Path, what: str, bundle_dir: Path) -> bytes:
+    if path.is_symlink() or not path.is_file():
+        raise BundleError(f"{bundle_dir}: {what} is {'a symlink' if path.is_symlink() else 'missing'}; "
+                          f"{'a bundle holds real files' if path.is_symlink() else 'the bundle is incomplete or was written by an older vdopt'}. "
+                          f"Copy it again (cp -rL) or recompile it.")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{bundle_dir}: {what} is {path.stat().st_size} bytes, far beyond any manifest; refused. Recompile.")
+    return path.read_bytes()
+
+
 def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a verified bundle. Nothing here loads code; see the module doc for the checks.
+    `verify=False` skips only hashing the files' contents (paths, shapes and the manifest's own
+    checksum are always checked)."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
-    if not path.is_file():
+    if not bundle_dir.is_dir() or not (path.is_file() or path.is_symlink()):
         raise BundleError(f"{bundle_dir}: not a vdopt bundle (no {MANIFEST}); `vdopt compile` writes one.")
+    raw = _read_regular(path, MANIFEST, bundle_dir)
+    recorded = _read_regular(bundle_dir / MANIFEST_CHECKSUM, MANIFEST_CHECKSUM, bundle_dir).decode("ascii", "replace").split()
+    if not recorded or recorded[0] != hashlib.sha256(raw).hexdigest():
+        raise BundleError(
+            f"{path}: does not match its checksum in {MANIFEST_CHECKSUM}: the manifest was edited or damaged after the "
+            f"bundle was written, so none of its files are trusted or loaded. Copy the bundle again or recompile it."
+        )
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: the manifest is damaged ({exc}); recompile the bundle.") from None
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: the manifest is damaged ({type(exc).__name__}); recompile the bundle.") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: the manifest is not a JSON object; recompile the bundle.")
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{path}: the manifest lacks {', '.join(missing)}; it was edited or truncated. Recompile the bundle.")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise BundleError(f"{path}: manifest schema {manifest['schema_version']}, this vdopt reads {SCHEMA_VERSION}; recompile.")
+    if not isinstance(manifest["segments"], list) or not all(isinstance(s, dict) for s in manifest["segments"]):
+        raise BundleError(f"{path}: the manifest's segments are not a list of objects; it was edited. Recompile the bundle.")
+    check_paths(bundle_dir, manifest)
+    check_shapes(bundle_dir, manifest)
+    check_unlisted(bundle_dir, manifest)
     if verify:
         verify_checksums(bundle_dir, manifest)
     return manifest
+
+
+def check_unlisted(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """No file or symlink in the bundle that its checksums do not list."""
+    listed = set(manifest["checksums"]) | {MANIFEST, MANIFEST_CHECKSUM}
+    for entry in sorted(bundle_dir.rglob("*")):
+        name = entry.relative_to(bundle_dir).as_posix()
+        if entry.is_symlink():
+            raise UnsafeInputError(f"{bundle_dir}: {name} is a symlink (-> {os.readlink(entry)}); a bundle holds only "
+                                   f"its own real files. Copy it with symlinks resolved (cp -rL) or recompile it.")
+        if entry.is_file() and name not in listed:
+            raise UnsafeInputError(f"{bundle_dir}: {name} is in the bundle but not in its manifest's checksums, so it was "
+                                   f"added after the bundle was written. Remove it, or recompile the bundle.")
 
 
 def verify_checksums(bundle_dir: Path, manifest: dict[str, Any]) -> None:
@@ -91,3 +312,11 @@ def verify_checksums(bundle_dir: Path, manifest: dict[str, Any]) -> None:
             f"{bundle_dir}: checksum error: {'; '.join(bad[:3])}. The bundle was truncated or edited after it was "
             f"written; copy it again or recompile it."
         )
+
+
+def bundle_file(bundle_dir: str | Path, name: str, manifest: dict[str, Any]) -> Path:
+    """The path of a file the (verified) manifest names, re-checked: confined and checksummed."""
+    bundle_dir = Path(bundle_dir)
+    if name not in manifest["checksums"]:
+        raise UnsafeInputError(f"{bundle_dir}: '{name}' has no checksum in the manifest; it will not be loaded. Recompile.")
+    return confined_path(bundle_dir, name, "file")

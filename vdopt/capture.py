@@ -12,16 +12,16 @@ import re
 from contextlib import nullcontext
 from pathlib import Path
 
-import sympy
 import torch
 from torch import nn
 from torch.export import Dim
 
-from vdopt.errors import CaptureError, first_line
+from vdopt.errors import CaptureError, VdoptError, first_line
 from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
 from vdopt.program import DTYPES, LATENT_DIMS, StepProgram, TensorSpec, dtype_name
 from vdopt.recipe import Recipe
+from vdopt.safety import evaluate_shape, load_exported_program, shape_expression
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
 
 
@@ -150,10 +150,13 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
     if layout == "exported_program":
         if path is None:
             raise CaptureError("model.layout is exported_program but no .pt2 file was given.")
-        try:
-            return ExportedDenoiser(torch.export.load(str(path))), descriptor, config
+        try:  # weights-only unpickling, guarded shape strings and guards unless --trust-pickle (vdopt.safety)
+            return ExportedDenoiser(load_exported_program(path, trust_pickle=trust_pickle)), descriptor, config
+        except VdoptError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise CaptureError(f"{path}: cannot load as a torch.export program: {exc}") from None
+            raise CaptureError(f"{path}: cannot load as a torch.export program ({type(exc).__name__}: "
+                               f"{first_line(exc)[:200]}). Give a file written by torch.export.save.") from None
     if layout == "pickled_module":
         if not trust_pickle:
             raise CaptureError(
@@ -235,6 +238,24 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: Architec
 SUGGESTED_FIX = re.compile(r"L\['(\w+)'\]\.size\(\)\[(\d+)\] = (.+)")
 
 
+def linear_relation(text: str, names: set[str]) -> tuple[str, int, int] | None:
+    """`16*frames + 2` -> ("frames", 16, 2) when the expression is linear in exactly one of `names`;
+    parsed by the size grammar (vdopt.safety), never evaluated as code."""
+    try:
+        shape_expression(text, frozenset(names))
+    except ValueError:
+        return None
+    used = {n for n in names if re.search(rf"\b{re.escape(n)}\b", text)}
+    if len(used) != 1:
+        return None
+    (name,) = used
+    at = [evaluate_shape(text, {name: v}) for v in (0, 1, 2)]
+    slope, offset = at[1] - at[0], at[0]
+    if at[2] - at[1] != slope:
+        return None
+    return name, slope, offset
+
+
 def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim, int]]) -> dict:
     """`shapes` (keyed by argument name) with the linear relations export found
     (`L['state_cache_0'].size()[1] = 16*frames`) as derived dims."""
@@ -244,12 +265,11 @@ def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim,
         match = SUGGESTED_FIX.fullmatch(line.strip())
         if not match or not fixed.get(match.group(1)):
             continue
-        expr = sympy.sympify(match.group(3))
-        if len(expr.free_symbols) != 1 or str(next(iter(expr.free_symbols))) not in by_name:
+        linear = linear_relation(match.group(3), set(by_name))
+        if linear is None:
             continue
-        (symbol,) = expr.free_symbols
-        slope, offset = (int(c) for c in sympy.Poly(expr, symbol).all_coeffs())
-        derived = by_name[str(symbol)] * slope
+        name, slope, offset = linear
+        derived = by_name[name] * slope
         fixed[match.group(1)][int(match.group(2))] = derived + offset if offset else derived
     return fixed
 

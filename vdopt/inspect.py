@@ -1,14 +1,25 @@
-"""`vdopt inspect`: what a bundle holds, or what module structure an exported graph carries."""
+"""`vdopt inspect`: what a bundle holds, or what module structure an exported graph carries.
+
+Inspecting never loads code (ARCHITECTURE contract 7): a bundle is read through its verified
+manifest, and a `.pt2` (given directly, or a bundle's torch segment for `--graph`) through the
+JSON graph inside the archive, without unpickling or deserialising the program.
+"""
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from vdopt.bundle import read_manifest
-from vdopt.errors import VdoptError
+from vdopt.bundle import bundle_file, read_manifest
+from vdopt.errors import BundleError, VdoptError
+from vdopt.safety import check_zip_members
+
+MAX_GRAPH_JSON = 512 << 20
 
 
 def graph_modules(ep: torch.export.ExportedProgram) -> Counter:
@@ -21,13 +32,60 @@ def graph_modules(ep: torch.export.ExportedProgram) -> Counter:
     return found
 
 
+def split_stack_entry(entry: str) -> list[str]:
+    """`key,path,type` as torch.export serialises an nn_module_stack item (commas inside brackets kept)."""
+    out, start, depth = [], 0, 0
+    for end, char in enumerate(entry):
+        if char in "[(":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            out.append(entry[start:end])
+            start = end + 1
+    out.append(entry[start:])
+    return out
+
+
+def archive_graph(path: Path) -> tuple[int, Counter]:
+    """(op count, module Counter as `graph_modules`) read from the JSON graph of a torch.export archive,
+    without deserialising the program: nothing in the file is unpickled or run."""
+    names = check_zip_members(path, "torch.export archive")
+    models = [n for n in names if n.endswith(".json") and n.split("/")[-2:-1] == ["models"]]
+    if not models:
+        raise VdoptError(f"{path}: not a torch.export program (no models/*.json graph in the archive); give a file written "
+                         f"by torch.export.save, or a bundle directory.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(sorted(models)[0])
+            if info.file_size > MAX_GRAPH_JSON:
+                raise VdoptError(f"{path}: the graph JSON is {info.file_size} bytes; refusing to read it.")
+            graph = json.loads(archive.read(info))["graph_module"]["graph"]
+        ops, found = 0, Counter()
+        for node in graph["nodes"]:
+            ops += 1
+            stack = (node.get("metadata") or {}).get("nn_module_stack") or ""
+            for item in stack.split(";") if stack else []:
+                parts = split_stack_entry(item)
+                if len(parts) == 3:
+                    found[(parts[1], parts[2].rsplit(".", 1)[-1])] += 1
+        return ops, found
+    except VdoptError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError, zipfile.BadZipFile, OSError) as exc:
+        raise VdoptError(f"{path}: the program's graph JSON is damaged or not torch.export's ({type(exc).__name__}); "
+                         f"give a file written by torch.export.save.") from None
+
+
 def summarize_graph(ep: torch.export.ExportedProgram, limit: int = 25) -> str:
+    return summarize_modules(sum(1 for n in ep.graph.nodes if n.op == "call_function"), graph_modules(ep), limit)
+
+
+def summarize_modules(ops: int, found: Counter, limit: int = 25) -> str:
     from vdopt.families import registry
 
-    found = graph_modules(ep)
     classes = Counter(cls for (_, cls) in found)
-    lines = [f"{sum(1 for n in ep.graph.nodes if n.op == 'call_function')} ops; module classes: "
-             + ", ".join(f"{cls} x{count}" for cls, count in classes.most_common(limit))]
+    lines = [f"{ops} ops; module classes: " + ", ".join(f"{cls} x{count}" for cls, count in classes.most_common(limit))]
     shallow = sorted({fqn for fqn, _ in found if fqn.count(".") <= 2})
     lines.append("module paths (depth <= 3): " + ", ".join(shallow[:limit]) + (" ..." if len(shallow) > limit else ""))
     matches = [d.family for d in registry().values() if d.matches_class(set(classes)) or any(d.is_block(f) for f, _ in found)]
@@ -35,8 +93,39 @@ def summarize_graph(ep: torch.export.ExportedProgram, limit: int = 25) -> str:
     return "\n".join(lines)
 
 
+def describe_verify(report: Any) -> list[str]:
+    """The `verify` record `compile --verify` writes: prompts, PSNR statistics, accuracy, budget, verdict."""
+    if not isinstance(report, dict):
+        return [f"verify: {report}"]
+
+    def number(value: Any) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    verdict = {True: "passed", False: "FAILED"}.get(report.get("passed"), "no verdict")
+    psnr = ", ".join(f"{key.removeprefix('psnr_')} {number(value)}" for key, value in report.items() if key.startswith("psnr_"))
+    lines = [f"verify: {verdict} on {report.get('prompts', '?')} prompt(s)" + (f"; PSNR dB {psnr}" if psnr else "")]
+    accuracy = report.get("accuracy")
+    if isinstance(accuracy, dict):
+        flat = {k: v for k, v in accuracy.items() if not isinstance(v, dict)}
+        nested = {k: v for k, v in accuracy.items() if isinstance(v, dict)}
+        parts = [f"{k} {number(v)}" for k, v in flat.items()]
+        parts += [f"{k} " + " ".join(f"{a}={number(b)}" for a, b in v.items()) for k, v in nested.items()]
+        lines.append("  accuracy: " + "; ".join(parts))
+    if isinstance(report.get("budget"), dict) and report["budget"]:
+        lines.append("  budget: " + ", ".join(f"{k} {number(v)}" for k, v in report["budget"].items() if v is not None))
+    return lines
+
+
 def describe_bundle(path: Path) -> str:
     m = read_manifest(path)
+    try:
+        return bundle_lines(path, m)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{path}: the manifest verifies but lacks or mistypes what inspect shows ({type(exc).__name__}: "
+                          f"{exc}); it was written by another vdopt version. Recompile the bundle.") from None
+
+
+def bundle_lines(path: Path, m: dict[str, Any]) -> str:
     lines = [f"bundle {path}  (schema {m['schema_version']}, vdopt {m.get('vdopt_version')}, torch {m.get('torch_version')})",
              f"family: {m['family']}   parameters: {m.get('parameters', 0):,}",
              f"sampler: {m['sampler']['kind']}, {m['num_steps']} steps, shift {m['sampler']['shift']}, "
@@ -60,6 +149,8 @@ def describe_bundle(path: Path) -> str:
         for p in segment["passes"]:
             params = f" {p['params']}" if p["params"] else ""
             lines.append(f"    pass {p['name']}{params}: {p['seconds'] * 1000:.1f} ms, {p['nodes_before']} -> {p['nodes_after']} ops")
+    if "verify" in m and m["verify"] is not None:
+        lines += describe_verify(m["verify"])
     return "\n".join(lines)
 
 
@@ -67,15 +158,14 @@ def describe(path: Path, graph: bool = False) -> str:
     if path.is_dir():
         text = describe_bundle(path)
         if graph:
-            segment = next((s for s in read_manifest(path)["segments"] if s["backend"] == "torch" and s["files"]), None)
+            manifest = read_manifest(path)
+            segment = next((s for s in manifest["segments"] if s.get("backend") == "torch" and s.get("files")), None)
             if segment is None:
                 return text + "\n(--graph needs a torch-backend segment; AOTI and ONNX segments hold no module metadata)"
-            text += "\n" + summarize_graph(torch.export.load(str(path / segment["files"][0])))
+            text += "\n" + summarize_modules(*archive_graph(bundle_file(path, segment["files"][0], manifest)))
         return text
-    if path.suffix == ".pt2":
-        try:
-            ep = torch.export.load(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise VdoptError(f"{path}: not a torch.export program ({type(exc).__name__}: {str(exc)[:200]}).") from None
-        return summarize_graph(ep)
+    if path.suffix == ".pt2" and path.is_file():
+        return summarize_modules(*archive_graph(path))
+    if not path.exists():
+        raise VdoptError(f"{path}: not found; give a bundle directory or a torch.export .pt2 file.")
     raise VdoptError(f"{path}: give a bundle directory or a torch.export .pt2 file.")

@@ -12,11 +12,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
 import torch
 
 from vdopt.families.base import ArchitectureDescriptor
 from vdopt.recipe import Recipe
+from vdopt.safety import evaluate_shape
 
 LATENT_DIMS = ("frames", "height", "width")
 
@@ -29,15 +29,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def resolve_size(size: int | str, sizes: dict[str, int], multiples: list[int]) -> int:
     """Evaluates a manifest size: an int, or an expression in the latent dims (`frames`, `2*height_units`,
-    `32*frames*height_units*width_units`), where `NAME_units` is NAME divided by its patch multiple."""
-    if isinstance(size, int):
+    `32*frames*height_units*width_units`), where `NAME_units` is NAME divided by its patch multiple.
+
+    Expressions are parsed by a small grammar (ints, those names, `+ - * //`, parentheses) and never
+    evaluated as code (`vdopt.safety`); anything else is a ValueError naming the offending part."""
+    if type(size) is int:
         return size
     values = {**sizes, **{f"{name}_units": sizes[name] // m for name, m in zip(LATENT_DIMS, multiples)}}
-    expr = sympy.sympify(size)
-    unknown = {str(s) for s in expr.free_symbols} - set(values)
-    if unknown:
-        raise ValueError(f"size '{size}' names {sorted(unknown)}, which are not latent dims")
-    return int(expr.subs({sympy.Symbol(k): v for k, v in values.items()}))
+    try:
+        return evaluate_shape(size, values)
+    except ValueError as exc:
+        raise ValueError(f"size {str(size)[:80]!r}: {exc}") from None
 
 
 @dataclass(frozen=True)

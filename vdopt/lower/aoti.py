@@ -13,6 +13,7 @@ import torch
 from vdopt.errors import first_line
 from vdopt.lower.base import unsupported_op_error
 from vdopt.program import StepProgram
+from vdopt.safety import check_zip_members
 
 
 class AotiBackend:
@@ -28,7 +29,11 @@ class AotiBackend:
         return [name]
 
     def load(self, directory: Path, files: list[str], device: str):
-        runner = torch._inductor.aoti_load_package(str(directory / files[0]))
+        # The package holds native code: the Session has verified its checksum; its members are checked
+        # here before AOTInductor extracts them (no absolute paths, `..` or symlinks: zip-slip).
+        package = directory / files[0]
+        check_zip_members(package, "AOTInductor package")
+        runner = torch._inductor.aoti_load_package(str(package))
 
         def run(*inputs):
             with torch.no_grad():

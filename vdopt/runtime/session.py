@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from vdopt.bundle import read_manifest
+from vdopt.bundle import bundle_file, read_manifest
 from vdopt.errors import RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
@@ -31,6 +31,8 @@ def nvtx_range(name: str, device: str):
 
 class Session:
     def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True):
+        # Verified before anything is loaded: manifest checksum, confined paths, file checksums, shapes
+        # (ARCHITECTURE contract 7, trust model). verify=False skips only hashing the files' contents.
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=verify)
         self.device = device
@@ -102,7 +104,9 @@ class Session:
 
     # ----- running -------------------------------------------------------------------------------
     def load(self, backend_name: str, files: list[str]) -> Callable:
-        return get_backend(backend_name).load(self.path / "segments", [Path(f).name for f in files], self.device)
+        """A segment's runner; its files are the manifest's names, each confined to the bundle and checksummed."""
+        paths = [bundle_file(self.path, f, self.manifest) for f in files]
+        return get_backend(backend_name).load(self.path, [p.relative_to(self.path).as_posix() for p in paths], self.device)
 
     def runner(self, segment: dict[str, Any]) -> Callable:
         if segment["name"] not in self._runners:
