@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle directory to write, e.g. out.vdopt")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
     p.add_argument("--dump-ir", metavar="DIR", help="write a readable graph after every pass")
-    p.add_argument("--no-force", dest="force", action="store_false", help="refuse to replace an existing bundle")
+    p.add_argument("--force", action="store_true", default=False,
+                   help="replace an existing bundle at -o (swapped in atomically once the new one is complete); "
+                        "without it an existing bundle is refused. Files and non-bundle directories are never replaced")
+    p.add_argument("--no-force", dest="force", action="store_false", help="refuse to replace an existing bundle (the default)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="generate with a bundle")
