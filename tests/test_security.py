@@ -508,3 +508,147 @@ def test_damaged_manifest_with_matching_checksum_is_one_paragraph(tmp_path, caps
     (bundle / MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n")
     refused(capsys, run_argv(bundle, tmp_path))
     refused(capsys, ["inspect", str(bundle)])
+
+
+# ----- -o: a user's files are never deleted or replaced without --force (must-show 3) -------------
+
+def tiny_manifest(tag: str) -> dict:
+    return {"family": "wan", "inputs": [], "outputs": [], "state": [], "step_table": {}, "tag": tag,
+            "segments": [{"name": "step_0", "backend": "torch", "files": ["segments/step_0.bin"]}]}
+
+
+def write_tiny_bundle(destination: Path, tag: str, overwrite: bool = True) -> None:
+    with staged_bundle(destination, overwrite=overwrite) as stage:
+        (stage / "segments").mkdir()
+        (stage / "segments" / "step_0.bin").write_bytes(tag.encode() * 1000)
+        from vdopt.bundle import write_manifest
+
+        write_manifest(stage, tiny_manifest(tag))
+
+
+def debris(destination: Path) -> list[str]:
+    return sorted(p.name for p in destination.parent.iterdir() if p.name.startswith(f".{destination.name}."))
+
+
+def test_compile_into_an_ordinary_directory_or_file_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    directory = tmp_path / "photos"
+    directory.mkdir()
+    (directory / "holiday.jpg").write_bytes(b"precious")
+    document = tmp_path / "thesis.pdf"
+    document.write_bytes(b"years of work")
+    for target, what in ((directory, "not a vdopt bundle"), (document, "existing file")):
+        for force in ([], ["--force"]):
+            message = refused(capsys, ["compile", str(recipe), "-o", str(target), *force])
+            assert what in message and "never" in message
+    assert (directory / "holiday.jpg").read_bytes() == b"precious" and sorted(os.listdir(directory)) == ["holiday.jpg"]
+    assert document.read_bytes() == b"years of work"
+    link = tmp_path / "link.vdopt"
+    link.symlink_to(directory)
+    assert "symlink" in refused(capsys, ["compile", str(recipe), "-o", str(link), "--force"])
+    assert debris(directory) == [] and debris(document) == []
+
+
+def test_existing_bundle_needs_force(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    bundle = tmp_path / "b.vdopt"
+    write_tiny_bundle(bundle, "old")
+    before = {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    message = refused(capsys, ["compile", str(recipe), "-o", str(bundle)])
+    assert "--force" in message and "already exists" in message
+    message = refused(capsys, ["compile", str(recipe), "-o", str(bundle), "--no-force"])
+    assert "--force" in message
+    assert {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    assert vdopt_main(["compile", str(recipe), "-o", str(bundle), "--force"]) == 0
+    assert read_manifest(bundle)["family"] == "wan" and "tag" not in read_manifest(bundle)
+    assert debris(bundle) == []
+
+
+def test_an_empty_directory_is_fine(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    write_tiny_bundle(target, "new", overwrite=False)
+    assert read_manifest(target)["tag"] == "new"
+
+
+def test_a_failed_compile_leaves_the_old_bundle(tmp_path):
+    bundle = tmp_path / "b.vdopt"
+    write_tiny_bundle(bundle, "old")
+    with pytest.raises(RuntimeError):
+        with staged_bundle(bundle) as stage:
+            (stage / "half").write_bytes(b"x")
+            raise RuntimeError("compile failed")
+    assert read_manifest(bundle)["tag"] == "old" and debris(bundle) == []
+
+
+KILL_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+import vdopt.bundle as b
+from tests.test_security import tiny_manifest
+destination, stage = Path(sys.argv[1]), sys.argv[2]
+die = lambda: os._exit(137)
+real_rename, real_exchange, real_rmtree = os.rename, b._exchange, b.shutil.rmtree
+renames = []
+def rename(src, dst):
+    real_rename(src, dst)
+    renames.append(dst)
+    if stage == f"fallback_rename_{len(renames)}":
+        die()
+if stage.startswith("fallback"):
+    b._exchange = lambda a, c: False
+    os.rename = rename
+if stage == "after_exchange":
+    b._exchange = lambda a, c: (real_exchange(a, c), die())
+if stage == "during_cleanup":
+    b.shutil.rmtree = lambda *a, **k: die()
+with b.staged_bundle(destination, overwrite=True) as staging:
+    (staging / "segments").mkdir()
+    (staging / "segments" / "step_0.bin").write_bytes(b"new" * 1000)
+    if stage == "while_writing":
+        die()
+    b.write_manifest(staging, tiny_manifest("new"))
+    if stage == "before_replace":
+        die()
+"""
+
+STAGES = {"while_writing": "old", "before_replace": "old", "after_exchange": "new", "during_cleanup": "new",
+          "fallback_rename_1": None, "fallback_rename_2": "new", "fallback_cleanup": "new"}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_killed_replace_leaves_old_or_new_bundle(tmp_path, stage):
+    """A compile replacing a bundle is killed (os._exit, no cleanup runs) at each stage of the replace: the
+    path holds the old or the new bundle, complete and verifying; the next compile clears the debris.
+    On Linux the replace is an atomic exchange; the two-rename fallback (other systems) has one
+    instant with nothing at the path, which the next compile repairs by restoring the old bundle."""
+    bundle = tmp_path / "b.vdopt"
+    write_tiny_bundle(bundle, "old")
+    root = Path(__file__).resolve().parents[1]
+    script_stage = "fallback_rename_3" if stage == "fallback_cleanup" else stage
+    if stage == "fallback_cleanup":  # die in the rmtree of the retired bundle
+        script = KILL_SCRIPT.replace('if stage == "during_cleanup":', 'if stage in ("during_cleanup", "fallback_rename_3"):')
+    else:
+        script = KILL_SCRIPT
+    result = subprocess.run([sys.executable, "-c", script, str(bundle), script_stage], cwd=root, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 137, result.stderr
+    expected = STAGES[stage]
+    if expected is None:
+        assert not bundle.exists() and any(name.endswith(".retired") for name in debris(bundle))
+    else:
+        assert read_manifest(bundle)["tag"] == expected
+    write_tiny_bundle(bundle, "next")  # the next compile: cleans up, then replaces
+    assert read_manifest(bundle)["tag"] == "next" and debris(bundle) == []
+
+
+def test_stale_partials_of_killed_compiles_are_cleaned_but_live_ones_kept(tmp_path):
+    bundle = tmp_path / "b.vdopt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".b.vdopt.{dead}.abc123.partial"
+    live = tmp_path / f".b.vdopt.{os.getppid()}.def456.partial"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "junk").write_bytes(b"x" * 100)
+    write_tiny_bundle(bundle, "new")
+    assert not stale.exists() and live.exists()
