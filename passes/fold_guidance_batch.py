@@ -12,6 +12,9 @@ A value is replicated when it is `cat([a] * k, 0)` or `expand(a, [k, ...])` with
 Replication sinks past an op only if the op is on a conservative whitelist of row-wise ops and its
 other tensor inputs broadcast over the batch (scalars, lower rank, or dim 0 of size 1). Values
 that are written in place (directly or through a view) are never moved.
+
+Its guarantee, `guidance_batch_folded`, is checked as a fixed point: the rewrite, run again on the
+output, finds nothing left to fold.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from vdopt.pass_manager import Pass, rewrite_graph
+from vdopt.pass_manager import Pass, editable_module, register_fact, rewrite_graph
 from vdopt.program import StepProgram
 
 aten = torch.ops.aten
@@ -398,6 +401,13 @@ def fold_guidance_batch_graph(module: fx.GraphModule) -> bool:
 
 def fold_guidance_batch(program: StepProgram) -> StepProgram:
     return rewrite_graph(program, fold_guidance_batch_graph)
+
+
+@register_fact("guidance_batch_folded", "no branch-invariant work is left in the guidance batch: "
+                                        "the fold finds nothing more to move")
+def guidance_batch_folded(program: StepProgram) -> bool:
+    with program.tracing():
+        return not fold_guidance_batch_graph(editable_module(program))
 
 
 PASS = Pass(

@@ -23,6 +23,7 @@ rows; it then runs on all rows whenever any row recomputes, still selecting per 
 in the manifest says which).
 Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
 and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
+A step holds one cache: inserting a second is an error, not a no-op (it would cache the cached body).
 
 `forecast=w` (0 < w <= 1) replaces plain reuse by a damped form of TaylorSeer's first-order forecast
 (cache-dit's and diffusers' TaylorSeer calibrator): a row that skips the body at step i gets its last
@@ -44,7 +45,7 @@ from torch import fx, nn
 
 from vdopt.capture import export_step, named_shape, symbol_names
 from vdopt.errors import PassError, first_line
-from vdopt.pass_manager import Pass
+from vdopt.pass_manager import Pass, editable_module, uncached
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
 
@@ -398,17 +399,20 @@ def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -
 
 
 def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProgram:
+    if not uncached(program):
+        existing = program.extras.get("cache", {})
+        raise PassError(f"insert_cache: the program already has a cache (policy {existing.get('policy', '?')}, body blocks "
+                        f"{existing.get('body_blocks', '?')}); a second one would cache the cached body and the first "
+                        f"cache's state. List insert_cache once in the recipe's passes.")
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
-    if program.extras.get("cache"):
-        return program
     params = resolve_params(policy, params)
     if not isinstance(params["forecast"], (int, float)) or not 0 <= params["forecast"] <= 1:
         raise PassError(f"insert_cache: forecast={params['forecast']!r}; expected a weight in [0, 1] "
                         f"(0: reuse the cached residual, 1: TaylorSeer's full first-order forecast).")
     samples = program.example_inputs[0].shape[0] * (2 if program.guidance else 1)
     rule = POLICIES[policy](params, samples, program.num_steps, program.descriptor.patch_size[0])
-    module = program.ep.module()
+    module = editable_module(program)
     module.graph._codegen = fx.graph.CodeGen()
     graph = module.graph
     blocks = block_count(graph, program.descriptor)
@@ -478,4 +482,4 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     )
 
 
-PASS = Pass(name="insert_cache", run=insert_cache, doc=__doc__, requires=("blocks_found",), guarantees=("cached",))
+PASS = Pass(name="insert_cache", run=insert_cache, doc=__doc__, requires=("blocks_found", "uncached"), guarantees=("cached",))

@@ -26,8 +26,10 @@ captured step program:
    mixes the two branches (a reduction over the batch), is an error that names the node.
 
 It must run before `fold_guidance_batch` (a lowering-prep pass, which runs after the recipe's
-passes anyway). Applying it twice with the same parameters changes nothing: a merged weights file
-is recorded by its digest and not merged again.
+passes anyway) and before `insert_cache` (a cache is built for the schedule and the rows it sees).
+Applying it twice with the same parameters changes nothing: a merged weights file is recorded by its
+digest and not merged again. The input program is never written: the merged weights are new tensors
+of the output, so one capture can take a LoRA twice (calibration reuses one capture for every trial).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from torch import fx
 
 from vdopt.errors import PassError
-from vdopt.pass_manager import Pass
+from vdopt.pass_manager import Pass, editable_module
 from vdopt.program import StepProgram
 
 aten = torch.ops.aten
@@ -250,18 +252,36 @@ def lora_updates(state: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
     return updates
 
 
-def swap_weights(module: torch.nn.Module, program: StepProgram, weights: str | Path, lora_scale: float) -> dict[str, Any]:
-    """Writes the distilled weights into `module` (the unlifted program); returns a record."""
+def replace_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Points `module`'s parameter or buffer `name` at `value`. The old tensor is left alone: the
+    unlifted module shares it with the input program (`ExportedProgram.module()` copies no weights)."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    old = getattr(owner, leaf)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
+
+
+def checkpoint(program: StepProgram, weights: str | Path) -> dict[str, torch.Tensor]:
+    """The weights file's tensors: a LoRA as it is, a full state dict in the family's names. Read
+    outside the capture's FakeTensorMode, which cannot hold a file's storage."""
     state, _ = read_weights(weights)
-    state = program.descriptor.checkpoint_state(state) if not is_lora(state) else state
+    return state if is_lora(state) else program.descriptor.checkpoint_state(state)
+
+
+def swap_weights(module: torch.nn.Module, program: StepProgram, state: dict[str, torch.Tensor], weights: str | Path,
+                 lora_scale: float) -> dict[str, Any]:
+    """Gives `module` (the unlifted program) the distilled weights `state` (read from `weights`) as new
+    tensors; returns a record."""
     tables = set(program.step_table)
     params = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if n not in tables}
     index = KeyIndex(list(params), program.descriptor.family)
     lora = is_lora(state)
     updates = lora_updates(state, params, index, lora_scale, weights) if lora else full_state_updates(state, params, index, weights)
-    with torch.no_grad():
-        for name, value in updates.items():
-            params[name].copy_(value.to(params[name].dtype))
+    for name, value in updates.items():
+        replace_tensor(module, name, value.to(params[name].dtype))
     return {"kind": "lora" if lora else "state_dict", "tensors": len(updates), "of": len(params)}
 
 
@@ -619,6 +639,15 @@ def remove_guidance_graph(module: fx.GraphModule, input_names: list[str], batch:
     return True
 
 
+def doubles_latent(program: StepProgram) -> bool:
+    """The guidance batch is in its captured form: the graph concatenates the latent input with itself.
+    After fold_guidance_batch the duplication sits deeper in the network, a form the halver is not tested on."""
+    from vdopt.capture import user_input_nodes
+
+    latent = user_input_nodes(program.ep)[0]
+    return any(node.target is aten.cat.default and list(node.args[0]) == [latent, latent] for node in latent.users)
+
+
 def plain_module(module: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule over the same graph and tensors, called positionally (no exported input spec)."""
     module.graph._codegen = fx.graph.CodeGen()
@@ -630,7 +659,7 @@ def plain_module(module: fx.GraphModule) -> fx.GraphModule:
 def reduce_steps(program: StepProgram, weights: str | None = None, lora_scale: float = 1.0,
                  timesteps: list[float] | None = None, steps: int | None = None, shift: float | None = None,
                  keep_guidance: bool = False) -> StepProgram:
-    
+    """The student's weights, step table and (unless `keep_guidance`) unguided batch; see the module docstring."""
     from vdopt.capture import export_step, io_specs
 
     if timesteps is not None and steps is not None and steps != len(timesteps):
@@ -641,16 +670,19 @@ def reduce_steps(program: StepProgram, weights: str | None = None, lora_scale: f
     table = student_table(program, timesteps, steps, shift) if (timesteps is not None or steps is not None or shift is not None) else None
     table_changed = table is not None and {k: v.tolist() for k, v in table.items()} != program.step_table
     drop_guidance = program.guidance and not keep_guidance
-    if drop_guidance and "guidance_batch_folded" in program.extras.get("guarantees", ()):
-        raise PassError("reduce_steps: run it before fold_guidance_batch (list it in the recipe's passes; lowering-prep passes run after them).")
+    if drop_guidance and not doubles_latent(program):
+        raise PassError("reduce_steps: the guidance batch is not in its captured form (the step no longer runs the "
+                        "denoiser on cat([x, x])): run it before fold_guidance_batch (list it in the recipe's passes; "
+                        "lowering-prep passes run after them).")
     if not (swap or table_changed or drop_guidance):
         return program
     names = [s.name for s in program.inputs]
+    distilled = checkpoint(program, weights) if swap else {}
     with program.tracing():
-        module = program.ep.module()
+        module = editable_module(program)
         record: dict[str, Any] = {}
         if swap:
-            record = swap_weights(module, program, weights, lora_scale)
+            record = swap_weights(module, program, distilled, weights, lora_scale)
         if table_changed:
             set_tables(module, table)
         example = program.example_inputs
@@ -685,6 +717,6 @@ PASS = Pass(
     name="reduce_steps",
     run=reduce_steps,
     doc=__doc__,
-    requires=(),
-    guarantees=("steps_reduced",),
+    requires=("uncached",),
+    guarantees=("step_table_in_graph", "guidance_matches_sampler"),
 )
