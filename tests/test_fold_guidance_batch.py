@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_compare import assert_rewrites_to, assert_same_graph
 from vdopt.capture import capture
 from vdopt.errors import PassError
 from vdopt.pass_manager import PassManager
 from vdopt.passes import load_pass
-from vdopt.passes.fold_guidance_batch import PASS, fold_guidance_batch, fold_guidance_batch_graph
+from vdopt.passes.fold_guidance_batch import PASS, fold_guidance_batch, fold_guidance_batch_graph, guidance_batch_folded
 from vdopt.recipe import parse_recipe
 
 aten = torch.ops.aten
@@ -68,7 +69,10 @@ def test_the_text_path_stays_at_batch_2b(folded):
 def test_records_itself(captured, folded):
     record = folded.passes[-1]
     assert record["name"] == "fold_guidance_batch" and record["nodes_before"] == sum(1 for n in captured.ep.graph.nodes if n.op == "call_function")
-    assert "guidance_batch_folded" in folded.extras["guarantees"]
+
+def test_its_guarantee_is_a_fixed_point(captured, folded):
+    assert PASS.guarantees == ("guidance_batch_folded",)
+    assert not guidance_batch_folded(captured) and guidance_batch_folded(folded)
 
 
 @pytest.mark.parametrize("frames, height, width", [(2, 6, 12), (7, 16, 8)])
@@ -105,20 +109,42 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
 
 
-def exported(forward, *inputs) -> torch.fx.GraphModule:
+def with_forward(forward) -> Linear:
     module = Linear()
     module.forward = forward.__get__(module)
-    return torch.export.export(module, inputs).module()
+    return module
+
+
+def exported(forward, *inputs) -> torch.fx.GraphModule:
+    return torch.export.export(with_forward(forward), inputs).module()
+
+
+def folded_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    assert fold_guidance_batch_graph(module)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def test_a_row_wise_chain_runs_once_and_is_replicated_where_it_leaves():
+    def before(self, x):
+        return (F.silu(F.linear(torch.cat([x, x]), self.weight)) * 2.0,)
+
+    def expected(self, x):
+        h = F.silu(F.linear(x, self.weight)) * 2.0
+        return (torch.cat([h, h], 0),)
+
+    assert_rewrites_to(folded_module, with_forward(before), with_forward(expected), (torch.randn(3, 8),))
 
 
 def test_cat_of_different_tensors_is_left_alone():
     def forward(self, a, b):
         return (F.linear(torch.cat([a, b]), self.weight),)
 
-    module = exported(forward, torch.randn(2, 8), torch.randn(2, 8))
-    before = str(module.graph)
+    inputs = torch.randn(2, 8), torch.randn(2, 8)
+    module = exported(forward, *inputs)
     assert not fold_guidance_batch_graph(module)
-    assert str(module.graph) == before
+    assert_same_graph(module, exported(forward, *inputs))
 
 
 def test_replication_is_materialised_before_batch_mixing_ops():
