@@ -112,6 +112,8 @@ SYMPY_ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositi
 GUARD_ATTRIBUTES = frozenset({"size", "stride", "storage_offset", "dim", "isnan", "inf", "ceil", "floor", "sqrt",
                               "trunc", "shape"})
 GUARD_NAMES = frozenset({"L", "args", "math", "inf", "True", "False", "None"})
+GUARD_CALLABLES = frozenset({"max", "min", "abs", "int", "float", "round", "bool", "len",
+                             "cast_symbool_to_symint_guardless"})
 _ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.LShift, ast.RShift,
                ast.BitAnd, ast.BitOr, ast.BitXor)
 
@@ -156,7 +158,7 @@ def check_torch_expression(text: str, guard: bool = False) -> None:
         elif isinstance(node, ast.Call):
             func = node.func
             if isinstance(func, ast.Name):
-                if func.id not in SYMPY_CALLABLES:
+                if func.id not in SYMPY_CALLABLES and not (guard and func.id in GUARD_CALLABLES):
                     raise ValueError(f"call of '{func.id}'")
             elif guard and isinstance(func, ast.Attribute) and func.attr in GUARD_ATTRIBUTES:
                 check(func.value)
