@@ -471,6 +471,14 @@ def test_zip_slip_member_in_aoti_package(tmp_path, capsys, aoti_bundle, copy_of,
     assert not Path("/tmp/vdopt_SLIPPED_abs").exists() and not (tmp_path / "v.pt").exists()
 
 
+def test_an_aoti_package_given_as_a_program_is_refused(tmp_path, capsys, aoti_bundle):
+    """torch.export.load would dlopen the package's .so (native code runs on load)."""
+    package = aoti_bundle / package_name(aoti_bundle)
+    recipe = write_recipe(tmp_path / "r.yaml", layout="exported_program")
+    message = refused(capsys, ["compile", str(recipe), str(package), "-o", str(tmp_path / "out.vdopt")])
+    assert "AOTInductor native code" in message and "--trust-pickle" in message
+
+
 # ----- inspect never loads code --------------------------------------------------------------------
 
 def test_inspect_never_loads_code(tmp_path, capsys, monkeypatch, wan_bundle, aoti_bundle, tiny_program):

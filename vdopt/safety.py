@@ -304,7 +304,10 @@ def check_guards(ep: torch.export.ExportedProgram, path: Path) -> None:
 def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> torch.export.ExportedProgram:
     """`torch.export.load` that runs nothing from the file unless `trust_pickle` (see the module doc)."""
     path = Path(path)
-    check_zip_members(path, "torch.export archive")
+    names = check_zip_members(path, "torch.export archive")
+    native = next((n for n in names if "data/aotinductor/" in n), None)
+    if native is not None and not trust_pickle:  # torch.export.load dlopens an AOTI package's .so
+        raise _refusal(path, f"AOTInductor native code ({native})")
     if trust_pickle:
         return torch.export.load(str(path))
     try:
