@@ -405,6 +405,35 @@ def test_out_of_bundle_paths(tmp_path, capsys, wan_bundle, copy_of, tiny_program
         read_manifest(bundle)
 
 
+@pytest.mark.parametrize("location", ["/etc/hostname", "../../outside.bin", "unlisted.bin"])
+def test_onnx_external_data_outside_the_bundle(tmp_path, capsys, wan_bundle, copy_of, location):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bundle = copy_of(wan_bundle)
+    (tmp_path / "outside.bin").write_bytes(b"secret!!")
+    (bundle / "segments" / "unlisted.bin").write_bytes(b"secret!!")
+    weight = numpy_helper.from_array(np.zeros(4, dtype=np.uint8), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(bundle / "segments" / "step_0.onnx"))
+    (bundle / segment_name(bundle)).unlink()
+    listed = ("segments/step_0.onnx",) + (("segments/unlisted.bin",) if location != "unlisted.bin" else ())
+    reseal(bundle, lambda m: (m["segments"][0].update(backend="onnx", files=["segments/step_0.onnx"]),
+                              m["checksums"].pop(segment_name(wan_bundle))), files=listed)
+    if location == "unlisted.bin":  # present in the directory but not listed: refused as unlisted already
+        (bundle / "segments" / "unlisted.bin").unlink()
+    message = refused(capsys, run_argv(bundle, tmp_path))
+    assert location in message or "outside the bundle" in message, message
+    assert not (tmp_path / "v.pt").exists()
+
+
 # ----- AOTI packages: swapped .so, zip-slip ------------------------------------------------------
 
 def package_name(bundle: Path) -> str:

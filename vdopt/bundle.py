@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from vdopt.errors import BundleError
@@ -228,11 +228,11 @@ def check_paths(bundle_dir: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(f"{bundle_dir}: the manifest's checksums are not a map of file names to sha256 digests; it was "
                           f"edited. Recompile the bundle.")
     for name in checksums:
-        confined_path(bundle_dir, name, "checksum name")
+        confined_path(bundle_dir, name, "the manifest's checksum name")
         if name in (MANIFEST, MANIFEST_CHECKSUM):
             raise BundleError(f"{bundle_dir}: the manifest lists {name} among its checksums; it was edited. Recompile.")
     for where, name in named_files(manifest):
-        confined_path(bundle_dir, name, where)
+        confined_path(bundle_dir, name, f"the manifest's {where}")
         if name not in checksums:
             raise UnsafeInputError(
                 f"{bundle_dir}: {where} names '{name}', which has no entry in the manifest's checksums, so it cannot "
@@ -319,4 +319,25 @@ def bundle_file(bundle_dir: str | Path, name: str, manifest: dict[str, Any]) -> 
     bundle_dir = Path(bundle_dir)
     if name not in manifest["checksums"]:
         raise UnsafeInputError(f"{bundle_dir}: '{name}' has no checksum in the manifest; it will not be loaded. Recompile.")
-    return confined_path(bundle_dir, name, "file")
+    return confined_path(bundle_dir, name, "the manifest's file")
+
+
+def check_onnx_external_data(bundle_dir: str | Path, name: str, manifest: dict[str, Any]) -> None:
+    """An ONNX file's external tensor data must be checksummed files of the bundle, not paths elsewhere."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    bundle_dir = Path(bundle_dir)
+    try:
+        model = onnx.load(str(bundle_file(bundle_dir, name, manifest)), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types on damaged input
+        raise BundleError(f"{bundle_dir}: {name} is not a readable ONNX model ({type(exc).__name__}); recompile the bundle.") from None
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = location if PurePosixPath(location).is_absolute() else (PurePosixPath(name).parent / location).as_posix()
+        confined_path(bundle_dir, target, f"{name}'s external data of tensor '{tensor.name}',")
+        if target not in manifest["checksums"]:
+            raise UnsafeInputError(f"{bundle_dir}: {name} reads tensor '{tensor.name}' from '{location}', which is not a "
+                                   f"checksummed file of the bundle. The model was edited; recompile the bundle.")

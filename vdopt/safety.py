@@ -334,7 +334,7 @@ def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> to
 def confined_path(root: Path, name: Any, what: str) -> Path:
     """`root / name` after checking that `name` is a relative path inside `root`: no absolute path,
     no `..`, no backslash, and no symlink anywhere on the way (so it cannot resolve elsewhere)."""
-    where = f"{root}: the manifest's {what}"
+    where = f"{root}: {what}"
     if not isinstance(name, str) or not name or "\x00" in name:
         raise UnsafeInputError(f"{where} {name!r} is not a file name; the manifest was edited. Recompile the bundle.")
     pure = PurePosixPath(name)

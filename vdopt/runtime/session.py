@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from vdopt.bundle import bundle_file, read_manifest
+from vdopt.bundle import bundle_file, check_onnx_external_data, read_manifest
 from vdopt.errors import RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
@@ -106,6 +106,8 @@ class Session:
     def load(self, backend_name: str, files: list[str]) -> Callable:
         """A segment's runner; its files are the manifest's names, each confined to the bundle and checksummed."""
         paths = [bundle_file(self.path, f, self.manifest) for f in files]
+        for name in (f for f in files if f.endswith(".onnx")):
+            check_onnx_external_data(self.path, name, self.manifest)
         return get_backend(backend_name).load(self.path, [p.relative_to(self.path).as_posix() for p in paths], self.device)
 
     def runner(self, segment: dict[str, Any]) -> Callable:
