@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from graph_compare import assert_ops, op_counts
 from vdopt.capture import capture
 from vdopt.compiler import compile_bundle
 from vdopt.errors import PassError
@@ -73,9 +74,37 @@ def test_static_height_and_width_make_the_cache_linear_in_frames():
     assert after.state[0].shape == (2, "16*frames", 16)
 
 
-def test_idempotent(wan):
+def in_body(node) -> bool:
+    """The node computes part of block 1, the body of the tiny Wan's cache (blocks [1, 2))."""
+    return any(path.endswith("blocks.1") for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
+def branches(program) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The compute and reuse branches of the program's one conditional."""
+    cond = next(n for n in program.ep.graph.nodes if n.target is torch.ops.higher_order.cond)
+    return tuple(getattr(program.ep.graph_module, branch.target) for branch in cond.args[1:3])
+
+
+def test_the_body_moves_into_the_compute_branch(wan):
+    """One conditional is added; every op of the body leaves the step's graph for the compute branch
+    (which adds the row gather and scatter around it); the reuse branch runs no block op."""
+    after = cached(wan, policy="first_blocks")
+    body = op_counts(wan, in_body)
+    compute, reuse = branches(after)
+    assert body["aten.linear.default"] == 10 and not op_counts(after, in_body)
+    assert_ops(after, {"higher_order.cond": 1, "aten.linear.default": op_counts(wan)["aten.linear.default"] - 10,
+                       "aten.scaled_dot_product_attention.default": op_counts(wan)["aten.scaled_dot_product_attention.default"] - 2})
+    assert_ops(compute, body, at_least=True)
+    assert_ops(compute, {"aten.linear.default": 10, "aten.index_copy.default": 2})
+    assert_ops(reuse, {"aten.linear.default": 0, "aten.scaled_dot_product_attention.default": 0})
+
+
+def test_a_second_cache_is_an_error_that_says_why(wan):
     once = cached(wan, policy="first_blocks")
-    assert INSERT_CACHE.run(once, policy="first_blocks") is once
+    with pytest.raises(PassError, match=r"already has a cache \(policy first_blocks, body blocks \[1, 2\]\).*would cache the cached body"):
+        INSERT_CACHE.run(once, policy="static")
+    with pytest.raises(PassError, match=r"pass 'insert_cache' requires uncached \(no cache is inserted yet"):
+        cached(once, policy="first_blocks")
 
 
 @pytest.mark.parametrize("params, message", [
