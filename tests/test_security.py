@@ -537,6 +537,20 @@ def test_inspect_prints_the_verify_record(tmp_path, capsys, wan_bundle, copy_of)
     assert "accuracy: shape 0.98; colour 1.0" in out and "budget: psnr_min 30" in out
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m["latent"].update(dtype="os.system"), lambda m: m["latent"].update(multiples=[1, 0]),
+    lambda m: m["segments"][0].update(dims="everything"), lambda m: m["inputs"][0].update(dtype=None),
+    lambda m: m["state"].append("x"), lambda m: m.update(num_steps=-1), lambda m: m.pop("latent"),
+    lambda m: m["segments"][0].update(files="segments/step_0.pt2"), lambda m: m.update(segments={"a": 1}),
+    lambda m: m["checksums"].update({"segments/step_0.pt2": "not a digest"}),
+])
+def test_edited_manifest_fields_are_one_paragraph(tmp_path, capsys, wan_bundle, copy_of, edit):
+    bundle = copy_of(wan_bundle)
+    reseal(bundle, edit)
+    message = refused(capsys, run_argv(bundle, tmp_path))
+    assert "manifest" in message and "recompile" in message.lower()
+
+
 @pytest.mark.parametrize("damage", ["[]", "{" * 100000, json.dumps({"schema_version": 1}), "\xff\xfe", "x" * 100])
 def test_damaged_manifest_with_matching_checksum_is_one_paragraph(tmp_path, capsys, wan_bundle, copy_of, damage):
     bundle = copy_of(wan_bundle)

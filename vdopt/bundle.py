@@ -278,12 +278,80 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
         raise BundleError(f"{path}: manifest schema {manifest['schema_version']}, this vdopt reads {SCHEMA_VERSION}; recompile.")
     if not isinstance(manifest["segments"], list) or not all(isinstance(s, dict) for s in manifest["segments"]):
         raise BundleError(f"{path}: the manifest's segments are not a list of objects; it was edited. Recompile the bundle.")
+    check_schema(path, manifest)
     check_paths(bundle_dir, manifest)
     check_shapes(bundle_dir, manifest)
     check_unlisted(bundle_dir, manifest)
     if verify:
         verify_checksums(bundle_dir, manifest)
     return manifest
+
+
+def check_schema(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields the runtime reads have the types it expects (extra keys are allowed), so an edited
+    manifest is a one-paragraph error here rather than a KeyError or TypeError deep in a run."""
+    from vdopt.program import DTYPES
+
+    problems: list[str] = []
+
+    def expect(ok: bool, where: str, what: str) -> bool:
+        if not ok:
+            problems.append(f"{where} should be {what}")
+        return ok
+
+    def is_int(value: Any, low: int = 0) -> bool:
+        return type(value) is int and value >= low
+
+    def tensor_list(specs: Any, where: str, state: bool = False) -> None:
+        if expect(isinstance(specs, list), where, "a list"):
+            for i, spec in enumerate(specs):
+                here = f"{where}[{i}]"
+                if expect(isinstance(spec, dict), here, "an object"):
+                    expect(isinstance(spec.get("name"), str), f"{here}.name", "a string")
+                    expect(spec.get("dtype") in DTYPES, f"{here}.dtype", f"one of {', '.join(DTYPES)}")
+                    if state:
+                        expect(spec.get("init", "zeros") in ("zeros", "ones"), f"{here}.init", "zeros or ones")
+
+    for key in ("inputs", "outputs"):
+        tensor_list(manifest.get(key), key)
+    tensor_list(manifest.get("state"), "state", state=True)
+    expect(isinstance(manifest.get("family"), str), "family", "a string")
+    latent = manifest.get("latent")
+    if "latent" in manifest and expect(isinstance(latent, dict), "latent", "an object"):
+        expect(is_int(latent.get("batch"), 1), "latent.batch", "a positive int")
+        expect(is_int(latent.get("channels"), 1), "latent.channels", "a positive int")
+        expect(latent.get("dtype") in DTYPES, "latent.dtype", f"one of {', '.join(DTYPES)}")
+        multiples = latent.get("multiples")
+        expect(isinstance(multiples, list) and len(multiples) == 3 and all(is_int(m, 1) for m in multiples),
+               "latent.multiples", "three positive ints")
+        sizes = latent.get("default_sizes")
+        expect(isinstance(sizes, dict) and all(is_int(sizes.get(k), 1) for k in ("frames", "height", "width")),
+               "latent.default_sizes", "positive ints for frames, height and width")
+    if "num_steps" in manifest:
+        expect(is_int(manifest["num_steps"]), "num_steps", "a non-negative int")
+    if "guidance" in manifest:
+        expect(isinstance(manifest["guidance"], bool), "guidance", "true or false")
+    for i, segment in enumerate(manifest["segments"]):
+        here = f"segments[{i}]"
+        expect(isinstance(segment.get("name"), str), f"{here}.name", "a string")
+        expect(isinstance(segment.get("backend"), str), f"{here}.backend", "a string")
+        files = segment.get("files", [])
+        expect(isinstance(files, list) and all(isinstance(f, str) for f in files), f"{here}.files", "a list of file names")
+        dims = segment.get("dims", {})
+        expect(isinstance(dims, dict) and all(k in ("frames", "height", "width") and isinstance(v, list) and len(v) == 2
+                                              and all(is_int(x) for x in v) for k, v in dims.items()),
+               f"{here}.dims", "latent dim names mapped to [min, max] ints")
+        for j, part in enumerate(segment.get("parts") or []):
+            if expect(isinstance(part, dict), f"{here}.parts[{j}]", "an object"):
+                pfiles = part.get("files", [])
+                expect(isinstance(pfiles, list) and all(isinstance(f, str) for f in pfiles), f"{here}.parts[{j}].files",
+                       "a list of file names")
+                tensor_list(part.get("inputs", []), f"{here}.parts[{j}].inputs")
+                tensor_list(part.get("outputs", []), f"{here}.parts[{j}].outputs")
+    if problems:
+        raise BundleError(f"{path}: the manifest does not have the form this vdopt reads: {'; '.join(problems[:3])}"
+                          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. It was edited or written "
+                          f"by another version; recompile the bundle.")
 
 
 def check_unlisted(bundle_dir: Path, manifest: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vdopt.bundle import bundle_file, check_onnx_external_data, read_manifest
-from vdopt.errors import RunInputError
+from vdopt.errors import BundleError, RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
 from vdopt.program import DTYPES, LATENT_DIMS, StateSpec, TensorSpec, resolve_size
@@ -35,6 +35,10 @@ class Session:
         # (ARCHITECTURE contract 7, trust model). verify=False skips only hashing the files' contents.
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=verify)
+        missing = [key for key in ("latent", "num_steps", "guidance") if key not in self.manifest]
+        if missing:
+            raise BundleError(f"{self.path}: the manifest lacks {', '.join(missing)}, which running needs; it was written "
+                              f"by another tool or version. Recompile the bundle.")
         self.device = device
         self.inputs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
         self.state_specs = [StateSpec.from_json(s) for s in self.manifest["state"]]
