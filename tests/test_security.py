@@ -196,14 +196,18 @@ def crafted_programs(tiny: Path, directory: Path, marker: Path) -> dict[str, Pat
     def guard(graph):  # ExportedProgram.module() execs guards_code
         graph["guards_code"] = [f"open({str(marker)!r}, 'w') is not None"]
 
+    def guard_string_breakout(graph):  # a plain comparison whose string, pasted into torch's quoted message, is code
+        graph["guards_code"] = [f"L['x'].size()[0] >= 0 or 'a\"+str(open(\"{marker}\", \"w\"))+\"b' == 'a'"]
+
     for name, edit in (("sample_inputs", sample_inputs), ("pickled_weight", weights),
-                       ("sympy_string", edit_graph_json(sympy_string)), ("guard_code", edit_graph_json(guard))):
+                       ("sympy_string", edit_graph_json(sympy_string)), ("guard_code", edit_graph_json(guard)),
+                       ("guard_string_breakout", edit_graph_json(guard_string_breakout))):
         out[name] = directory / f"{name}.pt2"
         rewrite_zip(tiny, out[name], edit)
     return out
 
 
-ATTACKS = ("sample_inputs", "pickled_weight", "sympy_string", "guard_code")
+ATTACKS = ("sample_inputs", "pickled_weight", "sympy_string", "guard_code", "guard_string_breakout")
 
 
 @pytest.mark.parametrize("attack", ATTACKS)

@@ -114,6 +114,7 @@ GUARD_ATTRIBUTES = frozenset({"size", "stride", "storage_offset", "dim", "isnan"
 GUARD_NAMES = frozenset({"L", "args", "math", "inf", "True", "False", "None"})
 GUARD_CALLABLES = frozenset({"max", "min", "abs", "int", "float", "round", "bool", "len",
                              "cast_symbool_to_symint_guardless"})
+GUARD_STRING = re.compile(r"[\w .:\-]*")
 _ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.LShift, ast.RShift,
                ast.BitAnd, ast.BitOr, ast.BitXor)
 
@@ -152,6 +153,8 @@ def check_torch_expression(text: str, guard: bool = False) -> None:
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float, bool, str)) and node.value is not None:
                 raise ValueError(f"constant {node.value!r}")
+            if guard and isinstance(node.value, str) and not GUARD_STRING.fullmatch(node.value):
+                raise ValueError(f"string {node.value[:40]!r}")  # torch pastes guards into a quoted message
         elif isinstance(node, ast.Name):
             if not (_is_symbol_name(node.id) or (guard and node.id in GUARD_NAMES)):
                 raise ValueError(f"name '{node.id}'")
@@ -301,6 +304,37 @@ def check_guards(ep: torch.export.ExportedProgram, path: Path) -> None:
             raise _refusal(path, f"an input guard '{str(guard)[:80]}' that is not a plain comparison ({exc})") from None
 
 
+@contextlib.contextmanager
+def _checked_guard_functions() -> Iterator[None]:
+    """Within: `ExportedProgram.module()` checks the guard code it is about to `exec` (the archive's
+    guards plus those torch derives from the archive's inputs, before and after it substitutes the
+    input paths) against the guard grammar."""
+    import torch.export._unlift as unlift
+    from torch.utils import _pytree as pytree
+
+    real = unlift._convert_guards_code_to_fn
+
+    def convert(guards_code, paths_of_placeholders):
+        for code in guards_code:
+            actual, shadow = code, code
+            try:
+                for index, path in enumerate(paths_of_placeholders):
+                    actual = actual.replace("L" + pytree.keystr(path), f"args[{index}]")
+                    shadow = shadow.replace("L" + pytree.keystr(path), path[0].key + pytree.keystr(path[1:]))
+                for text in (code, actual, shadow):
+                    check_torch_expression(text, guard=True)
+            except (ValueError, AttributeError, TypeError) as exc:
+                raise _Refused(f"an input guard '{str(code)[:80]}' that is not a plain comparison ({exc})") from None
+        return real(guards_code, paths_of_placeholders)
+
+    with _LOAD_LOCK:
+        unlift._convert_guards_code_to_fn = convert
+        try:
+            yield
+        finally:
+            unlift._convert_guards_code_to_fn = real
+
+
 def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> torch.export.ExportedProgram:
     """`torch.export.load` that runs nothing from the file unless `trust_pickle` (see the module doc)."""
     path = Path(path)
@@ -326,6 +360,11 @@ def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> to
             cause = cause.__cause__ or cause.__context__
         raise
     check_guards(ep, path)
+    try:  # build the runnable module once with the generated guard code checked; later .module() calls
+        with _checked_guard_functions():  # derive the same code from the same program
+            ep.module()
+    except _Refused as exc:
+        raise _refusal(path, str(exc)) from None
     return ep
 
 
