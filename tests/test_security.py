@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 
 from vdopt.bundle import MANIFEST, MANIFEST_CHECKSUM, read_manifest, staged_bundle
 from vdopt.cli import main as vdopt_main
-from vdopt.errors import BundleError, VdoptError
 from vdopt.program import resolve_size
 from vdopt.safety import UnsafeInputError, check_torch_expression, load_exported_program, shape_expression
 
