@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("model", nargs="?", help="checkpoint (.safetensors/.pt state dict), diffusers folder, or .pt2; omitted: random weights")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write, e.g. out.vdopt")
-    p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow running code from the model file: a pickled nn.Module, or a .pt2 whose pickles, "
+                        "size strings or guards are not plain data (only for files you trust)")
     p.add_argument("--dump-ir", metavar="DIR", help="write a readable graph after every pass")
     p.add_argument("--force", action="store_true", default=False,
                    help="replace an existing bundle at -o (swapped in atomically once the new one is complete); "
