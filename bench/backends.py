@@ -168,7 +168,8 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": "python bench/backends.py " + " ".join(
             f"--{k.replace('_', '-')} {json.dumps(v) if k == 'note' else v}" for k, v in vars(args).items()
-            if k in ("backends", "rounds", "repeat", "warmup", "threads", "device", "note") and v not in ("", None)),
+            if k in ("backends", "rounds", "repeat", "warmup", "threads", "device", "note") and v not in ("", None))
+        + ("" if Path(args.json).resolve() == (ROOT / "bench" / "results" / "backends.json") else f" --json {args.json}"),
         "recipe": str(Path(args.recipe).resolve().relative_to(ROOT)) if Path(args.recipe).resolve().is_relative_to(ROOT) else args.recipe,
         "weights": str(Path(args.weights).resolve().relative_to(ROOT)) if Path(args.weights).resolve().is_relative_to(ROOT) else args.weights,
         "prompt": PROMPT, "step": i, "device": args.device, "torch": torch.__version__,
