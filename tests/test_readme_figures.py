@@ -1,0 +1,354 @@
+"""Every figure in the README comes from a results file (issue 14, "What it must show" 5).
+
+Cheap: reads README.md and the JSON files in bench/results/, runs nothing. It fails when
+  * the README names a `bench/results/*.json` file that does not exist or is not valid JSON;
+  * a table of figures (cells with ×, %, dB or a decimal number) is neither registered below with
+    the results file and keys that back it nor listed in NOT_BACKED with the reason;
+  * a registered table cites no results file in its section, cites another one, or a figure in it
+    differs from the results file by more than one unit of its last printed digit;
+  * a registered table has a column of figures the registry does not map to a key, or a row the
+    results file does not have.
+When a bench is re-run, update the README table from its JSON (or the mapping here, if the table's
+columns change); when a NOT_BACKED table gets a results file, move it to TABLES.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS_PATH = re.compile(r"bench/results/[\w.-]+\.json")
+FIGURE = re.compile(r"\d×|\d\s?%|\d\s?dB|\d\.\d")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+# ----- reading the README ---------------------------------------------------------------------
+
+@dataclass
+class Table:
+    section: str  # the nearest heading above the table
+    section_text: str  # that section, heading to next heading
+    header: list[str]
+    rows: list[list[str]]
+    line: int
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def sections(text: str) -> list[tuple[str, int, list[str]]]:
+    """(heading, first line number, lines) for every heading of any level (text before the first: '')."""
+    out, heading, start, lines, fenced = [], "", 1, [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and re.match(r"#+ ", line):
+            out.append((heading, start, lines))
+            heading, start, lines = line.lstrip("#").strip(), n, []
+        lines.append(line)
+    out.append((heading, start, lines))
+    return out
+
+
+def tables(text: str) -> list[Table]:
+    found = []
+    for heading, start, lines in sections(text):
+        section_text = "\n".join(lines)
+        block: list[tuple[int, str]] = []
+        for n, line in enumerate(lines + [""], start):
+            if line.lstrip().startswith("|"):
+                block.append((n, line))
+                continue
+            if len(block) >= 3:
+                found.append(Table(heading, section_text, cells(block[0][1]), [cells(b) for _, b in block[2:]], block[0][0]))
+            block = []
+    return found
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in NUMBER.findall(cell)]
+
+
+def close(shown: str, value: float) -> bool:
+    """`shown` is `value` printed with some digits: allow one unit of the last digit (rounding or truncation)."""
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown) - value) <= 10.0 ** -decimals + 1e-9
+
+
+def load(path: str):
+    return json.loads((ROOT / path).read_text())
+
+
+# ----- what backs each table of figures ---------------------------------------------------------
+
+Getter = Callable[[dict], list[float]]
+
+
+@dataclass
+class Spec:
+    """A README table of figures and the results file behind it.
+
+    `header`: words the table's first header cell and the header as a whole contain (identifies it).
+    `rows(data, cells)`: the results-file record of a README row (None: the row is not in the file).
+    `columns`: header cell -> the numbers that cell shows, from the record, in order.
+    """
+
+    name: str
+    header: tuple[str, ...]
+    file: str
+    rows: Callable[[dict, list[str]], dict | None]
+    columns: dict[str, Getter]
+    unbacked_rows: dict[str, str] = field(default_factory=dict)  # row label prefix -> why
+    unordered: frozenset[str] = frozenset()  # columns whose numbers are compared as sorted lists
+
+
+def backends_row(data: dict, row: list[str]) -> dict | None:
+    return {r["backend"]: r for r in data["rows"]}.get(row[0].strip("`* "))
+
+
+def steps_row(data: dict, row: list[str]) -> dict | None:
+    for config in data["configs"]:
+        if config["backend"] == row[0].strip("`* ") and str(config["batch"]) == row[1].strip("`* "):
+            return config
+    return None
+
+
+CACHE_ROWS = {
+    "uncached": "uncached",
+    "static": "static:max_reuse=-1,first=0",
+    "static + forecast": "static:max_reuse=-1,first=0,forecast=1",
+    "first_blocks": "first_blocks:max_reuse=10",
+    "adacache (MoReg)": "adacache",
+    "adacache, no MoReg": "adacache:moreg=false",
+    "teacache": "teacache:max_reuse=10,first=0",
+    "teacache + forecast": "teacache:max_reuse=10,first=0,forecast=0.5",
+    "body never runs (floor)": "floor",
+}
+
+
+def cache_row(data: dict, row: list[str]) -> dict | None:
+    key = CACHE_ROWS.get(row[0].strip("* "))
+    return data["rows"].get(key) if key else None
+
+
+def cache_params(record: dict) -> list[float]:
+    """The calibrated parameters the README shows: numbers only (not the policy, codebook or moreg flag),
+    without max_reuse -1 (unlimited); none for the uncached run and the floor."""
+    params = record["params"]
+    if params is None or record["body_evals_saved"] == 1.0:
+        return []
+    return [float(v) for k, v in params.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (k == "max_reuse" and v == -1)]
+
+
+def pct(*keys: str) -> Getter:
+    def get(record: dict) -> list[float]:
+        out = []
+        for key in keys:
+            value = record
+            for part in key.split("."):
+                value = value[part]
+            out.append(100 * value)
+        return out
+
+    return get
+
+
+SPECS = [
+    Spec("backend step time", ("backend", "ms / step"), "bench/results/backends.json", backends_row, {
+        "ms / step: median": lambda r: [r["ms_per_step_median"]],
+        "mean": lambda r: [r["ms_per_step_mean"]],
+        "worst": lambda r: [r["ms_per_step_worst"]],
+        "speedup vs eager diffusers: median": lambda r: [r["speedup_vs_eager"]],
+        "mean of rounds": lambda r: [r["speedup_vs_eager_mean"]],
+        "worst round": lambda r: [r["speedup_vs_eager_worst_round"]],
+    }),
+    Spec("step reduction wall clock", ("backend", "clips per call"), "bench/results/steps.json", steps_row, {
+        "teacher s / clip": lambda c: [c["rows"]["teacher"]["seconds_median"]],
+        "student s / clip": lambda c: [c["rows"]["student"]["seconds_median"]],
+        "speedup: median": lambda c: [c["speedup"]],
+        "mean of rounds": lambda c: [c["speedup_per_round_mean"]],
+        "worst round": lambda c: [c["speedup_worst_round"]],
+    }),
+    Spec("caching policies", ("policy", "body evaluations saved"), "bench/results/cache.json", cache_row, {
+        "params": cache_params,
+        "body evaluations saved": pct("body_evals_saved"),
+        "steps with no body": pct("steps_without_body"),
+        "wall-clock speedup": lambda r: [r["speedup"]] + ([r["seconds_median"]] if r["params"] is None else []),
+        "PSNR vs uncached": lambda r: [r["psnr_db"]] if "psnr_db" in r else [],
+        "SSIM": lambda r: [r.get("ssim", 1.0)],
+        "accuracy shape / colour / direction": pct("accuracy.shape", "accuracy.colour", "accuracy.direction"),
+        "FVD-MS vs real (floor 1.5)": lambda r: [r["fvd_ms_vs_real"]],
+    }, unordered=frozenset({"params"})),
+]
+
+# Tables of figures that no results file backs yet, with why (listed in the README's own words where
+# the section says so). A table here is not checked; the test fails if it disappears from the
+# README (then drop it here) so the list stays honest.
+NOT_BACKED = {
+    ("forecast weight", "0 (reuse)"):
+        "vdopt calibrate sweep printed to the terminal; no results file was written (its command is in the README)",
+    ("program", "evals / clip"):
+        "vdopt eval student/teacher runs (256 clips) whose JSON was not kept; the wall-clock cell of the shipped "
+        "student is checked against bench/results/steps_quiet_aoti_batch1.json by test_student_wall_clock_cell",
+    ("sampling", "shape"):
+        "vdopt eval teacher runs (256 clips) whose JSON was not kept",
+}
+
+# Tables with decimals that are settings, not measurements.
+NOT_FIGURES = {("policy", "decision per (sample, branch) row")}
+
+
+def matches(header: list[str], words: tuple[str, ...]) -> bool:
+    return header[0] == words[0] and all(any(w in h for h in header) for w in words[1:])
+
+
+def figure_tables() -> list[Table]:
+    return [t for t in tables(README.read_text()) if any(FIGURE.search(c) for row in t.rows for c in row[1:])
+            and not any(matches(t.header, key) for key in NOT_FIGURES)]
+
+
+# ----- tests --------------------------------------------------------------------------------------
+
+def test_parser_finds_the_tables():
+    """The checks below are only as good as the table parser: it must see the known figure tables."""
+    found = figure_tables()
+    for spec in SPECS:
+        assert any(matches(t.header, spec.header) for t in found), f"README has no table like {spec.header}"
+    assert len(found) >= len(SPECS)
+
+
+@pytest.mark.parametrize("path", sorted(set(RESULTS_PATH.findall(README.read_text()))))
+def test_cited_results_files_exist_and_parse(path):
+    assert (ROOT / path).is_file(), f"README cites {path}, which does not exist"
+    data = load(path)
+    assert isinstance(data, dict) and data, f"{path} holds no results object"
+
+
+def test_every_figure_table_is_backed_or_listed():
+    unaccounted = [f"README line {t.line} ({t.section}): | {' | '.join(t.header)} |" for t in figure_tables()
+                   if not any(matches(t.header, s.header) for s in SPECS)
+                   and not any(matches(t.header, key) for key in NOT_BACKED)]
+    assert not unaccounted, ("tables of figures with no results file behind them (add the file and a Spec in "
+                             "tests/test_readme_figures.py, or list them in NOT_BACKED with the reason):\n" + "\n".join(unaccounted))
+
+
+def test_not_backed_list_is_current():
+    headers = [t.header for t in figure_tables()]
+    stale = [key for key in NOT_BACKED if not any(matches(h, key) for h in headers)]
+    assert not stale, f"NOT_BACKED lists tables the README no longer has: {stale}"
+
+
+def check(spec: Spec, table: Table, data: dict) -> list[str]:
+    """What in `table` the results file `data` does not back."""
+    problems = []
+    for column, head in enumerate(table.header):
+        has_figures = any(FIGURE.search(row[column]) for row in table.rows if column < len(row))
+        if column > 0 and head not in spec.columns and has_figures:
+            problems.append(f"column '{head}' holds figures that no results key backs")
+    for row in table.rows:
+        label = row[0]
+        if any(label.strip("* ").startswith(prefix) for prefix in spec.unbacked_rows):
+            continue
+        record = spec.rows(data, row)
+        if record is None:
+            problems.append(f"row '{label}' is not in {spec.file}")
+            continue
+        for column, head in enumerate(table.header):
+            if head not in spec.columns or column >= len(row):
+                continue
+            shown = NUMBER.findall(row[column])
+            expected = spec.columns[head](record)
+            if head in spec.unordered:
+                shown, expected = sorted(shown, key=float), sorted(expected)
+            if len(shown) != len(expected) or not all(close(s, v) for s, v in zip(shown, expected)):
+                problems.append(f"row '{label}', column '{head}': README shows {row[column]!r}, "
+                                f"{spec.file} has {[round(v, 4) for v in expected]}")
+    return problems
+
+
+def table_for(spec: Spec) -> Table:
+    return next(t for t in figure_tables() if matches(t.header, spec.header))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_table_figures_match_results_file(spec):
+    table = table_for(spec)
+    cited = set(RESULTS_PATH.findall(table.section_text))
+    assert spec.file in cited, f"the README section '{table.section}' does not cite {spec.file} (cites {sorted(cited)})"
+    problems = check(spec, table, load(spec.file))
+    assert not problems, f"README table '{spec.name}' (line {table.line}) against {spec.file}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_a_stale_figure_fails(spec):
+    """The check must be able to fail: each figure column, edited away from its results file, is caught."""
+    table = table_for(spec)
+    data = load(spec.file)
+    for column, head in enumerate(table.header):
+        if head not in spec.columns:
+            continue
+        row = next(r for r in table.rows if spec.rows(data, r) is not None and NUMBER.search(r[column]))
+        stale = [list(r) for r in table.rows]
+        i = table.rows.index(row)
+        stale[i][column] = NUMBER.sub(lambda m: f"{float(m.group()) * 1.3 + 1:.2f}", row[column], count=1)
+        problems = check(spec, Table(table.section, table.section_text, table.header, stale, table.line), data)
+        assert any(f"column '{head}'" in p for p in problems), (head, stale[i][column])
+    missing = Table(table.section, table.section_text, table.header, [["no such row"] + table.rows[0][1:]], table.line)
+    assert any("is not in" in p for p in check(spec, missing, data))
+
+
+def test_student_wall_clock_cell():
+    """The shipped student's wall-clock cell in the step-reduction quality table is the quiet aoti, batch-1 run's."""
+    table = next(t for t in figure_tables() if matches(t.header, ("program", "evals / clip")))
+    column = next(i for i, h in enumerate(table.header) if h.startswith("wall clock"))
+    assert "aoti" in table.header[column]
+    row = next(r for r in table.rows if "(shipped)" in r[0])
+    config = load("bench/results/steps_quiet_aoti_batch1.json")
+    shown = NUMBER.findall(row[column])
+    assert len(shown) == 1 and close(shown[0], config["speedup"]), (row[column], config["speedup"])
+
+
+def test_close_is_strict_enough():
+    """The tolerance is one unit of the last printed digit, no more: a stale figure fails."""
+    assert close("22.2", 22.187) and close("2511", 2511.5)
+    assert not close("22.2", 24.2) and not close("1.66", 1.70) and not close("469.7", 279.8)
+
+
+def test_earlier_quiet_step_runs_are_their_files():
+    """The quiet-machine wall-clock figures quoted in the step-reduction text are those of their files."""
+    text = README.read_text()
+    quiet = load("bench/results/steps_quiet_aoti_batch1.json")
+    onnx4 = load("bench/results/steps_onnx_batch4.json")
+    assert (quiet["backend"], quiet["batch"], onnx4["backend"], onnx4["batch"]) == ("aoti", 1, "onnx", 4)
+    sentence = re.search(r"AOTInductor\s+at ([\d.]+) s against ([\d.]+) s per clip, ([\d.]+)× \((\d+) interleaved rounds, "
+                         r"`bench/results/steps_quiet_aoti_batch1.json`\),\s+and ONNX Runtime at 4 clips per call ([\d.]+)× "
+                         r"\((\d+) rounds, `bench/results/steps_onnx_batch4.json`\)", text)
+    assert sentence, "the step-reduction section no longer quotes the quiet runs as this test expects"
+    teacher, student, speedup, rounds, onnx_speedup, onnx_rounds = sentence.groups()
+    assert close(teacher, quiet["rows"]["teacher"]["seconds_median"]) and close(student, quiet["rows"]["student"]["seconds_median"])
+    assert close(speedup, quiet["speedup"]) and int(rounds) == quiet["rounds"]
+    assert close(onnx_speedup, onnx4["speedup"]) and int(onnx_rounds) == onnx4["rounds"]
+
+
+def test_heavy_load_backend_run_is_its_file():
+    """The second, more loaded backends run quoted under the backend table is that of its file."""
+    data = load("bench/results/backends_heavy_load.json")
+    rows = {r["backend"]: r for r in data["rows"]}
+    sentence = re.search(r"`bench/results/backends_heavy_load.json`\), gave median speedups of\s+([\d.]+)× \(torch\), "
+                         r"([\d.]+)× \(aoti\) and ([\d.]+)× \(onnx\), worst rounds ([\d.]+)×, ([\d.]+)× and ([\d.]+)×, eager at\s+(\d+) ms",
+                         README.read_text())
+    assert sentence, "the Benchmarks section no longer quotes the second run as this test expects"
+    medians, worst, eager = sentence.groups()[:3], sentence.groups()[3:6], sentence.group(7)
+    for backend, shown_median, shown_worst in zip(("torch", "aoti", "onnx"), medians, worst):
+        assert close(shown_median, rows[backend]["speedup_vs_eager"]), backend
+        assert close(shown_worst, rows[backend]["speedup_vs_eager_worst_round"]), backend
+    assert close(eager, rows["eager"]["ms_per_step_median"])
