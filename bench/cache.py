@@ -243,7 +243,8 @@ def main() -> None:
             }
             if "vs_reference" in e:
                 v = e["vs_reference"]
-                row.update(psnr_db=v["psnr_db"], psnr_db_median=v["psnr_db_median"], ssim=v["ssim"], fvd_ms_vs_uncached=v["fvd_ms"])
+                row.update(psnr_db=v["psnr_db"], psnr_db_median=v["psnr_db_median"], psnr_db_worst=v["psnr_db_worst"],
+                           psnr_db_p5=v["psnr_db_p5"], ssim=v["ssim"], fvd_ms_vs_uncached=v["fvd_ms"])
             if name in calibrated:
                 cal, seconds = calibrated[name]
                 row["calibration"] = {"psnr_db": round(cal.best.psnr, 3), "body_evals_saved": round(cal.best.saved, 4),
@@ -300,13 +301,13 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
-    head = (f"{'policy':<28} {'params':<44} {'evals saved':>11} {'no-body steps':>13} {'speedup':>8} {'PSNR':>7} "
+    head = (f"{'policy':<28} {'params':<44} {'evals saved':>11} {'no-body steps':>13} {'speedup':>8} {'PSNR':>7} {'worst':>6} "
             f"{'SSIM':>6} {'acc all':>8} {'FVD-MS':>8}")
     print("\n" + head + "\n" + "-" * len(head))
     for name, r in results["rows"].items():
         params = {k: v for k, v in (r["params"] or {}).items() if k != "policy"}
         print(f"{name:<28} {json.dumps(params)[:44]:<44} {100 * r['body_evals_saved']:>10.1f}% {100 * r['steps_without_body']:>12.1f}% "
-              f"{r['speedup']:>7.2f}x {r.get('psnr_db', float('inf')):>7.2f} {r.get('ssim', 1.0):>6.3f} "
+              f"{r['speedup']:>7.2f}x {r.get('psnr_db', float('inf')):>7.2f} {r.get('psnr_db_worst', float('inf')):>6.2f} {r.get('ssim', 1.0):>6.3f} "
               f"{100 * r['accuracy_all']:>7.1f}% {r['fvd_ms_vs_real']:>8.2f}")
     print(f"\nnon-body fraction of a step (floor / uncached): {results['non_body_fraction']:.3f} -> "
           f"no body cache can exceed {1 / results['non_body_fraction']:.2f}x here")

@@ -6,28 +6,32 @@ import pytest
 import torch
 import yaml
 
-from vdopt.calibrate import KNOBS, CalibrationError, Knob, calibrate, knob_for, main, make_inputs, parse_budget, render, savings, search
+from vdopt.calibrate import KNOBS, CalibrationError, Knob, calibrate, knob_for, main, parse_budget, savings, search
 from vdopt.compiler import compile_bundle
+from vdopt.measure import Budget, PsnrStats, make_inputs, render
 from vdopt.recipe import load_recipe
 from vdopt.runtime import Session
 
 THRESHOLD = KNOBS["first_blocks"]
+MEAN_30 = Budget(psnr_mean=30.0)
 
 
-def curve(saved_of, psnr_of):
+def curve(saved_of, psnr_of, worst_of=lambda v: None):
     seen = []
 
     def measure(value):
         seen.append(value)
         saved = saved_of(value)
-        return saved, saved, psnr_of(value), psnr_of(value) - 1
+        worst = worst_of(value)
+        worst = psnr_of(value) - 1 if worst is None else worst
+        return saved, saved, PsnrStats(psnr_of(value), worst, (psnr_of(value) + worst) / 2)
 
     return measure, seen
 
 
 def test_search_takes_the_most_saving_value_within_budget():
     measure, seen = curve(lambda v: min(v, 0.6), lambda v: 60 - 100 * v)  # passes up to v = 0.3
-    best, trials = search(THRESHOLD, THRESHOLD.grid, measure, budget_psnr=30.0, refine=3)
+    best, trials = search(THRESHOLD, THRESHOLD.grid, measure, budget=MEAN_30, refine=3)
     grid = [t.value for t in trials if t.phase == "grid"]
     assert grid == sorted(grid) and grid[-1] == 0.45, "conservative to aggressive, stopping at the first miss"
     assert not trials[len(grid) - 1].ok and all(t.ok for t in trials[: len(grid) - 1])
@@ -41,27 +45,36 @@ def test_search_takes_the_most_saving_value_within_budget():
 def test_search_keeps_the_best_passing_value_when_psnr_is_not_monotonic():
     psnr = {0.1: 40.0, 0.2: 31.0, 0.3: 35.0, 0.4: 20.0}
     measure, _ = curve(lambda v: v, lambda v: psnr.get(round(v, 6), 25.0))
-    best, trials = search(Knob("threshold", (0.1, 0.2, 0.3, 0.4)), (0.4, 0.3, 0.2, 0.1), measure, budget_psnr=30.0, refine=0)
+    best, trials = search(Knob("threshold", (0.1, 0.2, 0.3, 0.4)), (0.4, 0.3, 0.2, 0.1), measure, budget=MEAN_30, refine=0)
     assert [t.value for t in trials] == [0.1, 0.2, 0.3, 0.4] and best.value == 0.3
 
 
 def test_search_all_passing_takes_the_most_aggressive():
     measure, seen = curve(lambda v: v / 2, lambda v: 50.0)
-    best, _ = search(THRESHOLD, THRESHOLD.grid, measure, budget_psnr=30.0)
+    best, _ = search(THRESHOLD, THRESHOLD.grid, measure, budget=MEAN_30)
     assert seen == list(THRESHOLD.grid) and best.value == THRESHOLD.grid[-1]
 
 
 def test_unreachable_budget_is_an_error_naming_the_most_conservative_setting():
     measure, seen = curve(lambda v: 0.0 if v < 0.02 else 0.5, lambda v: 100.0 if v < 0.02 else 22.0)
-    with pytest.raises(CalibrationError, match=r"unreachable.*threshold=0\.02, gives 22\.00 dB"):
-        search(THRESHOLD, THRESHOLD.grid, measure, budget_psnr=30.0, policy="first_blocks")
+    with pytest.raises(CalibrationError, match=r"unreachable.*threshold=0\.02, gives mean PSNR 22\.00 dB \(worst clip 21\.00 dB"):
+        search(THRESHOLD, THRESHOLD.grid, measure, budget=MEAN_30, policy="first_blocks")
     assert seen == [0.005, 0.01, 0.02]
+
+
+def test_search_holds_the_worst_clip_to_its_bound():
+    """The mean passes everywhere; the worst clip fails from 0.2 on: a budget on it stops the search there."""
+    measure, _ = curve(lambda v: v, lambda v: 40.0, worst_of=lambda v: 30.0 if v < 0.2 else 20.0)
+    best, _ = search(THRESHOLD, THRESHOLD.grid, measure, budget=Budget(psnr_mean=30, psnr_worst=25), refine=0)
+    assert best.value == 0.15
+    best_mean_only, _ = search(THRESHOLD, THRESHOLD.grid, measure, budget=MEAN_30, refine=0)
+    assert best_mean_only.value == THRESHOLD.grid[-1]
 
 
 def test_direction_and_integer_knobs():
     down = Knob("margin", (0.4, 0.2, 0.1), aggressive=-1)  # smaller = more skipping
     measure, seen = curve(lambda v: 1 - v, lambda v: 100 * v)
-    best, _ = search(down, down.grid, measure, budget_psnr=15.0, refine=0)
+    best, _ = search(down, down.grid, measure, budget=Budget(psnr_mean=15.0), refine=0)
     assert seen == [0.4, 0.2, 0.1] and best.value == 0.2
     interval = KNOBS["static"]
     assert interval.integer and interval.midpoint(3, 6) == 4 and interval.midpoint(3, 4) is None
@@ -73,9 +86,12 @@ def test_knob_table_and_arguments():
     assert knob_for("future", "rho").param == "rho"
     with pytest.raises(CalibrationError, match="--search"):
         knob_for("future")
-    assert parse_budget("psnr=31.5") == 31.5
+    assert parse_budget("psnr=31.5") == Budget(psnr_mean=31.5)
+    assert parse_budget("psnr=30,psnr_worst=25") == Budget(psnr_mean=30, psnr_worst=25)
     with pytest.raises(CalibrationError, match="psnr=DB"):
         parse_budget("ssim=0.9")
+    with pytest.raises(CalibrationError, match="positive"):
+        parse_budget("psnr=-5")
     assert main(["r.yaml", "--budget", "lpips=0.1", "-o", "x.yaml"]) == 2
 
 
@@ -88,7 +104,7 @@ def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path, monkeypatch)
     source = tmp_path / "wan.yaml"
     source.write_text(yaml.safe_dump(TINY_WAN))
     torch.manual_seed(0)  # random weights, drawn at capture
-    result = calibrate(source, None, budget_psnr=40.0, prompts=1, grid=[0.1], refine=0, out=tmp_path / "cal.yaml",
+    result = calibrate(source, None, budget=40.0, prompts=1, grid=[0.1], refine=0, out=tmp_path / "cal.yaml",
                        params={"max_reuse": 3}, progress=False, log=lambda m: None)
     # on these weights 0.1 saves a third of the body evaluations at ~50 dB (the search logic is tested above)
     assert [t.value for t in result.trials] == [0.1] and result.best.ok
@@ -100,9 +116,9 @@ def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path, monkeypatch)
     assert header.startswith("# Calibrated by `vdopt calibrate` from wan.yaml:")  # relative to the working directory
     recipe = load_recipe(tmp_path / "cal.yaml")
     assert [(p.name, p.params) for p in recipe.passes] == [("insert_cache", result.params)]
-    assert recipe.verify.psnr_min == 40.0 and recipe.model.family == "wan"
+    assert recipe.verify.budget() == Budget(psnr_mean=40.0) and recipe.model.family == "wan"
     torch.manual_seed(0)  # the same random weights
-    compile_bundle(recipe, None, tmp_path / "cal.vdopt")
+    compile_bundle(recipe, None, tmp_path / "cal.vdopt", verify=False)  # one calibration prompt says little of others
     session = Session(tmp_path / "cal.vdopt")
     assert session.manifest["cache"]["threshold"] == 0.1
     inputs = make_inputs(session, 1, seed=1000)

@@ -32,8 +32,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from vdopt.errors import VdoptError
+from vdopt.measure import Budget, PsnrStats, clip_psnr, make_inputs, render
+from vdopt.recipe import recipe_with
 
-PSNR_CAP = 100.0  # dB: an identical clip counts as this, so one perfect clip cannot make the mean infinite
 CALIBRATION_SEED = 1000  # prompt-set seed for calibration; evaluation suites use other seeds
 
 
@@ -92,14 +93,17 @@ class Trial:
     value: float
     saved: float        # fraction of body evaluations (rows x steps) skipped, from state.computed
     step_saved: float   # fraction of steps on which no row ran the body (what a non-gathering body saves)
-    psnr: float         # mean over prompts, dB, each capped at PSNR_CAP
-    psnr_min: float
+    stats: PsnrStats    # over prompts, each clip capped at PSNR_CAP
     ok: bool
     phase: str = "grid"
 
+    @property
+    def psnr(self) -> float:
+        return self.stats.mean
+
     def row(self, knob: Knob) -> dict[str, Any]:
         return {knob.param: self.value, "body_evals_saved": round(self.saved, 4), "steps_without_body": round(self.step_saved, 4),
-                "psnr_mean": round(self.psnr, 3), "psnr_min": round(self.psnr_min, 3), "within_budget": self.ok, "phase": self.phase}
+                **self.stats.to_json(), "within_budget": self.ok, "phase": self.phase}
 
 
 @dataclass
@@ -107,33 +111,24 @@ class Calibration:
     policy: str
     knob: Knob
     params: dict[str, Any]          # the insert_cache parameters found (policy included)
-    budget_psnr: float
+    budget: Budget
     best: Trial
     trials: list[Trial] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     recipe_path: Path | None = None
 
     def table(self) -> str:
-        head = f"{self.knob.param:>10} {'body evals saved':>17} {'steps w/o body':>15} {'mean PSNR':>10} {'min PSNR':>9}  budget"
+        head = f"{self.knob.param:>10} {'body evals saved':>17} {'steps w/o body':>15} {'mean PSNR':>10} {'worst':>7} {'p5':>7}  budget"
         lines = [head, "-" * len(head)]
         for t in sorted(self.trials, key=lambda t: t.value * self.knob.aggressive):
             mark = "ok" if t.ok else "MISS"
             star = "  <- chosen" if t is self.best else ""
             lines.append(f"{self.knob.fmt(t.value):>10} {100 * t.saved:>16.1f}% {100 * t.step_saved:>14.1f}% "
-                         f"{t.psnr:>10.2f} {t.psnr_min:>9.2f}  {mark}{star}")
+                         f"{t.stats.mean:>10.2f} {t.stats.worst:>7.2f} {t.stats.p5:>7.2f}  {mark}{star}")
         return "\n".join(lines)
 
 
 # ----- building and running bundles ------------------------------------------------------------
-
-def recipe_with(recipe, passes: list[tuple[str, dict]], backend: str = "torch"):
-    from vdopt.recipe import parse_recipe
-
-    data = recipe.model_dump(mode="json")
-    data["passes"] = [{"name": n, "params": p} for n, p in passes]
-    data["lower"] = {**data["lower"], "backend": backend}
-    return parse_recipe(data, "<calibration recipe>")
-
 
 def split_passes(recipe, policy: str, params: dict) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """The recipe's optimisation passes without any insert_cache, split around where insert_cache goes."""
@@ -160,77 +155,13 @@ class Bundler:
         self.count = 0
 
     def build(self, passes: list[tuple[str, dict]]) -> Path:
-        from vdopt.bundle import staged_bundle, write_manifest
-        from vdopt.compiler import lower_segment, program_manifest
-        from vdopt.lower import get_backend
+        from vdopt.compiler import write_bundle
         from vdopt.pass_manager import PassManager
         from vdopt.passes import pipeline
 
-        recipe = recipe_with(self.recipe, passes)
         program = PassManager(pipeline(passes)).run(self.program)
-        backend = get_backend("torch")
         self.count += 1
-        out = self.workdir / f"candidate_{self.count}.vdopt"
-        with staged_bundle(out, overwrite=True) as stage:
-            (stage / "segments").mkdir()
-            segment = lower_segment(program, recipe, backend, stage / "segments", 0)
-            program.descriptor.write_extras(stage, self.model_path)
-            write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment]})
-        return out
-
-
-@dataclass
-class Inputs:
-    """Per prompt: (label, cond, uncond, seed). Prompts go through the bundle's encoder when it has one;
-    families without one get fixed random conditioning tensors (`prompts` is then just a count)."""
-
-    items: list[tuple[str, dict, dict | None, int]]
-    pixel_space: bool
-
-
-def make_inputs(session, prompts: int | Sequence[str], seed: int) -> Inputs:
-    encoder = session.prompt_encoder()
-    if encoder is not None:
-        if isinstance(prompts, int):
-            from vdopt.eval.suite import prompt_set
-
-            names, seeds, _ = prompt_set(prompts, seed)
-        else:
-            names, seeds = list(prompts), [seed * 100_003 + i for i in range(len(prompts))]
-        return Inputs([(p, *encoder(p), s) for p, s in zip(names, seeds)], pixel_space=True)
-    if not isinstance(prompts, int):
-        raise CalibrationError(f"this {session.manifest['family']} bundle has no prompt encoder, so text prompts cannot be "
-                               f"used; give a number of prompts (random conditioning with fixed seeds).")
-    from vdopt.program import DTYPES
-
-    items = []
-    for k in range(prompts):
-        generator = torch.Generator().manual_seed(seed * 100_003 + k)
-        cond = {s.name.removeprefix("cond."): torch.randn(list(s.shape), generator=generator).to(DTYPES[s.dtype])
-                for s in session.inputs if s.name.startswith("cond.")}
-        items.append((f"random cond {k}", cond, None, seed * 100_003 + k))
-    return Inputs(items, pixel_space=False)
-
-
-def render(session, inputs: Inputs, tick: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Runs every prompt; returns the outputs and, per prompt, the cache trace's steps (empty if uncached)."""
-    from vdopt.runtime.trace import CacheTrace
-
-    clips, traces = [], []
-    for _, cond, uncond, seed in inputs.items:
-        trace = CacheTrace(session.manifest)
-        x = session.run(cond, uncond, seed=seed, progress=False, on_step=trace.on_step).float()
-        clips.append(x.clamp(-1, 1) if inputs.pixel_space else x)
-        traces.append(trace.steps)
-        tick()
-    return clips, traces
-
-
-def mean_psnr(clips: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[float, float]:
-    from vdopt.eval.metrics import psnr
-
-    values = torch.cat([psnr(c, r).clamp(max=PSNR_CAP) for c, r in zip(clips, refs)])
-    return float(values.mean()), float(values.min())
+        return write_bundle(program, recipe_with(self.recipe, passes), self.workdir / f"candidate_{self.count}.vdopt", self.model_path)
 
 
 def savings(traces: list[list[dict]], num_steps: int) -> tuple[float, float]:
@@ -244,19 +175,20 @@ def savings(traces: list[list[dict]], num_steps: int) -> tuple[float, float]:
 
 # ----- the search ------------------------------------------------------------------------------
 
-def search(knob: Knob, candidates: Sequence[float], measure: Callable[[float], tuple[float, float, float, float]],
-           budget_psnr: float, refine: int = 3, policy: str = "?") -> tuple[Trial, list[Trial]]:
+def search(knob: Knob, candidates: Sequence[float], measure: Callable[[float], tuple[float, float, PsnrStats]],
+           budget: Budget, refine: int = 3, policy: str = "?") -> tuple[Trial, list[Trial]]:
     """Grid from conservative to aggressive, stopping at the first miss (PSNR falls as skipping rises),
     then `refine` bisection steps between the most aggressive pass and that miss.
 
-    `measure(value) -> (body evals saved, steps without body, mean PSNR, min PSNR)`. Returns the
-    passing trial that saves the most (ties: higher PSNR) and every trial made.
+    `measure(value) -> (body evals saved, steps without body, PSNR statistics)`; a trial is within
+    `budget` when it meets every bound the budget sets (mean, worst clip, 5th percentile). Returns the
+    passing trial that saves the most (ties: higher mean PSNR) and every trial made.
     """
     trials: list[Trial] = []
 
     def trial(value: float, phase: str) -> Trial:
-        saved, step_saved, mean, worst = measure(value)
-        trials.append(Trial(value, saved, step_saved, mean, worst, mean >= budget_psnr, phase))
+        saved, step_saved, stats = measure(value)
+        trials.append(Trial(value, saved, step_saved, stats, not budget.misses(stats), phase))
         return trials[-1]
 
     failed: Trial | None = None
@@ -270,8 +202,8 @@ def search(knob: Knob, candidates: Sequence[float], measure: Callable[[float], t
     if not any(t.ok for t in trials) or (skipping and not any(t.ok for t in skipping)):
         first = skipping[0] if skipping else trials[0]
         raise CalibrationError(
-            f"the budget mean PSNR >= {budget_psnr:g} dB is unreachable with policy {policy}: even the most conservative "
-            f"setting that skips anything, {knob.param}={knob.fmt(first.value)}, gives {first.psnr:.2f} dB "
+            f"the budget {budget_text(budget)} is unreachable with policy {policy}: even the most conservative "
+            f"setting that skips anything, {knob.param}={knob.fmt(first.value)}, gives {first.stats} "
             f"({100 * first.saved:.1f}% body evaluations saved). Lower the budget, give more conservative {knob.param} "
             f"values (--grid), compute more steps (--param warmup=..., final=..., max_reuse=...), or try another policy.")
     if failed is not None:
@@ -289,12 +221,16 @@ def search(knob: Knob, candidates: Sequence[float], measure: Callable[[float], t
     return best, trials
 
 
-def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget_psnr: float = 30.0,
+def budget_text(budget: Budget) -> str:
+    return ", ".join(f"{name} {'<=' if name == 'accuracy_drop' else '>='} {value:g}" for name, value in budget.to_json().items())
+
+
+def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget: Budget | float = 30.0,
               prompts: int | Sequence[str] = 4, policy: str = "first_blocks", out: str | Path | None = None, *,
               params: dict[str, Any] | None = None, search_param: str | None = None, grid: Sequence[float] | None = None,
               refine: int = 3, seed: int = CALIBRATION_SEED, progress: bool = True,
               log: Callable[[str], None] | None = None) -> Calibration:
-    """Search `policy`'s knob for the most body evaluations saved at mean PSNR >= `budget_psnr`.
+    """Search `policy`'s knob for the most body evaluations saved within `budget` (a float: mean PSNR >= it).
 
     `params` fixes the policy's other parameters (warmup, final, max_reuse, first, last, ...);
     `grid` replaces the knob's candidate list (conservative first); `refine` bisection steps follow
@@ -307,6 +243,10 @@ def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget_psn
     log = log or (lambda message: print(f"[calibrate] {message}", file=sys.stderr))
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    budget = budget if isinstance(budget, Budget) else Budget(psnr_mean=float(budget))
+    if not budget or budget.accuracy_drop is not None:
+        raise CalibrationError("calibrate needs a PSNR budget (psnr=DB, psnr_worst=DB or psnr_p5=DB); accuracy is "
+                               "checked by `vdopt compile --verify`, not searched.")
     params = dict(params or {})
     knob = knob_for(policy, search_param)
     if knob.param in params:
@@ -329,7 +269,7 @@ def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget_psn
         refs, _ = render(reference, inputs, bar.update)
         num_steps = reference.num_steps
 
-        def measure(value: float) -> tuple[float, float, float, float]:
+        def measure(value: float) -> tuple[float, float, PsnrStats]:
             bar.set_postfix_str(f"{knob.param}={knob.fmt(value)}")
             cache = {"policy": policy, **params, knob.param: value}
             try:
@@ -338,18 +278,18 @@ def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget_psn
                 raise CalibrationError(f"insert_cache with {cache} could not be built: {exc}") from exc
             clips, traces = render(session, inputs, bar.update)
             saved, step_saved = savings(traces, num_steps)
-            mean, worst = mean_psnr(clips, refs)
-            log(f"{knob.param}={knob.fmt(value)}: {100 * saved:.1f}% body evaluations saved, mean PSNR {mean:.2f} dB")
-            return saved, step_saved, mean, worst
+            stats = PsnrStats.of(clip_psnr(clips, refs))
+            log(f"{knob.param}={knob.fmt(value)}: {100 * saved:.1f}% body evaluations saved, {stats}")
+            return saved, step_saved, stats
 
         try:
-            best, trials = search(knob, candidates, measure, budget_psnr, refine, policy)
+            best, trials = search(knob, candidates, measure, budget, refine, policy)
         finally:
             bar.close()
     if best.saved <= 0:
         log(f"no {knob.param} value tried saves any body evaluation within the budget; the recipe will compute every step")
     cache = {"policy": policy, **params, knob.param: best.value}
-    result = Calibration(policy, knob, cache, budget_psnr, best, trials, [p for p, *_ in inputs.items])
+    result = Calibration(policy, knob, cache, budget, best, trials, [p for p, *_ in inputs.items])
     if out is not None:
         result.recipe_path = write_recipe(recipe_path, cache, out, result)
     return result
@@ -368,7 +308,7 @@ def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, resu
     passes.insert(position, {"name": "insert_cache", "params": cache})
     data["passes"] = passes
     data.setdefault("verify", {})
-    data["verify"] = {**(data["verify"] or {}), "psnr_min": float(result.budget_psnr)}
+    data["verify"] = {**(data["verify"] or {}), **result.budget.to_json()}
     parse_recipe(data, str(out))  # never write a recipe that does not validate
     best = result.best
     source = Path(recipe_path).resolve()
@@ -377,8 +317,8 @@ def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, resu
     header = [
         f"# Calibrated by `vdopt calibrate` from {source}: policy {result.policy}, {result.knob.param}={result.knob.fmt(best.value)}",
         f"# on {len(result.prompts)} calibration prompt(s): {100 * best.saved:.1f}% body evaluations saved "
-        f"({100 * best.step_saved:.1f}% of steps ran no body), mean PSNR {best.psnr:.2f} dB vs uncached "
-        f"(budget {result.budget_psnr:g} dB).",
+        f"({100 * best.step_saved:.1f}% of steps ran no body), {best.stats} vs uncached "
+        f"(budget {budget_text(result.budget)}).",
     ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,14 +333,26 @@ def parse_value(text: str) -> Any:
     return value if isinstance(value, (int, float, bool, str)) else text
 
 
-def parse_budget(text: str) -> float:
-    name, _, value = text.partition("=")
-    if name.strip().lower() != "psnr" or not value:
-        raise CalibrationError(f"--budget '{text}': the only budget calibrate knows is psnr=DB (e.g. --budget psnr=30).")
-    try:
-        return float(value)
-    except ValueError:
-        raise CalibrationError(f"--budget '{text}': '{value}' is not a number of dB.") from None
+BUDGET_NAMES = {"psnr": "psnr_mean", "psnr_mean": "psnr_mean", "psnr_worst": "psnr_worst", "psnr_p5": "psnr_p5"}
+
+
+def parse_budget(text: str) -> Budget:
+    """`psnr=30` (mean), `psnr_worst=25`, `psnr_p5=27`, comma-separated: each a lower bound in dB."""
+    bounds = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        key = BUDGET_NAMES.get(name.strip().lower())
+        if key is None or not value:
+            raise CalibrationError(f"--budget '{text}': calibrate knows psnr=DB (mean), psnr_worst=DB and psnr_p5=DB, "
+                                   f"comma-separated (e.g. --budget psnr=30,psnr_worst=26).")
+        try:
+            bound = float(value)
+        except ValueError:
+            raise CalibrationError(f"--budget '{text}': '{value}' is not a number of dB.") from None
+        if not math.isfinite(bound) or bound <= 0:
+            raise CalibrationError(f"--budget '{text}': a PSNR bound is a positive number of dB, not {value}.")
+        bounds[key] = bound
+    return Budget(**bounds)
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -416,7 +368,8 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe")
     p.add_argument("model", nargs="?", help="checkpoint as for `vdopt compile`; omitted: random weights (for trying it out only)")
-    p.add_argument("--budget", default="psnr=30", help="quality budget: psnr=DB, the mean PSNR vs the uncached output (default psnr=30)")
+    p.add_argument("--budget", default="psnr=30", help="quality budget vs the uncached output: psnr=DB (mean), psnr_worst=DB, psnr_p5=DB, comma-separated "
+                                                   "(default psnr=30)")
     p.add_argument("--prompts", type=int, default=4, help="number of calibration prompts, rendered with fixed seeds (default 4)")
     p.add_argument("--policy", default="first_blocks", help=f"insert_cache policy ({', '.join(KNOBS)})")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fix another insert_cache parameter (repeatable)")

@@ -17,10 +17,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from vdopt.compiler import compile_bundle
 
     manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle,
-                              dump_ir=args.dump_ir, force=args.force, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
+                              dump_ir=args.dump_ir, force=args.force, verify=args.verify, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
     seconds = sum(p["seconds"] for s in manifest["segments"] for p in s["passes"])
     print(f"wrote {args.output}: {len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
           f"{manifest['num_steps']} steps, passes {', '.join(p['name'] for p in manifest['passes']) or 'none'} ({seconds:.2f} s)")
+    if manifest.get("verify"):
+        report = manifest["verify"]
+        print(f"verified on {report['prompts']} prompt(s) against the unoptimised program: mean PSNR {report['psnr_mean']:.2f} dB, "
+              f"worst clip {report['psnr_worst']:.2f} dB, 5th percentile {report['psnr_p5']:.2f} dB"
+              + (f", accuracy {report['accuracy']['bundle']['all']:.1f} % (unoptimised {report['accuracy']['unoptimised']['all']:.1f} %)"
+                 if report["accuracy"] else ""))
     return 0
 
 
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow running code from the model file: a pickled nn.Module, or a .pt2 whose pickles, "
                         "size strings or guards are not plain data (only for files you trust)")
     p.add_argument("--dump-ir", metavar="DIR", help="write a readable graph after every pass")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the bundle against the unoptimised program on the recipe's verify.prompts and refuse to "
+                        "write it if it misses the verify: budget (default: when the recipe states a budget)")
     p.add_argument("--force", action="store_true", default=False,
                    help="replace an existing bundle at -o (swapped in atomically once the new one is complete); "
                         "without it an existing bundle is refused. Files and non-bundle directories are never replaced")

@@ -17,6 +17,7 @@ from vdopt.pass_manager import PassManager
 from vdopt.passes import pipeline
 from vdopt.program import StepProgram
 from vdopt.recipe import Recipe, load_recipe
+from vdopt.verify import verify_bundle
 
 
 def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
@@ -74,33 +75,59 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def compile_program(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool = False,
-                    dump_ir: str | Path | None = None, log: Callable[[str], None] | None = None,
-                    profile: dict[str, int] | None = None) -> StepProgram:
-    """Capture and run the pass pipeline for one shape profile."""
-    program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
+def run_passes(program: StepProgram, recipe: Recipe, *, dump_ir: str | Path | None = None,
+               log: Callable[[str], None] | None = None) -> StepProgram:
+    """The recipe's passes, then the lowering-prep passes, over a captured program (which stays as it was)."""
     passes = pipeline([(p.name, p.params) for p in recipe.passes])
     return PassManager(passes, dump_ir=dump_ir, log=log).run(program)
 
 
+def compile_program(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool = False,
+                    dump_ir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                    profile: dict[str, int] | None = None) -> StepProgram:
+    """Capture and run the pass pipeline for one shape profile."""
+    return run_passes(capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile), recipe, dump_ir=dump_ir, log=log)
+
+
+def write_bundle(program: StepProgram, recipe: Recipe, output: str | Path, model_path: str | Path | None) -> Path:
+    """A one-profile bundle of an already transformed program, lowered with the recipe's backend."""
+    with staged_bundle(output, overwrite=True) as stage:
+        (stage / "segments").mkdir()
+        segment = lower_segment(program, recipe, get_backend(recipe.lower.backend), stage / "segments", 0)
+        program.descriptor.write_extras(stage, model_path)
+        write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment]})
+    return Path(output)
+
+
 def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, output: str | Path, *,
                    trust_pickle: bool = False, dump_ir: str | Path | None = None, force: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   verify: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compiles `recipe` into a bundle at `output`.
+
+    `verify`: measure the bundle against the unoptimised program (contract 8) and refuse to write it when
+    it misses the recipe's `verify:` budget. None (default): verify when the recipe states a budget.
+    """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     log = log or (lambda message: None)
     backend = get_backend(recipe.lower.backend)
     profiles = profiles_of(recipe)
+    verify = bool(recipe.verify.budget()) if verify is None else verify
     with staged_bundle(output, overwrite=force) as stage:
         segments_dir = stage / "segments"
         segments_dir.mkdir()
-        segments, first = [], None
+        segments, first, captured = [], None, None
         for index, profile in enumerate(profiles):
             log(f"capturing profile {index + 1}/{len(profiles)}: {profile or 'dynamic'}")
             ir_dir = Path(dump_ir) / f"profile_{index}" if dump_ir and len(profiles) > 1 else dump_ir
-            program = compile_program(recipe, model_path, trust_pickle=trust_pickle, dump_ir=ir_dir, log=log, profile=profile)
+            program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
+            captured = captured or program
+            program = run_passes(program, recipe, dump_ir=ir_dir, log=log)
             log(f"lowering with {backend.name}")
             segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
         first.descriptor.write_extras(stage, model_path)
         manifest = write_manifest(stage, {**program_manifest(first, recipe), "segments": segments})
+        if verify:
+            report = verify_bundle(stage, captured, recipe, model_path, log=log)
+            manifest = write_manifest(stage, {**manifest, "verify": report})
     return manifest

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vdopt.errors import RecipeError
+from vdopt.measure import Budget
 
 FAMILIES = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "reference")
 
@@ -116,8 +117,28 @@ class LowerSection(Strict):
 
 
 class VerifySection(Strict):
-    psnr_min: float | None = Field(None, description="Mean PSNR (dB) against the unoptimised program.")
-    prompts: int = Field(2, ge=1)
+    """The quality budget (contract 8): `vdopt compile` measures the bundle against the unoptimised program
+    (the same recipe without its passes, torch backend) on `prompts` prompts and refuses to write a bundle
+    that misses a bound. Without bounds, `compile --verify` measures and records without refusing."""
+
+    psnr_mean: float | None = Field(None, gt=0, lt=1000, description="Lower bound on the mean PSNR (dB) over the prompts.")
+    psnr_worst: float | None = Field(None, gt=0, lt=1000, description="Lower bound on the worst clip's PSNR (dB).")
+    psnr_p5: float | None = Field(None, gt=0, lt=1000, description="Lower bound on the 5th-percentile clip PSNR (dB).")
+    accuracy_drop: float | None = Field(
+        None, ge=0, le=100, description="Upper bound on the attribute accuracy lost (points of all-three-right accuracy by "
+                                        "the evaluation classifier; families it knows: reference).")
+    prompts: int = Field(4, ge=1, le=256, description="Prompts (with fixed seeds) the bundle is measured on.")
+    seed: int = Field(2000, ge=0, lt=2**31, description="Seed of the verification prompt set.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "psnr_min" in value:
+            raise ValueError("psnr_min was renamed: psnr_mean bounds the mean PSNR, psnr_worst the worst clip")
+        return value
+
+    def budget(self) -> Budget:
+        return Budget(self.psnr_mean, self.psnr_worst, self.psnr_p5, self.accuracy_drop)
 
 
 class Recipe(Strict):
@@ -169,6 +190,14 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with sections model, sampler, passes, lower, verify.")
     return parse_recipe(data, str(path))
+
+
+def recipe_with(recipe: Recipe, passes: list[tuple[str, dict]], backend: str = "torch") -> Recipe:
+    """The same recipe with other passes and backend (the unoptimised program, a calibration candidate)."""
+    data = recipe.model_dump(mode="json")
+    data["passes"] = [{"name": n, "params": p} for n, p in passes]
+    data["lower"] = {**data["lower"], "backend": backend}
+    return parse_recipe(data, "<derived recipe>")
 
 
 def recipe_schema() -> dict[str, Any]:

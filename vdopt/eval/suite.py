@@ -141,6 +141,8 @@ def evaluate(
             out["vs_reference"] = {
                 "psnr_db": _finite_mean(p),
                 "psnr_db_median": float(p.median()) if p.numel() else float("nan"),
+                "psnr_db_worst": float(p.min()) if p.numel() else float("nan"),
+                "psnr_db_p5": float(torch.quantile(p.double(), 0.05)) if p.numel() else float("nan"),
                 "identical_clips": int(torch.isinf(p).sum()),
                 "ssim": float(ssim_all[idx].mean()) if idx.numel() else float("nan"),
                 "fvd_ms": _fvd(feats[idx], ref_feats[idx]),
@@ -231,7 +233,8 @@ def summary_lines(result: dict) -> list[str]:
                 f"| jitter {r['temporal']['jitter_px']:.3f}px (real {r['real_temporal']['jitter_px']:.3f})")
         if "vs_reference" in r:
             v = r["vs_reference"]
-            line += f" | vs ref PSNR {v['psnr_db']:.2f} dB SSIM {v['ssim']:.4f} FVD-MS {v['fvd_ms']:.2f}"
+            line += (f" | vs ref PSNR {v['psnr_db']:.2f} dB (worst {v['psnr_db_worst']:.2f}, p5 {v['psnr_db_p5']:.2f}) "
+                     f"SSIM {v['ssim']:.4f} FVD-MS {v['fvd_ms']:.2f}")
         lines.append(line)
     t = result.get("timings", {})
     lines.append("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
