@@ -117,10 +117,42 @@ def test_calibrate_tiny_wan_writes_a_recipe_that_compiles(tmp_path, monkeypatch)
     recipe = load_recipe(tmp_path / "cal.yaml")
     assert [(p.name, p.params) for p in recipe.passes] == [("insert_cache", result.params)]
     assert recipe.verify.budget() == Budget(psnr_mean=40.0) and recipe.model.family == "wan"
+    assert (recipe.verify.prompts, recipe.verify.seed) == (1, 1000)  # the compile checks the calibration prompts
     torch.manual_seed(0)  # the same random weights
-    compile_bundle(recipe, None, tmp_path / "cal.vdopt", verify=False)  # one calibration prompt says little of others
+    manifest = compile_bundle(recipe, None, tmp_path / "cal.vdopt")
+    assert manifest["verify"]["passed"] and manifest["verify"]["psnr_mean"] == pytest.approx(result.best.psnr, abs=1e-3)
     session = Session(tmp_path / "cal.vdopt")
     assert session.manifest["cache"]["threshold"] == 0.1
     inputs = make_inputs(session, 1, seed=1000)
     _, traces = render(session, inputs)
     assert savings(traces, session.num_steps)[0] == pytest.approx(result.best.saved)
+
+
+def test_calibrate_json_records_the_trials_and_the_command(tmp_path, monkeypatch, capsys):
+    """--json writes a results file (issue 14: every README figure has one): every trial, the choice, the
+    budget, the prompts, and the command that made it, spelled out so that re-running it gives the same file."""
+    import argparse
+    import json
+    import shlex
+
+    from vdopt.calibrate import add_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wan.yaml").write_text(yaml.safe_dump(TINY_WAN))
+    torch.manual_seed(0)
+    argv = ["wan.yaml", "--budget", "psnr=40", "--prompts", "1", "--param", "max_reuse=3", "--grid", "0.05,0.1",
+            "--refine", "0", "-o", "cal.yaml", "--json", "out/cal.json", "--quiet"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "cal.json").read_text())
+    assert record["policy"] == "first_blocks" and record["knob"] == "threshold" and record["budget"] == {"psnr_mean": 40.0}
+    assert record["params"] == {"policy": "first_blocks", "max_reuse": 3, "threshold": record["chosen"]["threshold"]}
+    assert len(record["prompts"]) == 1 and record["seed"] == 1000
+    assert [t["threshold"] for t in record["trials"]] == [0.05, 0.1]
+    assert all({"body_evals_saved", "psnr_mean", "psnr_worst", "psnr_p5", "within_budget"} <= set(t) for t in record["trials"])
+    assert record["chosen"] in record["trials"]
+    words = shlex.split(record["command"])
+    assert words[:2] == ["vdopt", "calibrate"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert vars(parser.parse_args(words[2:])) == {**vars(parser.parse_args(argv)), "quiet": False}
+    assert "wrote out/cal.json" in capsys.readouterr().out

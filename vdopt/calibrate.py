@@ -115,6 +115,7 @@ class Calibration:
     best: Trial
     trials: list[Trial] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    seed: int | None = None  # of the prompt set, when it was drawn by count (verify can draw it again)
     recipe_path: Path | None = None
 
     def table(self) -> str:
@@ -289,7 +290,7 @@ def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget: Bu
     if best.saved <= 0:
         log(f"no {knob.param} value tried saves any body evaluation within the budget; the recipe will compute every step")
     cache = {"policy": policy, **params, knob.param: best.value}
-    result = Calibration(policy, knob, cache, budget, best, trials, [p for p, *_ in inputs.items])
+    result = Calibration(policy, knob, cache, budget, best, trials, inputs.labels, seed if isinstance(prompts, int) else None)
     if out is not None:
         result.recipe_path = write_recipe(recipe_path, cache, out, result)
     return result
@@ -308,7 +309,10 @@ def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, resu
     passes.insert(position, {"name": "insert_cache", "params": cache})
     data["passes"] = passes
     data.setdefault("verify", {})
-    data["verify"] = {**(data["verify"] or {}), **result.budget.to_json()}
+    # The compile checks the bundle on the calibration prompts: what calibration measured on the torch
+    # backend then holds on any backend, precision or copy of the weights, or the compile says so.
+    same_prompts = {"prompts": len(result.prompts), "seed": result.seed} if result.seed is not None else {}
+    data["verify"] = {**(data["verify"] or {}), **result.budget.to_json(), **same_prompts}
     parse_recipe(data, str(out))  # never write a recipe that does not validate
     best = result.best
     source = Path(recipe_path).resolve()
@@ -378,6 +382,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=int, default=3, help="bisection steps after the grid (default 3)")
     p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed of the calibration prompt set")
     p.add_argument("-o", "--output", required=True, help="calibrated recipe to write")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the trials, the choice and the command as JSON")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -388,7 +393,39 @@ def run_args(args: argparse.Namespace) -> int:
                        progress=not args.quiet, log=(lambda m: None) if args.quiet else None)
     print(result.table())
     print(f"wrote {result.recipe_path}: insert_cache {result.params}")
+    if args.json_path:
+        write_json(result, args, args.json_path)
+        print(f"wrote {args.json_path}")
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `vdopt calibrate` command that `args` stand for (every option spelled out, defaults included)."""
+    import shlex
+
+    words = ["vdopt", "calibrate", args.recipe, *([args.model] if args.model else []), "--budget", args.budget,
+             "--prompts", str(args.prompts), "--policy", args.policy]
+    words += [w for item in args.param for w in ("--param", item)]
+    words += (["--search", args.search] if args.search else []) + (["--grid", args.grid] if args.grid else [])
+    words += ["--refine", str(args.refine), "--seed", str(args.seed), "-o", args.output, "--json", args.json_path]
+    return shlex.join(words)
+
+
+def write_json(result: Calibration, args: argparse.Namespace, path: str | Path) -> Path:
+    """The calibration as a results file: the command, the budget, the prompts, every trial, the choice."""
+    import json
+
+    record = {
+        "command": command_line(args),
+        "recipe": args.recipe, "model": args.model, "policy": result.policy, "knob": result.knob.param,
+        "budget": result.budget.to_json(), "seed": args.seed, "prompts": result.prompts,
+        "params": result.params, "chosen": result.best.row(result.knob),
+        "trials": [t.row(result.knob) for t in sorted(result.trials, key=lambda t: t.value * result.knob.aggressive)],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def register(subparsers) -> None:
