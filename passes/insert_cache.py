@@ -322,11 +322,8 @@ class CachedBody(nn.Module):
             recomputed_again = mask & (computed > 0)
             forecast_state = (*(torch.where(row_mask(mask, cache, self.samples), cache, prev) for cache, prev in zip(caches, previous)),
                               torch.where(recomputed_again, (reuse_run + 1).float(), gap))
-        # Operands enter the branches contiguous: AOTInductor lays out an operand computed by a
-        # transpose (Latte's patch tokens) contiguously but indexes it inside the branch with the
-        # strides it was traced with, so a strided operand reads the wrong elements.
-        operands = [t.contiguous() for t in (*tensor_inputs, *caches, *bases)]
-        results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars), (mask, *operands))
+        results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars),
+                             (mask, *tensor_inputs, *caches, *bases))
         results = [r.reshape(cache.shape) for r, cache in zip(results, (*caches, *caches))]
         reuse_run = torch.where(mask, torch.zeros_like(reuse_run), reuse_run + 1)
         return (*results, *forecast_state, *update(mask), reuse_run, computed + mask.to(computed.dtype), distance)
