@@ -108,6 +108,14 @@ class Spec:
     columns: dict[str, Getter]
     unbacked_rows: dict[str, str] = field(default_factory=dict)  # row label prefix -> why
     unordered: frozenset[str] = frozenset()  # columns whose numbers are compared as sorted lists
+    also: tuple[str, ...] = ()  # more results files behind other rows: `rows` then gets {path: data} of all
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file, *self.also)
+
+    def data(self) -> dict:
+        return {f: load(f) for f in self.files} if self.also else load(self.file)
 
 
 def backends_row(data: dict, row: list[str]) -> dict | None:
@@ -162,6 +170,61 @@ def pct(*keys: str) -> Getter:
     return get
 
 
+EVAL_TEACHER = "bench/results/eval_teacher.json"
+EVAL_NAIVE = "bench/results/eval_naive4.json"
+EVAL_STUDENT = "bench/results/eval_student.json"
+EVAL_STUDENT_SEED1 = "bench/results/eval_student_seed1.json"
+STEPS_QUIET = "bench/results/steps_quiet_aoti_batch1.json"
+
+
+def eval_row(files: dict[str, str]) -> Callable[[dict, list[str]], dict | None]:
+    """Rows of an eval table: the label (before any markup) names the `vdopt eval` results file."""
+    def row(data: dict, cells: list[str]) -> dict | None:
+        path = files.get(cells[0].strip("* "))
+        return {**data[path], "file": path} if path else None
+
+    return row
+
+
+def psnr_vs_reference(record: dict) -> list[float]:
+    """The mean PSNR against the reference run; none for the reference itself (shown as ∞)."""
+    return [record["all"]["vs_reference"]["psnr_db"]] if "vs_reference" in record["all"] else []
+
+
+def wall_clock(record: dict) -> list[float]:
+    """The step-reduction table's wall-clock column: 1× for the teacher, the quiet aoti batch-1 run's
+    speedup for the shipped student (bench/results/steps_quiet_aoti_batch1.json), blank for the naive run."""
+    return {EVAL_TEACHER: [1.0], EVAL_STUDENT: [load(STEPS_QUIET)["speedup"]]}.get(record["file"], [])
+
+
+def forecast_row(data: dict, cells: list[str]) -> dict | None:
+    """A forecast-sweep row: 'policy, name value, ...' must be the policy and fixed params of its file."""
+    policy, *fixed = [part.strip() for part in cells[0].split(",")]
+    try:
+        shown = {name: float(value) for name, value in (part.split(" ", 1) for part in fixed)}
+    except ValueError:
+        return None
+    for record in data.values():
+        params = {k: float(v) for k, v in record["params"].items()
+                  if k not in ("policy", record["knob"]) and not (k == "max_reuse" and v == -1)}
+        if record["policy"] == policy and shown == params:
+            return record
+    return None
+
+
+def forecast_psnr(weight: float) -> Getter:
+    def get_psnr(record: dict) -> list[float]:
+        return [t["psnr_mean"] for t in record["trials"] if t[record["knob"]] == weight]
+
+    return get_psnr
+
+
+EVAL_COLUMNS = {
+    "shape": pct("all.accuracy.shape"),
+    "colour": pct("all.accuracy.colour"),
+    "direction": pct("all.accuracy.direction"),
+}
+
 SPECS = [
     Spec("backend step time", ("backend", "ms / step"), "bench/results/backends.json", backends_row, {
         "ms / step: median": lambda r: [r["ms_per_step_median"]],
@@ -188,20 +251,30 @@ SPECS = [
         "accuracy shape / colour / direction": pct("accuracy.shape", "accuracy.colour", "accuracy.direction"),
         "FVD-MS vs real (floor 1.5)": lambda r: [r["fvd_ms_vs_real"]],
     }, unordered=frozenset({"params"})),
+    Spec("reference model", ("sampling", "shape"), EVAL_TEACHER,
+         eval_row({"50 steps, g = 3": EVAL_TEACHER, "4 steps, g = 3 (naive)": EVAL_NAIVE}), {
+             **EVAL_COLUMNS,
+             "FVD-MS vs real (floor)": lambda r: [r["all"]["fvd_ms"], r["all"]["fvd_ms_floor"]],
+             "PSNR vs 50 steps": psnr_vs_reference,
+         }, also=(EVAL_NAIVE,)),
+    Spec("step reduction quality", ("program", "evals / clip"), EVAL_TEACHER,
+         eval_row({"teacher, 50 steps, g = 3": EVAL_TEACHER, "teacher, 4 steps (naive)": EVAL_NAIVE,
+                   "student, trajectory + adversarial, 4 000 iterations (shipped)": EVAL_STUDENT}), {
+             **EVAL_COLUMNS,
+             "FVD-MS vs real (floor)": lambda r: [r["all"]["fvd_ms"], r["all"]["fvd_ms_floor"]],
+             "PSNR vs teacher": psnr_vs_reference,
+             "wall clock (aoti)": wall_clock,
+         }, also=(EVAL_NAIVE, EVAL_STUDENT, STEPS_QUIET)),
+    Spec("forecast weight", ("forecast weight", "0 (reuse)"), "bench/results/forecast_static.json", forecast_row, {
+        "0 (reuse)": forecast_psnr(0), "0.4": forecast_psnr(0.4), "0.5": forecast_psnr(0.5), "0.6": forecast_psnr(0.6),
+        "0.75": forecast_psnr(0.75), "1": forecast_psnr(1),
+    }, also=("bench/results/forecast_teacache.json",)),
 ]
 
 # Tables of figures that no results file backs yet, with why. Each is an open debt of issue 14 ("no
 # figure without one"), not checked against anything; the test fails when one disappears from the
-# README (then drop it here), so the list stays current.
-NOT_BACKED = {
-    ("forecast weight", "0 (reuse)"):
-        "vdopt calibrate sweep printed to the terminal; no results file was written (its command is in the README)",
-    ("program", "evals / clip"):
-        "vdopt eval student/teacher runs (256 clips) whose JSON was not kept, and an ablation student whose weights "
-        "do not ship; the wall-clock cell of the shipped student is checked against bench/results/steps_quiet_aoti_batch1.json by test_student_wall_clock_cell",
-    ("sampling", "shape"):
-        "vdopt eval teacher runs (256 clips) whose JSON was not kept",
-}
+# README (then drop it here), so the list stays current. Empty: every table of figures is in SPECS.
+NOT_BACKED: dict[tuple[str, ...], str] = {}
 
 # Tables with decimals that are settings, not measurements.
 NOT_FIGURES = {("policy", "decision per (sample, branch) row")}
@@ -260,7 +333,7 @@ def check(spec: Spec, table: Table, data: dict) -> list[str]:
             continue
         record = spec.rows(data, row)
         if record is None:
-            problems.append(f"row '{label}' is not in {spec.file}")
+            problems.append(f"row '{label}' is not in {', '.join(spec.files)}")
             continue
         for column, head in enumerate(table.header):
             if head not in spec.columns or column >= len(row):
@@ -271,7 +344,7 @@ def check(spec: Spec, table: Table, data: dict) -> list[str]:
                 shown, expected = sorted(shown, key=float), sorted(expected)
             if len(shown) != len(expected) or not all(close(s, v) for s, v in zip(shown, expected)):
                 problems.append(f"row '{label}', column '{head}': README shows {row[column]!r}, "
-                                f"{spec.file} has {[round(v, 4) for v in expected]}")
+                                f"{', '.join(spec.files)} has {[round(v, 4) for v in expected]}")
     return problems
 
 
@@ -283,16 +356,17 @@ def table_for(spec: Spec) -> Table:
 def test_table_figures_match_results_file(spec):
     table = table_for(spec)
     cited = set(RESULTS_PATH.findall(table.section_text))
-    assert spec.file in cited, f"the README section '{table.section}' does not cite {spec.file} (cites {sorted(cited)})"
-    problems = check(spec, table, load(spec.file))
-    assert not problems, f"README table '{spec.name}' (line {table.line}) against {spec.file}:\n" + "\n".join(problems)
+    for path in spec.files:
+        assert path in cited, f"the README section '{table.section}' does not cite {path} (cites {sorted(cited)})"
+    problems = check(spec, table, spec.data())
+    assert not problems, f"README table '{spec.name}' (line {table.line}) against {', '.join(spec.files)}:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_a_stale_figure_fails(spec):
     """The check must be able to fail: each figure column, edited away from its results file, is caught."""
     table = table_for(spec)
-    data = load(spec.file)
+    data = spec.data()
     for column, head in enumerate(table.header):
         if head not in spec.columns:
             continue
@@ -352,3 +426,37 @@ def test_heavy_load_backend_run_is_its_file():
         assert close(shown_median, rows[backend]["speedup_vs_eager"]), backend
         assert close(shown_worst, rows[backend]["speedup_vs_eager_worst_round"]), backend
     assert close(eager, rows["eager"]["ms_per_step_median"])
+
+
+def test_held_out_accuracy_is_the_teacher_eval():
+    """The held-out figures under the reference-model table are the teacher eval's `held_out` split."""
+    sentence = re.search(r"Held-out prompts \(attribute triples never trained on\): ([\d.]+) / ([\d.]+) / ([\d.]+) %", README.read_text())
+    assert sentence, "the reference-model section no longer quotes the held-out accuracy as this test expects"
+    accuracy = load(EVAL_TEACHER)["held_out"]["accuracy"]
+    for shown, key in zip(sentence.groups(), ("shape", "colour", "direction")):
+        assert close(shown, 100 * accuracy[key]), (key, shown, accuracy[key])
+
+
+def test_student_fvd_ratios_are_their_files():
+    """1.244× (eval seed 0) and 1.215× (seed 1): the student's FVD-MS over the teacher's on the same clips."""
+    sentence = re.search(r"its FVD-MS is ([\d.]+)× the\s+teacher's \(the bar is 1.25×; ([\d.]+)× on a second set of 256 clips",
+                         README.read_text())
+    assert sentence, "the step-reduction section no longer quotes the FVD-MS ratios as this test expects"
+    teacher = load(EVAL_TEACHER)["all"]
+    for shown, path, seed in zip(sentence.groups(), (EVAL_STUDENT, EVAL_STUDENT_SEED1), (0, 1)):
+        data = load(path)
+        assert data["seed"] == seed and data["prompts_n"] == 256, path
+        student = data["all"]
+        assert close(shown, student["fvd_ms"] / student["vs_reference"]["reference_fvd_ms_vs_real"]), (path, shown)
+    # the seed-0 reference clips are the teacher eval's: the same FVD-MS either way
+    assert abs(load(EVAL_STUDENT)["all"]["vs_reference"]["reference_fvd_ms_vs_real"] - teacher["fvd_ms"]) < 1e-6
+
+
+def test_forecast_sweep_savings_are_their_files():
+    """The forecast paragraph's '72 % / 82 % saved' are the sweeps' body evaluations saved, every weight alike."""
+    sentence = re.search(r"6 prompts \(seed (\d+)\), (\d+) % / (\d+) % saved", README.read_text())
+    assert sentence, "the forecast paragraph no longer quotes the savings as this test expects"
+    for path, shown in zip(("bench/results/forecast_static.json", "bench/results/forecast_teacache.json"), sentence.groups()[1:]):
+        data = load(path)
+        assert data["seed"] == int(sentence.group(1)) and len(data["prompts"]) == 6, path
+        assert {round(100 * t["body_evals_saved"]) for t in data["trials"]} == {int(shown)}, path
