@@ -45,15 +45,6 @@ def assert_no_bundle_left(output: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def wan_checkpoint(tmp_path_factory) -> Path:
-    descriptor = descriptor_for("wan")
-    model = descriptor.build(dict(descriptor.tiny_config))
-    path = tmp_path_factory.mktemp("wan") / "wan.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def wan_bundle(tmp_path_factory, wan_checkpoint) -> Path:
     directory = tmp_path_factory.mktemp("bundle")
     recipe = write_recipe(directory / "recipe.yaml")

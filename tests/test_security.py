@@ -119,17 +119,6 @@ def tiny_program(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wan_checkpoint(tmp_path_factory) -> Path:
-    from vdopt.families import descriptor_for
-
-    descriptor = descriptor_for("wan")
-    model = descriptor.build(dict(descriptor.tiny_config))
-    path = tmp_path_factory.mktemp("wan") / "wan.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def wan_bundle(tmp_path_factory, wan_checkpoint) -> Path:
     directory = tmp_path_factory.mktemp("bundle")
     bundle = directory / "wan.vdopt"
