@@ -37,6 +37,7 @@ the README's caching section). Costs one more cached tensor per body output and 
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 
@@ -349,11 +350,44 @@ def concrete(shape) -> list[int]:
     return [d if isinstance(d, int) else int(d.node.hint) for d in shape]
 
 
+def is_number(value, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_codebook(book) -> bool:
+    return (isinstance(book, str) and book in ADACACHE_CODEBOOKS) or (isinstance(book, list) and bool(book) and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and is_number(pair[0]) and is_number(pair[1], integer=True)
+        and pair[0] > 0 and pair[1] >= 1 for pair in book))
+
+
+# name -> (valid?, what is expected): a bad value is refused at compile time, not found at run time
+PARAM_CHECKS = {
+    "first": (lambda v: is_number(v, True) and v >= 0, "a block count >= 0"),
+    "last": (lambda v: is_number(v, True) and v >= 0, "a block count >= 0"),
+    "warmup": (lambda v: is_number(v, True) and v >= 0, "a step count >= 0"),
+    "final": (lambda v: is_number(v, True) and v >= 0, "a step count >= 0"),
+    "interval": (lambda v: is_number(v, True) and v >= 1, "a step interval >= 1"),
+    "max_reuse": (lambda v: is_number(v, True) and v >= -1, "a step count >= 0, or -1 for no cap"),
+    "threshold": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "forecast": (lambda v: is_number(v) and 0 <= v <= 1,
+                 "a weight in [0, 1] (0: reuse the cached residual, 1: TaylorSeer's full first-order forecast)"),
+    "codebook_scale": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "moreg": (lambda v: isinstance(v, bool), "true or false"),
+    "coefficients": (lambda v: isinstance(v, list) and bool(v) and all(is_number(c) for c in v), "a non-empty list of finite numbers"),
+    "codebook": (is_codebook, f"one of {sorted(ADACACHE_CODEBOOKS)} or a list of [distance bound > 0, steps >= 1] pairs"),
+}
+
+
 def resolve_params(policy: str, params: dict) -> dict:
     defaults = {**COMMON_DEFAULTS, **POLICIES[policy].defaults}
     unknown = set(params) - set(defaults)
     if unknown:
         raise PassError(f"insert_cache: unknown parameter(s) {sorted(unknown)} for policy {policy}; known: {sorted(defaults)}.")
+    for name, value in params.items():
+        valid, expected = PARAM_CHECKS[name]
+        if not valid(value):
+            raise PassError(f"insert_cache: {name}={value!r}; expected {expected}.")
     return {**defaults, **params}
 
 
@@ -404,9 +438,6 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     params = resolve_params(policy, params)
-    if not isinstance(params["forecast"], (int, float)) or not 0 <= params["forecast"] <= 1:
-        raise PassError(f"insert_cache: forecast={params['forecast']!r}; expected a weight in [0, 1] "
-                        f"(0: reuse the cached residual, 1: TaylorSeer's full first-order forecast).")
     samples = program.example_inputs[0].shape[0] * (2 if program.guidance else 1)
     rule = POLICIES[policy](params, samples, program.num_steps, program.descriptor.patch_size[0])
     module = editable_module(program)

@@ -114,6 +114,16 @@ def test_a_second_cache_is_an_error_that_says_why(wan):
     ({"policy": "adacache", "first": 0}, "first >= 1"),
     ({"policy": "static", "threshold": 0.1}, "unknown parameter"),
     ({"policy": "static", "forecast": 2}, "weight in"),
+    ({"policy": "static", "interval": 0}, r"interval=0; expected a step interval >= 1"),
+    ({"policy": "static", "warmup": -1}, r"warmup=-1; expected a step count >= 0"),
+    ({"policy": "first_blocks", "first": -2}, r"first=-2; expected a block count >= 0"),
+    ({"policy": "first_blocks", "threshold": float("nan")}, r"threshold=nan; expected a finite number"),
+    ({"policy": "teacache", "threshold": "0.1"}, r"threshold='0.1'; expected a finite number"),
+    ({"policy": "teacache", "coefficients": []}, "non-empty list"),
+    ({"policy": "adacache", "codebook_scale": 0}, r"codebook_scale=0; expected a finite number > 0"),
+    ({"policy": "adacache", "codebook": [[0.1, 0]]}, "steps >= 1"),
+    ({"policy": "adacache", "moreg": "yes"}, "true or false"),
+    ({"policy": "static", "max_reuse": -2}, "-1 for no cap"),
 ])
 def test_bad_parameters_are_refused(wan, params, message):
     with pytest.raises(PassError, match=message):
