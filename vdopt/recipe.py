@@ -75,8 +75,8 @@ class ModelSection(Strict):
 class SamplerSection(Strict):
     kind: Literal["flow_euler", "ddim"] = "flow_euler"
     steps: int = Field(50, ge=1, le=1000)
-    shift: float = Field(1.0, gt=0)
-    guidance_scale: float = Field(5.0, ge=0)
+    shift: float = Field(1.0, gt=0, allow_inf_nan=False)
+    guidance_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
     prediction: Literal["flow", "epsilon", "v_prediction"] = "flow"
 
     @model_validator(mode="after")
@@ -170,17 +170,40 @@ def _describe(error: dict[str, Any]) -> str:
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe.") from None
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors()[:5])
         raise RecipeError(f"{source}: invalid recipe: {problems}.") from None
+
+
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """A safe loader that refuses aliases (`*name`): nested aliases expand exponentially (a few lines
+    of "billion laughs" hang a validator at gigabytes), and a recipe is short enough to spell out."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in "
+                                 f"recipes; write the value out")
+        return super().compose_node(parent, index)
 
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found.")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is a short YAML file (at most {MAX_RECIPE_BYTES} bytes).")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the recipe as UTF-8.") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe.") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
 

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vdopt.data.moving_shapes import COLOURS, DIRECTIONS, SHAPES, parse_prompt
+from vdopt.errors import RunInputError
 from vdopt.families.base import CondInput, register
 from vdopt.families.latte import LATTE, LatteDescriptor
 from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner, ReferenceDenoiser, build_teacher
@@ -70,6 +72,13 @@ class ReferenceDescriptor(LatteDescriptor):
         @torch.no_grad()
         def encode(prompt: str):
             prompts = [p.strip() for p in prompt.split("|")] if "|" in prompt else [prompt] * batch
+            for text in prompts:
+                try:
+                    parse_prompt(text)
+                except ValueError as exc:
+                    raise RunInputError(f"{exc}. The reference model knows only prompts '<colour> <shape> moving <direction>' "
+                                        f"with colour in {list(COLOURS)}, shape in {list(SHAPES)} and direction in "
+                                        f"{list(DIRECTIONS)}, e.g. 'red circle moving up-left'.") from None
             return ({"encoder_hidden_states": conditioner.encode(prompts)},
                     {"encoder_hidden_states": conditioner.null(len(prompts)).contiguous()})
 
