@@ -63,3 +63,17 @@ def test_prompts_the_reference_model_does_not_know_list_its_vocabulary(reference
     err = capsys.readouterr().err
     assert "Traceback" not in err and "colour in" in err and "'circle'" in err and "'up-left'" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "cpu or cuda"), ("potato", "not one torch knows"),
+                                             pytest.param("cuda", "no CUDA GPU", marks=pytest.mark.skipif(
+                                                 __import__("torch").cuda.is_available(), reason="this machine has a GPU"))])
+def test_devices_vdopt_cannot_run_on_are_refused_before_loading(reference_bundle, tmp_path, capsys, device, message):
+    out = tmp_path / "clip.gif"
+    assert main(["run", str(reference_bundle), "--prompt", "red circle moving up", "--device", device, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_eval_of_no_prompts_is_refused(capsys):
+    assert main(["eval", "--prompts", "0"]) == 2
+    assert "at least one clip" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from vdopt.errors import VdoptError
+
 from vdopt.eval import suite
 
 TEACHER = "teacher"
@@ -111,6 +113,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prompts is not None and args.prompts < 1:
+        raise VdoptError(f"--prompts {args.prompts}: the evaluation needs at least one clip.")
     n = args.prompts or (suite.QUICK_N if args.quick else suite.FULL_N)
     main_steps = args.naive_steps or args.steps
     gen, label, cache_label = _generator(args.bundle, main_steps, args.guidance, args.device)

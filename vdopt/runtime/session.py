@@ -29,11 +29,23 @@ def nvtx_range(name: str, device: str):
     return nullcontext()
 
 
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RunInputError(f"device '{name}' is not one torch knows; vdopt runs bundles on cpu or cuda (cuda:N).") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RunInputError(f"device '{name}': vdopt runs bundles on cpu or cuda (cuda:N), not {device.type}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunInputError(f"device '{name}': this torch ({torch.__version__}) sees no CUDA GPU; run with --device cpu.")
+
+
 class Session:
     def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True):
         # Verified before anything is loaded: manifest checksum, confined paths, file checksums, shapes
         # (ARCHITECTURE contract 7, trust model). verify=False skips only hashing the files' contents.
         self.path = Path(bundle)
+        check_device(device)
         self.manifest = read_manifest(self.path, verify=verify)
         missing = [key for key in ("latent", "num_steps", "guidance") if key not in self.manifest]
         if missing:
