@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cached, uncached = Path(tmp) / "cached.vdopt", Path(tmp) / "uncached.vdopt"
-        compile_bundle(recipe_with(recipe, [(p.name, p.params) for p in recipe.passes], "torch"), args.weights, cached, verify=False)
+        compile_bundle(recipe_with(recipe, backend="torch"), args.weights, cached, verify=False)
         compile_bundle(recipe_with(recipe, [], "torch"), args.weights, uncached, verify=False)
         for prompts, seed in sets:
             start = time.perf_counter()

@@ -56,8 +56,7 @@ class Bundles:
         key = (name, short, backend)
         if key not in self.built:
             out = self.directory / f"{name}_{'short' if short else 'full'}_{backend}.vdopt"
-            recipe = case_recipe(name, short)
-            compile_bundle(recipe_with(recipe, [(p.name, p.params) for p in recipe.passes], backend), TEACHER, out, verify=False)
+            compile_bundle(recipe_with(case_recipe(name, short), backend=backend), TEACHER, out, verify=False)
             self.built[key] = Session(out)
         return self.built[key]
 

@@ -71,6 +71,15 @@ def rewrite_zip(source: Path, target: Path, edit) -> None:
                 zout.writestr(name, data)
 
 
+def rewrite_aoti_package(bundle: Path, tmp_path: Path, edit) -> Path:
+    """The bundle's AOTI package rewritten in place through `rewrite_zip`'s `edit`; returns its path."""
+    package = bundle / package_name(bundle)
+    original = tmp_path / "orig.pt2"
+    shutil.move(package, original)
+    rewrite_zip(original, package, edit)
+    return package
+
+
 def edit_graph_json(edit):
     def apply(name: str, data: bytes):
         if name.endswith("models/model.json"):
@@ -441,9 +450,6 @@ def test_aoti_bundle_runs(tmp_path, aoti_bundle):
 @pytest.mark.parametrize("recompute", ["nothing", "entry"])
 def test_swapped_aoti_so(tmp_path, capsys, aoti_bundle, copy_of, recompute):
     bundle = copy_of(aoti_bundle)
-    package = bundle / package_name(bundle)
-    original = tmp_path / "orig.pt2"
-    shutil.move(package, original)
     sos = []
 
     def swap(name, data):
@@ -452,7 +458,7 @@ def test_swapped_aoti_so(tmp_path, capsys, aoti_bundle, copy_of, recompute):
             return data[:-64] + b"\x90" * 64  # a different native library, same size
         return data
 
-    rewrite_zip(original, package, swap)
+    package = rewrite_aoti_package(bundle, tmp_path, swap)
     assert sos, "the AOTI package holds no .so"
     if recompute == "entry":
         manifest = json.loads((bundle / MANIFEST).read_text())
@@ -467,9 +473,6 @@ def test_swapped_aoti_so(tmp_path, capsys, aoti_bundle, copy_of, recompute):
 def test_zip_slip_member_in_aoti_package(tmp_path, capsys, aoti_bundle, copy_of, member):
     """Checksums all recomputed: the member check before extraction is what refuses it."""
     bundle = copy_of(aoti_bundle)
-    package = bundle / package_name(bundle)
-    original = tmp_path / "orig.pt2"
-    shutil.move(package, original)
     first = []
 
     def add(name, data):
@@ -484,7 +487,7 @@ def test_zip_slip_member_in_aoti_package(tmp_path, capsys, aoti_bundle, copy_of,
                 out.append((member if member.startswith("/") else name.split("/")[0] + "/" + member, b"slipped"))
         return out
 
-    rewrite_zip(original, package, add)
+    rewrite_aoti_package(bundle, tmp_path, add)
     reseal(bundle, files=(package_name(bundle),))
     message = refused(capsys, run_argv(bundle, tmp_path))
     assert "zip-slip" in message

@@ -22,11 +22,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
           f"{manifest['num_steps']} steps, passes {', '.join(p['name'] for p in manifest['passes']) or 'none'} ({seconds:.2f} s)")
     if manifest.get("verify"):
-        report = manifest["verify"]
-        print(f"verified on {report['prompts']} prompt(s) against the unoptimised program: mean PSNR {report['psnr_mean']:.2f} dB, "
-              f"worst clip {report['psnr_worst']:.2f} dB, 5th percentile {report['psnr_p5']:.2f} dB"
-              + (f", accuracy {report['accuracy']['bundle']['all']:.1f} % (unoptimised {report['accuracy']['unoptimised']['all']:.1f} %)"
-                 if report["accuracy"] else ""))
+        from vdopt.verify import summary
+
+        print(f"verified on {manifest['verify']['prompts']} prompt(s) against the unoptimised program: {summary(manifest['verify'])}")
     return 0
 
 

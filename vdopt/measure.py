@@ -9,7 +9,7 @@ A mean hides the clip a user will complain about, so every summary reports the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -89,6 +89,10 @@ class PsnrStats:
 
     def to_json(self) -> dict[str, float]:
         return {"psnr_mean": round(self.mean, 3), "psnr_worst": round(self.worst, 3), "psnr_p5": round(self.p5, 3)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "PsnrStats":
+        return cls(record["psnr_mean"], record["psnr_worst"], record["psnr_p5"])
 
     def __str__(self) -> str:
         return f"mean PSNR {self.mean:.2f} dB (worst clip {self.worst:.2f} dB, 5th percentile {self.p5:.2f} dB)"

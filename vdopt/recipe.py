@@ -215,10 +215,12 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-def recipe_with(recipe: Recipe, passes: list[tuple[str, dict]], backend: str = "torch") -> Recipe:
-    """The same recipe with other passes and backend (the unoptimised program, a calibration candidate)."""
+def recipe_with(recipe: Recipe, passes: list[tuple[str, dict]] | None = None, backend: str = "torch") -> Recipe:
+    """The same recipe with other passes (None: its own) and backend (the unoptimised program, a calibration
+    candidate, the same recipe on another backend)."""
     data = recipe.model_dump(mode="json")
-    data["passes"] = [{"name": n, "params": p} for n, p in passes]
+    if passes is not None:
+        data["passes"] = [{"name": n, "params": p} for n, p in passes]
     data["lower"] = {**data["lower"], "backend": backend}
     return parse_recipe(data, "<derived recipe>")
 

@@ -57,6 +57,13 @@ def accuracy_drop(report: dict[str, Any]) -> float | None:
     return None if accuracy is None else accuracy["unoptimised"]["all"] - accuracy["bundle"]["all"]
 
 
+def summary(report: dict[str, Any]) -> str:
+    """A `verify` record in words: the PSNR statistics and, where measured, both accuracies."""
+    accuracy = report["accuracy"]
+    return str(PsnrStats.from_json(report)) + ("" if accuracy is None else
+        f"; attribute accuracy {accuracy['bundle']['all']:.1f} % vs {accuracy['unoptimised']['all']:.1f} % unoptimised")
+
+
 def verify_bundle(bundle: Path, captured: StepProgram, recipe: Recipe, model_path, *, progress: bool = True,
                   log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Measures `bundle` against the unoptimised program; returns the manifest's `verify` record, or raises
@@ -71,15 +78,12 @@ def verify_bundle(bundle: Path, captured: StepProgram, recipe: Recipe, model_pat
         unoptimised = unoptimised_bundle(captured, recipe, model_path, Path(tmp))
         log(f"verify: rendering {recipe.verify.prompts} prompt(s) through both")
         report = measure(bundle, unoptimised, recipe.verify.prompts, recipe.verify.seed, progress)
-    drop = accuracy_drop(report)
-    stats = PsnrStats(report["psnr_mean"], report["psnr_worst"], report["psnr_p5"])
-    missed = budget.misses(stats, drop)
+    missed = budget.misses(PsnrStats.from_json(report), accuracy_drop(report))
     report.update(budget=budget.to_json(), passed=not missed, seconds=round(time.perf_counter() - start, 2))
-    accuracy = "" if drop is None else f"; attribute accuracy {report['accuracy']['bundle']['all']:.1f} % vs {report['accuracy']['unoptimised']['all']:.1f} % unoptimised"
-    log(f"verify: {stats}{accuracy}")
+    log(f"verify: {summary(report)}")
     if missed:
         raise VerifyError(
             f"the bundle misses its quality budget ({'; '.join(missed)}), measured on {report['prompts']} prompt(s) "
-            f"against the unoptimised program: {stats}{accuracy}. No bundle was written. Make the passes less aggressive "
+            f"against the unoptimised program: {summary(report)}. No bundle was written. Make the passes less aggressive "
             f"(`vdopt calibrate` finds a cache setting within a budget) or loosen the recipe's verify: section.")
     return report
