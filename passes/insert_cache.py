@@ -41,20 +41,24 @@ import math
 import operator
 from functools import partial
 
+import sympy
 import torch
 from torch import fx, nn
 
+from vdopt.bundle import SHAPE_NAMES
 from vdopt.capture import export_step, named_shape, symbol_names
 from vdopt.errors import PassError, first_line
 from vdopt.pass_manager import Pass, editable_module, uncached
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
+from vdopt.safety import shape_expression
 
 
 
-def rows_of(tensor: torch.Tensor, index: torch.Tensor, samples: int) -> torch.Tensor:
-    """Row indices of the samples in `index` for a tensor whose dim 0 is samples * r, sample-major."""
-    per_sample = tensor.shape[0] // samples
+def rows_of(index: torch.Tensor, per_sample: int) -> torch.Tensor:
+    """Row indices of the samples in `index` for a tensor with `per_sample` rows per sample, sample-major.
+    The count is an int fixed at compile time: inside a `torch.cond` branch, sizes read off tensors
+    are fresh symbols that export cannot relate to each other."""
     return (index[:, None] * per_sample + torch.arange(per_sample, device=index.device)).reshape(-1)
 
 
@@ -64,9 +68,10 @@ def flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.reshape(-1) for t in tensors)
 
 
-def row_mask(mask: torch.Tensor, tensor: torch.Tensor, samples: int) -> torch.Tensor:
-    """A per-sample mask broadcastable over `tensor`'s rows (dim 0 = samples * r, sample-major)."""
-    return mask.repeat_interleave(tensor.shape[0] // samples).reshape(-1, *[1] * (tensor.dim() - 1))
+def row_mask(mask: torch.Tensor, tensor: torch.Tensor, per_sample: int | None = None) -> torch.Tensor:
+    """A per-sample mask broadcastable over `tensor`'s rows (dim 0 = samples * per_sample, sample-major)."""
+    per_sample = per_sample or tensor.shape[0] // mask.shape[0]
+    return mask.repeat_interleave(per_sample).reshape(-1, *[1] * (tensor.dim() - 1))
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor, samples: int) -> torch.Tensor:
@@ -91,14 +96,15 @@ class Policy:
     defaults: dict = {}
     probes: tuple[str, ...] = ()
 
-    def __init__(self, params: dict, samples: int, num_steps: int, patch_frames: int):
-        self.params, self.samples, self.num_steps, self.patch_frames = params, samples, num_steps, patch_frames
+    def __init__(self, params: dict, num_steps: int, patch_frames: int):
+        self.params, self.num_steps, self.patch_frames = params, num_steps, patch_frames
 
-    def state(self, probe_shapes: list[tuple], probe_dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    def state(self, probe_shapes: list[tuple], probe_dtype: torch.dtype, samples) -> list[tuple[str, tuple, torch.dtype]]:
         return []
 
-    def decide(self, i, x, probes, state):
-        """-> (due mask [samples], distance [samples], update(mask) -> new state)."""
+    def decide(self, i, x, probes, state, samples):
+        """-> (due mask [samples], distance [samples], update(mask) -> new state). `samples` is the number of
+        rows, (sample, guidance branch) pairs: symbolic when the batch is."""
         raise NotImplementedError
 
 
@@ -106,9 +112,9 @@ class StaticPolicy(Policy):
     name = "static"
     defaults = {"first": 1, "interval": 2}
 
-    def decide(self, i, x, probes, state):
-        due = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(self.samples)
-        return due, torch.zeros(self.samples, device=i.device), lambda mask: ()
+    def decide(self, i, x, probes, state, samples):
+        due = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(samples)
+        return due, torch.zeros(samples, device=i.device), lambda mask: ()
 
 
 class FirstBlocksPolicy(Policy):
@@ -116,13 +122,13 @@ class FirstBlocksPolicy(Policy):
     defaults = {"first": 1, "threshold": 0.08}
     probes = ("head_out", "head_in")
 
-    def state(self, probe_shapes, probe_dtype):
+    def state(self, probe_shapes, probe_dtype, samples):
         return [("prev_probe", probe_shapes[0], probe_dtype)]
 
-    def decide(self, i, x, probes, state):
+    def decide(self, i, x, probes, state, samples):
         probe, (prev,) = probes[0] - probes[1], state
-        distance = relative_l1(probe, prev, self.samples).float()
-        return distance >= self.params["threshold"], distance, lambda mask: (torch.where(row_mask(mask, probe, self.samples), probe, prev),)
+        distance = relative_l1(probe, prev, samples).float()
+        return distance >= self.params["threshold"], distance, lambda mask: (torch.where(row_mask(mask, probe), probe, prev),)
 
 
 class AdaCachePolicy(Policy):
@@ -141,17 +147,17 @@ class AdaCachePolicy(Policy):
         book = ADACACHE_CODEBOOKS[book] if isinstance(book, str) else [tuple(pair) for pair in book]
         return [(bound * self.params["codebook_scale"], rate) for bound, rate in book]
 
-    def state(self, probe_shapes, probe_dtype):
-        return [("prev_probe", probe_shapes[0], probe_dtype), ("next_step", (self.samples,), torch.int64),
-                ("rate", (self.samples,), torch.float32), ("motion", (self.samples,), torch.float32)]
+    def state(self, probe_shapes, probe_dtype, samples):
+        return [("prev_probe", probe_shapes[0], probe_dtype), ("next_step", (samples,), torch.int64),
+                ("rate", (samples,), torch.float32), ("motion", (samples,), torch.float32)]
 
-    def motion(self, probe, x):
+    def motion(self, probe, x, samples):
         """AdaCache's MoReg score per sample: L1 change between consecutive latent frames of the probe."""
         frames = x.shape[2] // self.patch_frames
-        if probe.shape[0] == self.samples:  # [samples, frames * tokens, ...]: frame-major tokens (Wan, CogVideoX, ...)
+        if probe.shape[0] == samples:  # [samples, frames * tokens, ...]: frame-major tokens (Wan, CogVideoX, ...)
             per_frame = probe.unflatten(1, (frames, -1))
         else:  # [samples * frames, tokens, ...]: frames folded into the batch (Latte's spatial blocks)
-            per_frame = probe.unflatten(0, (self.samples, -1))
+            per_frame = probe.unflatten(0, (samples, -1))
         # Sums over consecutive frame pairs, written with roll and the two end frames rather than
         # [1:] and [:-1] slices: a (frames - 1)-sized dim makes export guard frames != 2.
         per_frame = per_frame.flatten(2).float()
@@ -160,14 +166,14 @@ class AdaCachePolicy(Policy):
         size = 2 * per_frame.abs().sum((1, 2)) - first.abs().sum(1) - last.abs().sum(1)
         return (change / size.clamp(min=1e-12) / MOREG_NORM) ** MOREG_POWER
 
-    def decide(self, i, x, probes, state):
+    def decide(self, i, x, probes, state, samples):
         probe = probes[0] - probes[1]
         prev, next_step, rate, prev_motion = state
-        distance = relative_l1(probe, prev, self.samples).float() / rate.clamp(min=1.0)
+        distance = relative_l1(probe, prev, samples).float() / rate.clamp(min=1.0)
         motion = prev_motion
         if self.params["moreg"]:
             lo, hi = (int(f * self.num_steps) for f in MOREG_WINDOW)
-            motion = self.motion(probe, x)
+            motion = self.motion(probe, x, samples)
             gradient = MOREG_GRAD * (motion - prev_motion) / rate.clamp(min=1.0)
             in_window = (i >= lo) & (i < hi)
             distance = torch.where(in_window, distance * (motion + gradient.abs()), distance)
@@ -178,7 +184,7 @@ class AdaCachePolicy(Policy):
         due = i >= next_step
 
         def update(mask):
-            keep = row_mask(mask, probe, self.samples)
+            keep = row_mask(mask, probe)
             return (torch.where(keep, probe, prev), torch.where(mask, i + new_rate, next_step),
                     torch.where(mask, new_rate.float(), rate), torch.where(mask, motion, prev_motion))
 
@@ -194,12 +200,12 @@ class TeaCachePolicy(Policy):
     defaults = {"first": 1, "threshold": 0.1, "coefficients": [1.0, 0.0]}
     probes = ("time_embedding",)
 
-    def state(self, probe_shapes, probe_dtype):
-        return [("prev_probe", probe_shapes[0], probe_dtype), ("accumulated", (self.samples,), torch.float32)]
+    def state(self, probe_shapes, probe_dtype, samples):
+        return [("prev_probe", probe_shapes[0], probe_dtype), ("accumulated", (samples,), torch.float32)]
 
-    def decide(self, i, x, probes, state):
+    def decide(self, i, x, probes, state, samples):
         (embedding,), (prev, accumulated) = probes, state
-        change = relative_l1(embedding, prev, self.samples).float()
+        change = relative_l1(embedding, prev, samples).float()
         rescaled = torch.zeros_like(change)
         for coefficient in self.params["coefficients"]:
             rescaled = rescaled * change + coefficient
@@ -221,19 +227,22 @@ class CachedBody(nn.Module):
     steps between those two computations per row (0 until a row has computed twice).
     """
 
-    def __init__(self, body: fx.GraphModule, region: Region, batched: list[bool], policy: Policy, num_policy_state: int):
+    def __init__(self, body: fx.GraphModule, region: Region, input_rows: list[int], output_rows: list[int],
+                 row_scalars: list[int], policy: Policy, num_policy_state: int, copies: int, gather: bool):
         super().__init__()
         self.body = body
         self.streams = region.streams
         self.num_outputs = len(region.outputs)
         self.num_inputs = len(region.inputs)
-        self.batched = batched
+        self.input_rows = input_rows  # per body input: rows per sample (0: not per sample, e.g. weights)
+        self.output_rows = output_rows  # per body output (and cache): rows per sample
         self.is_tensor = [isinstance(n.meta.get("val"), torch.Tensor) for n in region.inputs]
+        self.row_scalars = row_scalars  # per scalar input: rows per sample it counts (0: none), recounted for a gathered body
         self.policy = policy
-        self.samples = policy.samples
         self.num_policy_state = num_policy_state
+        self.copies = copies  # rows per sample of the latent: 2 under guidance (cond, uncond)
         self.forecast = policy.params["forecast"]
-        self.gather = True
+        self.gather = gather
 
     @property
     def num_tensor_inputs(self) -> int:
@@ -247,7 +256,7 @@ class CachedBody(nn.Module):
         params = self.policy.params
         edge = (i < params["warmup"]) | (i >= self.policy.num_steps - params["final"])
         capped = reuse_run >= params["max_reuse"] if params["max_reuse"] >= 0 else torch.zeros_like(reuse_run, dtype=torch.bool)
-        return edge.expand(self.samples) | capped
+        return edge.expand(reuse_run.shape[0]) | capped
 
     def split_operands(self, tensors, scalars):
         """Branch operands -> (inputs, caches, bases): `bases` are what a skipping row's body outputs
@@ -258,17 +267,19 @@ class CachedBody(nn.Module):
         return inputs, caches, bases
 
     def compute(self, scalars, mask, *tensors):
-        inputs, caches, bases = self.split_operands(tensors, scalars)
+        samples = mask.shape[0]
         if not self.gather:
-            return self.compute_all_rows(mask, inputs, caches, bases)
+            return self.compute_all_rows(mask, *self.split_operands(tensors, scalars))
         index = torch.nonzero(mask).squeeze(1)
         torch._check(index.shape[0] >= 1)  # this branch runs only when some row recomputes
-        torch._check(index.shape[0] <= self.samples)
-        picked = [t.index_select(0, rows_of(t, index, self.samples)) if b else t for t, b in zip(inputs, self.batched)]
+        torch._check(index.shape[0] <= samples)
+        scalars = [index.shape[0] * rows if rows else s for s, rows in zip(scalars, self.row_scalars)]
+        inputs, caches, bases = self.split_operands(tensors, scalars)
+        picked = [t.index_select(0, rows_of(index, rows)) if rows else t for t, rows in zip(inputs, self.input_rows)]
         fresh = self.body(*picked)
         outputs, new_caches = [], []
         for k, (value, cache, base) in enumerate(zip(fresh, caches, bases)):
-            rows = rows_of(cache, index, self.samples)
+            rows = rows_of(index, self.output_rows[k])
             stream = self.streams.get(k)
             if stream is None:
                 outputs.append(base.index_copy(0, rows, value))
@@ -283,7 +294,7 @@ class CachedBody(nn.Module):
         fresh = self.body(*inputs)
         outputs, new_caches = [], []
         for k, (value, cache, base) in enumerate(zip(fresh, caches, bases)):
-            keep = row_mask(mask, cache, self.samples)
+            keep = row_mask(mask, cache, self.output_rows[k])
             stream = self.streams.get(k)
             outputs.append(torch.where(keep, value, base if stream is None else inputs[stream] + base))
             new_caches.append(torch.where(keep, value if stream is None else value - inputs[stream], cache))
@@ -300,7 +311,7 @@ class CachedBody(nn.Module):
         step, extrapolating at most one gap ahead (plain reuse for rows that have computed only once)."""
         steps_ahead = ((reuse_run + 1).float() / gap.clamp(min=1.0)).clamp(max=1.0)
         weight = torch.where(gap > 0, self.forecast * steps_ahead, torch.zeros_like(gap))
-        return [cache + (cache - prev) * row_mask(weight, cache, self.samples).to(cache.dtype)
+        return [cache + (cache - prev) * row_mask(weight, cache).to(cache.dtype)
                 for cache, prev in zip(caches, previous)]
 
     def forward(self, i, x, *tensors):
@@ -312,7 +323,8 @@ class CachedBody(nn.Module):
         forecast_in = rest[caches_end: caches_end + (self.num_outputs + 1 if self.forecast else 0)]
         policy_state = rest[caches_end + len(forecast_in): len(rest) - 3]
         reuse_run, computed, _ = rest[len(rest) - 3:]
-        due, distance, update = self.policy.decide(i, x, probes, policy_state)
+        samples = x.shape[0] * self.copies
+        due, distance, update = self.policy.decide(i, x, probes, policy_state, samples)
         mask = due | self.forced(i, reuse_run)
         scalars = [v for v in inputs if not isinstance(v, torch.Tensor)]  # sizes: closed over, not operands
         tensor_inputs = [v for v in inputs if isinstance(v, torch.Tensor)]
@@ -321,7 +333,7 @@ class CachedBody(nn.Module):
             *previous, gap = forecast_in
             bases = self.forecast_bases(caches, previous, gap, reuse_run)
             recomputed_again = mask & (computed > 0)
-            forecast_state = (*(torch.where(row_mask(mask, cache, self.samples), cache, prev) for cache, prev in zip(caches, previous)),
+            forecast_state = (*(torch.where(row_mask(mask, cache), cache, prev) for cache, prev in zip(caches, previous)),
                               torch.where(recomputed_again, (reuse_run + 1).float(), gap))
         results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars),
                              (mask, *tensor_inputs, *caches, *bases))
@@ -419,9 +431,62 @@ def probe_nodes(policy: Policy, graph: fx.Graph, program: StepProgram, first: in
     return list(stream)
 
 
-def has_rows(node: fx.Node, samples: int) -> bool:
+def size_expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def rows_per_sample(size, samples) -> int | None:
+    """`size / samples` when `size` counts a fixed number of rows per sample for every batch (`16*batch`
+    of `2*batch` samples: 8), else None. With a static batch both are ints."""
+    ratio = sympy.simplify(size_expr(size) / size_expr(samples))
+    return int(ratio) if ratio.is_Integer and ratio > 0 else None
+
+
+def rows_of_node(node: fx.Node, samples) -> int | None:
     shape = shape_of(node)
-    return bool(shape) and isinstance(shape[0], int) and shape[0] % samples == 0
+    return rows_per_sample(shape[0], samples) if shape else None
+
+
+def rows_scalar(node: fx.Node, samples) -> int | None:
+    """For a size the body reads: how many rows per sample it counts (a body run on a subset of the
+    samples must read the subset's count), 0 when it does not depend on the batch, None when it
+    depends on it otherwise (or per sample on another dynamic size)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.SymInt) or not size_expr(value).free_symbols & size_expr(samples).free_symbols:
+        return 0
+    return rows_per_sample(value, samples)
+
+
+def export_cached(module: fx.GraphModule, cached: CachedBody, example_inputs: tuple, program: StepProgram,
+                  state_shapes: list) -> tuple[torch.export.ExportedProgram, str | None]:
+    """Exports the cached step, gathering rows if it can. Some models' shape arithmetic does not survive a
+    data-dependent row count (export cannot prove its guards): their body then runs on every row when
+    any recomputes, still selecting per row, and the reason is returned."""
+    try:
+        return export_step(module, example_inputs, program.dims, program.descriptor, state_shapes), None
+    except Exception as exc:  # noqa: BLE001
+        if not cached.gather:
+            batch = program.dims["batch"]
+            hint = (f" A static batch often exports where a dynamic one ({batch[0]}..{batch[1]}) does not: try an int "
+                    f"model.input.batch." if batch[0] != batch[1] else "")
+            raise PassError(f"insert_cache: the cached step program could not be exported: {type(exc).__name__}: "
+                            f"{first_line(exc)}.{hint}") from exc
+        reason = f"{type(exc).__name__}: {first_line(exc)[:300]}"
+    cached.gather = False
+    return export_cached(module, cached, example_inputs, program, state_shapes)[0], reason
+
+
+def check_named(state: tuple[StateSpec, ...]) -> None:
+    """Every state size is an expression of the step dims, or the runtime could not allocate it."""
+    for spec in state:
+        for size in spec.shape:
+            if type(size) is not int:
+                try:
+                    shape_expression(size, SHAPE_NAMES)
+                except ValueError:
+                    raise PassError(f"insert_cache: the size {size!r} of {spec.name} {list(spec.shape)} is not an expression "
+                                    f"of the step dims (batch, frames, height, width), so a run could not allocate it. "
+                                    f"Make the dynamic dims static (model.input or lower.profiles).") from None
 
 
 def insert_cache(program: StepProgram, policy: str = "first_blocks", **params) -> StepProgram:
@@ -438,11 +503,14 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     params = resolve_params(policy, params)
-    samples = program.example_inputs[0].shape[0] * (2 if program.guidance else 1)
-    rule = POLICIES[policy](params, samples, program.num_steps, program.descriptor.patch_size[0])
+    rule = POLICIES[policy](params, program.num_steps, program.descriptor.patch_size[0])
     module = editable_module(program)
     module.graph._codegen = fx.graph.CodeGen()
     graph = module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    latent, step_index = placeholders[:2]
+    copies = 2 if program.guidance else 1
+    samples = shape_of(latent)[0] * copies  # symbolic when the batch is dynamic
     blocks = block_count(graph, program.descriptor)
     first, stop = params["first"], blocks - params["last"]
     if not first < stop:
@@ -450,20 +518,23 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     region = find_region(graph, program.descriptor, first, stop)
     probes = probe_nodes(rule, graph, program, first, region)
     for node in [*region.outputs, *probes]:
-        if not has_rows(node, samples):
-            raise PassError(f"insert_cache: '{node.name}' {shape_of(node)} has no per-sample rows; it cannot be cached per sample.")
-    batched = [has_rows(n, samples) for n in region.inputs]
+        if rows_of_node(node, samples) is None:
+            raise PassError(f"insert_cache: '{node.name}' {shape_of(node)} has no fixed number of rows per sample; it "
+                            f"cannot be cached per sample.")
+    input_rows = [rows_of_node(n, samples) or 0 if isinstance(n.meta.get("val"), torch.Tensor) else 0 for n in region.inputs]
+    output_rows = [rows_of_node(n, samples) for n in region.outputs]
 
     probe_dtype = probes[0].meta["val"].dtype if probes else torch.float32
-    policy_state = rule.state([shape_of(n) for n in probes], probe_dtype)
+    policy_state = rule.state([shape_of(n) for n in probes], probe_dtype, samples)
     body = extract_region(module, region)
-    cached = CachedBody(body, region, batched, rule, len(policy_state))
-    row_counts = {shape_of(n)[0] for n in region.outputs} | {shape_of(n)[0] for n, b in zip(region.inputs, batched) if b}
-    cached.gather = not has_literal_rows(body, row_counts)
+    row_scalars = [rows_scalar(n, samples) for n in region.inputs if not isinstance(n.meta.get("val"), torch.Tensor)]
+    row_counts = {c for c in [*(shape_of(n)[0] for n in region.outputs),
+                              *(shape_of(n)[0] for n, rows in zip(region.inputs, input_rows) if rows)] if isinstance(c, int)}
+    gather = None not in row_scalars and not has_literal_rows(body, row_counts)
+    cached = CachedBody(body, region, input_rows, output_rows, [r or 0 for r in row_scalars], rule, len(policy_state),
+                        copies, gather)
     module.add_submodule("vdopt_cache", cached)
 
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    latent, step_index = placeholders[:2]
     state_values = [(f"cache.{k}", shape_of(o), o.meta["val"].dtype) for k, o in enumerate(region.outputs)]
     if params["forecast"]:
         state_values += [(f"cache_before.{k}", shape, dtype) for k, (_, shape, dtype) in enumerate(state_values)]
@@ -492,21 +563,19 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
 
     examples = [torch.zeros(concrete(shape), dtype=dtype) for _, shape, dtype in state_values]
     example_inputs = (*program.example_inputs, *examples)
-    num_state = len(program.state) + len(examples)
-    try:
-        ep = export_step(module, example_inputs, program.dims, program.descriptor, num_state=num_state)
-    except Exception as exc:  # noqa: BLE001
-        raise PassError(f"insert_cache: the cached step program could not be exported: {type(exc).__name__}: "
-                        f"{first_line(exc)}") from exc
-    rename = symbol_names(ep, program.dims)
-    state = tuple(StateSpec(f"state.{name}", named_shape(shape, rename), dtype_name(dtype))
-                  for name, shape, dtype in state_values)
+    rename = symbol_names(program.ep, program.dims)
+    state_shapes = [*(s.shape for s in program.state), *(named_shape(shape, rename) for _, shape, _ in state_values)]
+    ep, why_not_gathered = export_cached(module, cached, example_inputs, program, state_shapes)
+    state = tuple(StateSpec(f"state.{name}", shape, dtype_name(dtype))
+                  for (name, _, dtype), shape in zip(state_values, state_shapes[len(program.state):]))
+    check_named(state)
     return program.replace(
         ep=ep, example_inputs=example_inputs, state=(*program.state, *state),
         inputs=(*program.inputs, *(TensorSpec(s.name, s.shape, s.dtype) for s in state)),
         outputs=(*program.outputs, *(TensorSpec(s.name, s.shape, s.dtype) for s in state)),
         extras={**program.extras, "cache": {"policy": policy, **params, "body_blocks": [first, stop], "num_blocks": blocks,
-                                            "gather_rows": cached.gather}},
+                                            "gather_rows": cached.gather,
+                                            **({"gather_rows_failed": why_not_gathered} if why_not_gathered else {})}},
     )
 
 

@@ -259,17 +259,17 @@ def test_lowered_cache_matches_and_leaks_nothing(backend, split, forecast, tmp_p
 def test_moreg_motion_score_grows_with_frame_change():
     from vdopt.passes.insert_cache import AdaCachePolicy, MOREG_NORM, MOREG_POWER
 
-    policy = AdaCachePolicy({}, samples=2, num_steps=10, patch_frames=1)
+    policy = AdaCachePolicy({}, num_steps=10, patch_frames=1)
     x = torch.zeros(1, 4, 4, 8, 8)  # four latent frames
     still = torch.ones(2, 4, 3, 5)  # [samples, frames, tokens, dim]: identical frames
     moving = still.clone()
     moving[1, 1::2] = 3.0  # sample 1 alternates between 1 and 3 per frame
-    score = policy.motion(moving.flatten(1, 2), x)
+    score = policy.motion(moving.flatten(1, 2), x, samples=2)
     assert score[0] == 0
     # each of the 3 frame pairs changes by 2 per element over a combined size of 4: 2/4 per pair
     expected = ((3 * 2 * 15) / (3 * 4 * 15) / MOREG_NORM) ** MOREG_POWER
     torch.testing.assert_close(score[1], torch.tensor(expected))
-    torch.testing.assert_close(policy.motion(still.flatten(1, 2), x), torch.zeros(2))
+    torch.testing.assert_close(policy.motion(still.flatten(1, 2), x, samples=2), torch.zeros(2))
 
 
 def test_trace_records_the_moreg_motion_score_per_row(tmp_path):

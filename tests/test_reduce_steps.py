@@ -104,9 +104,9 @@ def test_before_after_graph(teacher, reduced):
 
 
 def test_the_guidance_batch_and_combination_are_gone_and_nothing_else(teacher, reduced):
-    """The two batch-doubling cats, the split of the prediction into its halves (chunk and two
-    getitems) and u + g * (c - u) go; every other op stays."""
-    guidance = {"aten.cat.default": -2, "aten.chunk.default": -1, "getitem": -2,
+    """The two batch-doubling cats, the split of the prediction into its halves (split_with_sizes and
+    two getitems) and u + g * (c - u) go; every other op stays."""
+    guidance = {"aten.cat.default": -2, "aten.split_with_sizes.default": -1, "getitem": -2,
                 "aten.sub.Tensor": -1, "aten.mul.Tensor": -1, "aten.add.Tensor": -1}
     assert_op_changes(teacher, reduced, guidance)
 

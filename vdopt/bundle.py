@@ -31,12 +31,12 @@ from typing import Any, Iterator
 from vdopt.errors import BundleError
 from vdopt.safety import UnsafeInputError, confined_path, shape_expression
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the batch is a step dim (latent.batch and segment dims are [min, max] ranges)
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.sha256"
 REQUIRED_KEYS = ("schema_version", "family", "inputs", "outputs", "state", "step_table", "segments", "checksums")
 MAX_MANIFEST_BYTES = 64 << 20
-SHAPE_NAMES = frozenset({"frames", "height", "width", "frames_units", "height_units", "width_units"})
+SHAPE_NAMES = frozenset({"batch", "frames", "height", "width", "frames_units", "height_units", "width_units"})
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -290,7 +290,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
 def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     """The fields the runtime reads have the types it expects (extra keys are allowed), so an edited
     manifest is a one-paragraph error here rather than a KeyError or TypeError deep in a run."""
-    from vdopt.program import DTYPES
+    from vdopt.program import DTYPES, STEP_DIMS
 
     problems: list[str] = []
 
@@ -318,7 +318,9 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     expect(isinstance(manifest.get("family"), str), "family", "a string")
     latent = manifest.get("latent")
     if "latent" in manifest and expect(isinstance(latent, dict), "latent", "an object"):
-        expect(is_int(latent.get("batch"), 1), "latent.batch", "a positive int")
+        batch = latent.get("batch")
+        expect(isinstance(batch, list) and len(batch) == 2 and all(is_int(b, 1) for b in batch) and batch[0] <= batch[1],
+               "latent.batch", "a [min, max] range of positive ints")
         expect(is_int(latent.get("channels"), 1), "latent.channels", "a positive int")
         expect(latent.get("dtype") in DTYPES, "latent.dtype", f"one of {', '.join(DTYPES)}")
         multiples = latent.get("multiples")
@@ -338,9 +340,9 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         files = segment.get("files", [])
         expect(isinstance(files, list) and all(isinstance(f, str) for f in files), f"{here}.files", "a list of file names")
         dims = segment.get("dims", {})
-        expect(isinstance(dims, dict) and all(k in ("frames", "height", "width") and isinstance(v, list) and len(v) == 2
+        expect(isinstance(dims, dict) and all(k in STEP_DIMS and isinstance(v, list) and len(v) == 2
                                               and all(is_int(x) for x in v) for k, v in dims.items()),
-               f"{here}.dims", "latent dim names mapped to [min, max] ints")
+               f"{here}.dims", "step dim names (batch, frames, height, width) mapped to [min, max] ints")
         for j, part in enumerate(segment.get("parts") or []):
             if expect(isinstance(part, dict), f"{here}.parts[{j}]", "an object"):
                 pfiles = part.get("files", [])

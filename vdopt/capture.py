@@ -19,7 +19,7 @@ from torch.export import Dim
 from vdopt.errors import CaptureError, VdoptError, first_line
 from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
-from vdopt.program import DTYPES, LATENT_DIMS, StepProgram, TensorSpec, dtype_name
+from vdopt.program import DTYPES, STEP_DIMS, StepProgram, TensorSpec, dtype_name, step_multiples
 from vdopt.recipe import Recipe
 from vdopt.safety import evaluate_shape, load_exported_program, shape_expression
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
@@ -45,7 +45,8 @@ class StepModule(nn.Module):
             return self.denoiser(x, t.expand(x.shape[0]), *cond)
         both = [torch.cat([c, u]) for c, u in zip(cond, uncond)]
         out = self.denoiser(torch.cat([x, x]), t.expand(2 * x.shape[0]), *both)
-        out_cond, out_uncond = out.chunk(2)
+        # explicit sizes: chunk(2) guards (3 * batch - 1) // batch == 2, which export cannot prove for a symbolic batch
+        out_cond, out_uncond = out.split([x.shape[0], x.shape[0]])
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
     def forward(self, x: torch.Tensor, i: torch.Tensor, *conds: torch.Tensor):
@@ -183,8 +184,9 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
 # ----- exporting ----------------------------------------------------------------------------
 
 def latent_dims(recipe: Recipe, profile: dict[str, int] | None) -> dict[str, tuple[int, int]]:
+    """The step's sizes, name -> (min, max): the batch, then the latent dims (a profile fixes those)."""
     spec = recipe.model.input
-    dims = {name: (getattr(spec, name).min, getattr(spec, name).max) for name in LATENT_DIMS}
+    dims = {name: (getattr(spec, name).min, getattr(spec, name).max) for name in STEP_DIMS}
     for name, size in (profile or {}).items():
         dims[name] = (size, size)
     return dims
@@ -193,45 +195,68 @@ def latent_dims(recipe: Recipe, profile: dict[str, int] | None) -> dict[str, tup
 def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[str, int]:
     spec = recipe.model.input
     sizes = {}
-    for axis, name in enumerate(LATENT_DIMS):
+    for name, multiple in step_multiples(descriptor.patch_size).items():
         lo, hi = dims[name]
-        size = getattr(spec, name).trace_size if lo != hi else lo
+        dim = getattr(spec, name)
+        size = dim.trace_size if lo != hi else lo
+        if name == "batch" and lo != hi and dim.opt is None:
+            size = 2  # the cheapest size that keeps the batch symbolic
         size = min(max(size, lo), hi)
-        multiple = descriptor.patch_size[axis]
         sizes[name] = max(multiple, size - size % multiple)
         if lo != hi and sizes[name] < 2:  # a traced size of 1 would specialise the dimension
             sizes[name] = 2 * multiple
     return sizes
 
 
-def latent_root_dims(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[int, tuple[Dim, int]]:
-    """Per dynamic latent axis of `x`: the root `Dim` (in patch units where the patch is > 1) and the multiple."""
+def root_dims(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[int, tuple[Dim, int]]:
+    """Per dynamic axis of `x` (batch and latent dims): the root `Dim` (in patch units where the patch
+    is > 1) and the multiple."""
     roots = {}
-    for axis, name in enumerate(LATENT_DIMS):
+    for axis, (name, multiple) in zip((0, 2, 3, 4), step_multiples(descriptor.patch_size).items()):
         lo, hi = dims[name]
         if lo == hi:
             continue
-        multiple = descriptor.patch_size[axis]
         lo_units, hi_units = -(-lo // multiple), hi // multiple
         if lo_units > hi_units:
             raise CaptureError(f"model.input.{name}: no size in [{lo}, {hi}] is a multiple of the patch size {multiple}.")
-        roots[2 + axis] = (Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units), multiple)
+        roots[axis] = (Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units), multiple)
     return roots
 
 
+def state_dim(size: int | str, roots: dict[str, Dim]):
+    """An export dim for a state size named in the step dims: `128*batch` derives from the batch's Dim;
+    a size that is not linear in one dynamic dim is left for export to derive (`Dim.AUTO`)."""
+    if type(size) is int:
+        return None
+    linear = linear_relation(size, set(roots))
+    if linear is None:
+        return Dim.AUTO
+    name, slope, offset = linear
+    derived = roots[name] * slope if slope != 1 else roots[name]
+    return derived + offset if offset else derived
+
+
 def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...],
-                          num_state: int = 0):
+                          state_shapes: list[tuple[int | str, ...]] = ()):
     """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
 
-    State tensors (the last `num_state` inputs) follow the latent's sizes; `Dim.AUTO` lets export
-    derive how (a cached residual has frames * height * width / patch tokens).
+    Conditioning tensors share `x`'s batch (dim 0). State tensors (the last inputs, one per entry of
+    `state_shapes`, their sizes named in the step dims) follow the step's sizes.
     """
-    x_dims = {axis: dim * multiple if multiple > 1 else dim for axis, (dim, multiple) in latent_root_dims(dims, descriptor).items()}
+    roots = root_dims(dims, descriptor)
+    x_dims = {axis: dim * multiple if multiple > 1 else dim for axis, (dim, multiple) in roots.items()}
     shapes = torch.export.ShapesCollection()
-    if x_dims:
-        shapes[example[0]] = x_dims
-        for state in example[len(example) - num_state:] if num_state else ():
-            shapes[state] = {d: Dim.AUTO for d in range(1, state.dim())}
+    if not x_dims:
+        return shapes
+    shapes[example[0]] = x_dims
+    num_state = len(state_shapes)
+    if 0 in x_dims:
+        for cond in example[2: len(example) - num_state]:
+            shapes[cond] = {0: x_dims[0]}
+    by_name = {dim.__name__: dim for dim, _ in roots.values()}
+    for state, shape in zip(example[len(example) - num_state:], state_shapes):
+        state_dims = {d: state_dim(size, by_name) for d, size in enumerate(shape)}
+        shapes[state] = {d: dim for d, dim in state_dims.items() if dim is not None}
     return shapes
 
 
@@ -260,10 +285,10 @@ def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim,
     """`shapes` (keyed by argument name) with the linear relations export found
     (`L['state_cache_0'].size()[1] = 16*frames`) as derived dims."""
     by_name = {dim.__name__: dim for dim, _ in roots.values()}
-    fixed = {name: dict(spec) if spec else spec for name, spec in shapes.items()}
+    fixed = {name: dict(spec) if isinstance(spec, dict) else spec for name, spec in shapes.items()}
     for line in message.split("Suggested fixes:", 1)[1].splitlines():
         match = SUGGESTED_FIX.fullmatch(line.strip())
-        if not match or not fixed.get(match.group(1)):
+        if not match or not isinstance(fixed.get(match.group(1)), dict):
             continue
         linear = linear_relation(match.group(3), set(by_name))
         if linear is None:
@@ -275,18 +300,18 @@ def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim,
 
 
 def export_step(module: nn.Module, example: tuple[torch.Tensor, ...], dims: dict[str, tuple[int, int]],
-                descriptor: ArchitectureDescriptor, num_state: int = 0) -> torch.export.ExportedProgram:
+                descriptor: ArchitectureDescriptor, state_shapes: list[tuple[int | str, ...]] = ()) -> torch.export.ExportedProgram:
     """Exports with the latent's dims dynamic. When a state size turns out to be a linear function of
     a latent dim (a cached residual has 1560 * frames tokens when height and width are static),
     export refuses `Dim.AUTO` and names the relation; the export is retried with it as a derived dim."""
-    shapes = export_dynamic_shapes(dims, descriptor, example, num_state).dynamic_shapes(module, example)
+    shapes = export_dynamic_shapes(dims, descriptor, example, state_shapes).dynamic_shapes(module, example)
     with torch.no_grad():
         try:
             return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
         except torch._dynamo.exc.UserError as exc:
             if "Suggested fixes:" not in str(exc) or not isinstance(shapes, dict):
                 raise
-            fixed = with_suggested_fixes(str(exc), shapes, latent_root_dims(dims, descriptor))
+            fixed = with_suggested_fixes(str(exc), shapes, root_dims(dims, descriptor))
             return torch.export.export(module, example, dynamic_shapes=fixed, strict=False)
 
 
@@ -294,8 +319,8 @@ def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: d
     spec = recipe.model.input
     dtype = DTYPES[recipe.model.dtype]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(spec.batch, descriptor.in_channels(config), sizes["frames"], sizes["height"], sizes["width"], generator=generator).to(dtype)
-    cond = descriptor.example_cond(config, spec.batch, spec.text_len, generator)
+    x = torch.randn(sizes["batch"], descriptor.in_channels(config), sizes["frames"], sizes["height"], sizes["width"], generator=generator).to(dtype)
+    cond = descriptor.example_cond(config, sizes["batch"], spec.text_len, generator)
     cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
     tensors = [x, torch.tensor(0, dtype=torch.int64), *cond.values()]
     names = ["x", "i", *(f"cond.{k}" for k in cond)]
@@ -329,11 +354,11 @@ def io_specs(ep: torch.export.ExportedProgram, input_names: list[str], output_na
 
 
 def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]]):
-    """Maps export's symbols to latent dim names: `s0` -> `frames`, the `s1` of `2*s1` -> `height_units`."""
+    """Maps export's symbols to step dim names: `s0` -> `frames`, the `s1` of `2*s1` -> `height_units`."""
     x = user_input_nodes(ep)[0]
     mapping = {}
-    for axis, name in enumerate(LATENT_DIMS):
-        size = x.meta["val"].shape[2 + axis]
+    for axis, name in zip((0, 2, 3, 4), STEP_DIMS):
+        size = x.meta["val"].shape[axis]
         if not isinstance(size, int):
             expr = size.node.expr
             for symbol in expr.free_symbols:

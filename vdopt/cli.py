@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cond", help="safetensors/.pt file of conditioning tensors named as in the manifest (cond.* / uncond.*)")
-    p.add_argument("--prompt", help="a prompt, for bundles that carry a prompt encoder (the reference model)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt, for bundles that carry a prompt encoder (the reference model); repeat it to generate "
+                        "several in one batched run (sample k uses seed + k; the clips are written side by side)")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)

@@ -64,7 +64,7 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "guidance": program.guidance,
         "step_table": program.step_table,
         "num_steps": program.num_steps,
-        "latent": {"batch": recipe.model.input.batch, "channels": int(program.example_inputs[0].shape[1]),
+        "latent": {"batch": list(program.dims["batch"]), "channels": int(program.example_inputs[0].shape[1]),
                    "dtype": recipe.model.dtype, "multiples": list(descriptor.patch_size),
                    "default_sizes": dict(zip(("frames", "height", "width"), program.example_inputs[0].shape[2:]))},
         "inputs": [s.to_json() for s in program.inputs],

@@ -195,7 +195,7 @@ def rewrite_graph(program: StepProgram, rewrite: Callable[[torch.fx.GraphModule]
         module.graph.eliminate_dead_code()
         module.graph.lint()
         module.recompile()
-        return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.descriptor, len(program.state)))
+        return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.descriptor, [s.shape for s in program.state]))
 
 
 def readable_graph(program: StepProgram) -> str:

@@ -19,8 +19,14 @@ from vdopt.recipe import Recipe
 from vdopt.safety import evaluate_shape
 
 LATENT_DIMS = ("frames", "height", "width")
+STEP_DIMS = ("batch", *LATENT_DIMS)  # the sizes a step program may take dynamically
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
+
+
+def step_multiples(patch_size: tuple[int, ...] | list[int]) -> dict[str, int]:
+    """What each step dim must be a multiple of: the latent dims the patch size, the batch nothing."""
+    return {"batch": 1, **dict(zip(LATENT_DIMS, patch_size))}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -28,8 +34,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_size(size: int | str, sizes: dict[str, int], multiples: list[int]) -> int:
-    """Evaluates a manifest size: an int, or an expression in the latent dims (`frames`, `2*height_units`,
-    `32*frames*height_units*width_units`), where `NAME_units` is NAME divided by its patch multiple.
+    """Evaluates a manifest size: an int, or an expression in the step dims (`batch`, `frames`, `2*height_units`,
+    `32*batch*frames*height_units*width_units`), where `NAME_units` is NAME divided by its patch multiple.
 
     Expressions are parsed by a small grammar (ints, those names, `+ - * //`, parentheses) and never
     evaluated as code (`vdopt.safety`); anything else is a ValueError naming the offending part."""
@@ -82,7 +88,7 @@ class StepProgram:
     outputs: tuple[TensorSpec, ...]
     state: tuple[StateSpec, ...]
     step_table: dict[str, list[float]]
-    dims: dict[str, tuple[int, int]]  # latent dims: name -> (min, max); min == max when static
+    dims: dict[str, tuple[int, int]]  # step dims (batch, latent dims): name -> (min, max); min == max when static
     example_inputs: tuple[torch.Tensor, ...]
     passes: tuple[dict[str, Any], ...] = ()
     guidance: bool = True

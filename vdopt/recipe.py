@@ -48,15 +48,18 @@ def _as_range(value: Any) -> Any:
 
 
 class InputSpec(Strict):
-    """Latent input sizes. An int fixes a dimension; {min, max, opt} makes it dynamic."""
+    """Latent input sizes. An int fixes a dimension; {min, max, opt} makes it dynamic.
 
-    batch: int = Field(1, ge=1)
+    A dynamic `batch` lets one bundle generate 1..max prompts per call, and lets a per-row cache run its
+    body on the rows that recompute only (a static batch is baked into many models' reshapes)."""
+
+    batch: DimRange = Field(default_factory=lambda: DimRange(min=1, max=1))
     frames: DimRange
     height: DimRange
     width: DimRange
     text_len: int = Field(16, ge=1, description="Length of the conditioning token sequence.")
 
-    _coerce = field_validator("frames", "height", "width", mode="before")(classmethod(lambda cls, v: _as_range(v)))
+    _coerce = field_validator("batch", "frames", "height", "width", mode="before")(classmethod(lambda cls, v: _as_range(v)))
 
 
 class ModelSection(Strict):

@@ -36,7 +36,7 @@ def split_cond(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return cond, uncond or None
 
 
-def load_cond(session, cond_path: str | None, prompt: str | None):
+def load_cond(session, cond_path: str | None, prompt: str | list[str] | None):
     if cond_path:
         return split_cond(read_tensors(cond_path))
     if prompt:

@@ -80,7 +80,8 @@ class ArchitectureDescriptor:
         """Files a bundle of this family carries besides the step program (e.g. a prompt encoder)."""
 
     def prompt_encoder(self, bundle_dir, manifest):
-        """`encode(prompt) -> (cond, uncond)` from the bundle's extras; None for families without one."""
+        """`encode(prompt or prompts) -> (cond, uncond)`, batch = number of prompts, from the bundle's extras;
+        None for families without one."""
         return None
 
     def example_cond(self, config: dict, batch: int, text_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -67,11 +67,10 @@ class ReferenceDescriptor(LatteDescriptor):
         conditioner = PromptConditioner(**config)
         conditioner.load_state_dict(load_file(str(path)))
         conditioner.eval()
-        batch = manifest["latent"]["batch"]
-
         @torch.no_grad()
-        def encode(prompt: str):
-            prompts = [p.strip() for p in prompt.split("|")] if "|" in prompt else [prompt] * batch
+        def encode(prompts: str | list[str]):
+            """One prompt, or a list of prompts for one batched run (one sample each)."""
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             for text in prompts:
                 try:
                     parse_prompt(text)

@@ -16,7 +16,7 @@ import torch
 
 from vdopt.errors import LoweringError
 from vdopt.lower.onnx_backend import export_onnx
-from vdopt.program import StepProgram, resolve_size
+from vdopt.program import StepProgram, resolve_size, step_multiples
 
 WORKSPACE_BYTES = 8 << 30
 
@@ -33,10 +33,11 @@ class BuildSettings:
 
 def profile_shapes(program: StepProgram) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min/opt/max shape per input: every manifest shape evaluated at the recipe's smallest and largest
-    latent sizes (rounded inwards to the patch multiples); opt is the example the program was traced at."""
+    batch and latent sizes (rounded inwards to the patch multiples); opt is the example the program was traced at."""
     multiples = list(program.descriptor.patch_size)
-    low = {name: -(-lo // m) * m for (name, (lo, _)), m in zip(program.dims.items(), multiples)}
-    high = {name: hi - hi % m for (name, (_, hi)), m in zip(program.dims.items(), multiples)}
+    of = step_multiples(multiples)
+    low = {name: -(-lo // of[name]) * of[name] for name, (lo, _) in program.dims.items()}
+    high = {name: hi - hi % of[name] for name, (_, hi) in program.dims.items()}
 
     def at(spec, sizes):
         return tuple(resolve_size(d, sizes, multiples) for d in spec.shape)

@@ -4,14 +4,14 @@
     for i in range(num_steps): x, *state = step(x, i, *cond, *uncond, *state)
 
 Inputs are checked against the manifest before the first step, so a wrong shape is a one-line
-error rather than a failure deep inside a backend. On CUDA each step is an NVTX range.
+error rather than a failure deep inside a backend. Each step is a profiler range (`vdopt/step i`), on CUDA an NVTX range too.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -20,13 +20,14 @@ from vdopt.bundle import bundle_file, check_onnx_external_data, read_manifest
 from vdopt.errors import BundleError, RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
-from vdopt.program import DTYPES, LATENT_DIMS, StateSpec, TensorSpec, resolve_size
+from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
 
 
-def nvtx_range(name: str, device: str):
-    if device.startswith("cuda"):
-        return torch.cuda.nvtx.range(name)
-    return nullcontext()
+@contextmanager
+def step_range(name: str, device: str) -> Iterator[None]:
+    """A named range for profilers: `torch.profiler` on every device, and NVTX (Nsight) on CUDA."""
+    with torch.profiler.record_function(name), torch.cuda.nvtx.range(name) if device.startswith("cuda") else nullcontext():
+        yield
 
 
 def check_device(name: str) -> None:
@@ -70,52 +71,74 @@ class Session:
     def guidance(self) -> bool:
         return self.manifest["guidance"]
 
-    def prompt_encoder(self) -> Callable[[str], tuple[dict, dict | None]] | None:
+    def prompt_encoder(self) -> Callable[[str | list[str]], tuple[dict, dict | None]] | None:
         """The bundle's own prompt encoder, if its family ships one (the reference model does)."""
         return descriptor_for(self.manifest["family"]).prompt_encoder(self.path, self.manifest)
 
     # ----- inputs --------------------------------------------------------------------------------
-    def latent_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, ...]:
+    def latent_shape(self, batch: int, frames: int | None, height: int | None, width: int | None) -> tuple[int, ...]:
         latent = self.manifest["latent"]
+        lo, hi = latent["batch"]
+        if not lo <= batch <= hi:
+            raise RunInputError(f"{batch} sample(s) per call; this bundle was compiled for {lo}..{hi} (model.input.batch). "
+                                f"Split the prompts into calls of at most {hi}, or recompile with a wider batch range.")
         sizes = {"frames": frames, "height": height, "width": width}
         sizes = {k: latent["default_sizes"][k] if v is None else v for k, v in sizes.items()}
         for (name, size), multiple in zip(sizes.items(), latent["multiples"]):
             if size % multiple:
                 raise RunInputError(f"{name}={size} is not a multiple of {multiple}, which this {self.manifest['family']} model needs.")
-        return (latent["batch"], latent["channels"], sizes["frames"], sizes["height"], sizes["width"])
+        return (batch, latent["channels"], sizes["frames"], sizes["height"], sizes["width"])
+
+    @staticmethod
+    def sizes_of(shape: tuple[int, ...]) -> dict[str, int]:
+        return dict(zip(STEP_DIMS, (shape[0], *shape[2:])))
 
     def segment_for(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        sizes = dict(zip(LATENT_DIMS, shape[2:]))
+        sizes = self.sizes_of(shape)
         for segment in self.manifest["segments"]:
             if all(lo <= sizes[name] <= hi for name, (lo, hi) in segment["dims"].items()):
                 return segment
         ranges = "; ".join(", ".join(f"{n} {lo}..{hi}" for n, (lo, hi) in s["dims"].items()) for s in self.manifest["segments"])
-        raise RunInputError(f"latent size {sizes} is outside what this bundle was compiled for ({ranges}). "
+        raise RunInputError(f"sizes {sizes} are outside what this bundle was compiled for ({ranges}). "
                             f"Recompile with wider model.input ranges or another lower.profiles entry.")
 
-    def check_cond(self, prefix: str, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def batch_of(self, cond: dict[str, torch.Tensor]) -> int:
+        """The number of samples: dim 0 of the conditioning tensors, which must agree."""
+        sizes = {name: tensor.shape[0] if tensor.dim() else None for name, tensor in cond.items()}
+        if not sizes or len(set(sizes.values())) != 1 or None in sizes.values():
+            raise RunInputError(f"conditioning tensors must share their first (batch) dimension; got {sizes}.")
+        return next(iter(sizes.values()))
+
+    def resolved(self, spec: TensorSpec, sizes: dict[str, int]) -> list[int]:
+        return [resolve_size(d, sizes, self.manifest["latent"]["multiples"]) for d in spec.shape]
+
+    def check_cond(self, prefix: str, tensors: dict[str, torch.Tensor], sizes: dict[str, int]) -> list[torch.Tensor]:
         ordered = []
         for spec in (s for s in self.inputs if s.name.startswith(prefix + ".")):
             key = spec.name.removeprefix(prefix + ".")
+            expected = self.resolved(spec, sizes)
             if key not in tensors:
-                raise RunInputError(f"missing conditioning input '{spec.name}' (expected shape {list(spec.shape)}, {spec.dtype}).")
+                raise RunInputError(f"missing conditioning input '{spec.name}' (expected shape {expected}, {spec.dtype}).")
             tensor = tensors[key]
-            if list(tensor.shape) != list(spec.shape):
-                raise RunInputError(f"conditioning input '{spec.name}' has shape {list(tensor.shape)}; this bundle expects {list(spec.shape)}.")
+            if list(tensor.shape) != expected:
+                raise RunInputError(f"conditioning input '{spec.name}' has shape {list(tensor.shape)}; this bundle expects "
+                                    f"{expected} for {sizes['batch']} sample(s).")
             ordered.append(tensor.to(self.device, DTYPES[spec.dtype]))
         return ordered
 
     def initial_noise(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        """Sample k's noise comes from its own generator seeded `seed + k`, so a prompt gives the same clip
+        alone or in a batch."""
+        noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)
+                 for k in range(shape[0])]
+        return torch.stack(noise).to(self.device, self.dtype)
 
     def initial_state(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
-        sizes = dict(zip(LATENT_DIMS, shape[2:]))
+        sizes = self.sizes_of(shape)
         states = []
         for spec in self.state_specs:
-            dims = [resolve_size(d, sizes, self.manifest["latent"]["multiples"]) for d in spec.shape]
             fill = torch.ones if spec.init == "ones" else torch.zeros
-            states.append(fill(dims, dtype=DTYPES[spec.dtype], device=self.device))
+            states.append(fill(self.resolved(spec, sizes), dtype=DTYPES[spec.dtype], device=self.device))
         return states
 
     # ----- running -------------------------------------------------------------------------------
@@ -158,15 +181,17 @@ class Session:
     def run(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
             frames: int | None = None, height: int | None = None, width: int | None = None,
             progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
-        shape = self.latent_shape(frames, height, width)
+        shape = self.latent_shape(self.batch_of(cond), frames, height, width)
         run_step = self.runner(self.segment_for(shape))
-        conds = self.check_cond("cond", cond)
+        sizes = self.sizes_of(shape)
+        conds = self.check_cond("cond", cond, sizes)
         if self.guidance:
-            conds += self.check_cond("uncond", uncond if uncond is not None else descriptor_for(self.manifest["family"]).null_cond(cond))
+            null = uncond if uncond is not None else descriptor_for(self.manifest["family"]).null_cond(cond)
+            conds += self.check_cond("uncond", null, sizes)
         x = self.initial_noise(seed, shape)
         state = self.initial_state(shape)
         for i in tqdm(range(self.num_steps), desc="denoising", unit="step", disable=not progress, leave=False):
-            with nvtx_range(f"vdopt/step {i}", self.device):
+            with step_range(f"vdopt/step {i}", self.device):
                 x, *state = run_step(x, torch.tensor(i, dtype=torch.int64, device=self.device), *conds, *state)
             if on_step is not None:
                 on_step(i, state)

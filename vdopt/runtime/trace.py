@@ -15,7 +15,6 @@ import torch
 class CacheTrace:
     def __init__(self, manifest: dict):
         self.names = [s["name"] for s in manifest["state"]]
-        self.batch = manifest["latent"]["batch"]
         self.guidance = manifest["guidance"]
         self.steps: list[dict] = []
         self._computed = None
@@ -23,7 +22,8 @@ class CacheTrace:
     @property
     def rows(self) -> list[str]:
         branches = ("cond", "uncond") if self.guidance else ("cond",)
-        return [f"sample {s} {b}" for b in branches for s in range(self.batch)]
+        samples = len(self.steps[0]["computed"]) // len(branches) if self.steps else 0
+        return [f"sample {s} {b}" for b in branches for s in range(samples)]
 
     def on_step(self, i: int, state: list[torch.Tensor]) -> None:
         values = dict(zip(self.names, state))
