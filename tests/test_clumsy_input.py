@@ -186,3 +186,107 @@ def test_a_pt_state_dict_compiles_with_its_prompt_encoder(reference_recipe, refe
     for bundle, clip in ((tmp_path / "pt.vdopt", tmp_path / "pt.pt"), (reference_bundle, tmp_path / "st.pt")):
         assert main(["run", str(bundle), "--prompt", "red circle moving up", "--quiet", "-o", str(clip)]) == 0
     assert torch.equal(torch.load(tmp_path / "pt.pt"), torch.load(tmp_path / "st.pt"))
+
+
+def cond_file(tmp_path: Path, value) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cond.safetensors"
+    save_file({"cond.encoder_hidden_states": value}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("value, message", [
+    (torch.full((1, 3, 64), float("nan")), "'cond.encoder_hidden_states' has 192 NaN or infinite value(s) of 192"),
+    (torch.zeros(1, 3, 64).index_fill(2, torch.tensor([5]), float("-inf")), "has 3 NaN or infinite value(s)"),
+    (torch.ones(1, 3, 64, dtype=torch.int8), "'cond.encoder_hidden_states' is torch.int8; this bundle takes torch.float32"),
+])
+def test_cond_tensors_with_nan_inf_or_integers_are_refused_before_the_first_step(reference_bundle, tmp_path, capsys, monkeypatch, value, message):
+    monkeypatch.setattr("vdopt.runtime.session.Session.initial_noise", lambda *a: pytest.fail("a step ran"))
+    out = tmp_path / "clip.gif"
+    refused(capsys, ["run", str(reference_bundle), "--cond", str(cond_file(tmp_path, value)), "-o", str(out)], message, out)
+
+
+def test_a_clip_that_comes_out_nan_is_not_written(reference_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("vdopt.runtime.session.Session.run", lambda *a, **k: torch.full((1, 3, 8, 32, 32), float("nan")))
+    out = tmp_path / "clip.pt"
+    refused(capsys, ["run", str(reference_bundle), "--prompt", "red circle moving up", "-o", str(out)],
+            "the generated video has 24576 NaN or infinite value(s)", out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "BUNDLE", "--seed", "-1"], "--seed -1: a seed is an integer from 0 to 9223372036854775807"),
+    (["run", "BUNDLE", "--seed", str(2 ** 64)], "a seed is an integer from 0 to"),
+    (["eval", "--seed", str(2 ** 31)], "--seed 2147483648: a seed is an integer from 0 to 2147483647"),
+    (["calibrate", "r.yaml", "--seed", "-5"], "--seed -5: a seed is an integer from 0 to 2147483647"),
+])
+def test_seeds_out_of_range_are_refused(reference_bundle, tmp_path, capsys, argv, message):
+    argv = [str(reference_bundle) if a == "BUNDLE" else a for a in argv]
+    out = tmp_path / "out.pt"
+    refused(capsys, [*argv, "-o", str(out)] if argv[0] != "eval" else argv, message, out)
+
+
+def test_a_distill_seed_out_of_range_is_a_recipe_error(tmp_path):
+    from vdopt.distill.config import load_distill_recipe
+
+    path = write(tmp_path, yaml.safe_dump({**VALID, "distill": {"seed": -1}}))
+    with pytest.raises(RecipeError, match="distill.seed"):
+        load_distill_recipe(path)
+
+
+@pytest.mark.parametrize("output, extra, message", [
+    ("DIR", [], "-o DIR: is a directory"),
+    ("clip.avi", [], "unknown output type '.avi'; use .pt, .safetensors, .gif, .mp4"),
+    ("FILE/clip.gif", [], "FILE is a file, not a directory"),
+    ("clip.gif", ["--trace", "FILE/t.json"], "--trace"),
+    ("clip.gif", ["--trace", "trace.txt"], "unknown output type '.txt'; use .json"),
+    pytest.param("clip.mp4", [], "writing .mp4 needs imageio-ffmpeg", marks=pytest.mark.skipif(
+        any(__import__("importlib").util.find_spec(m) for m in ("imageio_ffmpeg", "av")), reason="an mp4 writer is installed")),
+])
+def test_run_output_paths_are_checked_before_the_bundle_is_opened(reference_bundle, tmp_path, capsys, monkeypatch, output, extra, message):
+    monkeypatch.setattr("vdopt.runtime.session.Session.__init__", lambda *a, **k: pytest.fail("the bundle was opened"))
+    (tmp_path / "FILE").write_text("mine")
+    (tmp_path / "DIR").mkdir()
+    names = {"DIR": str(tmp_path / "DIR"), "FILE": str(tmp_path / "FILE")}
+    output, extra = (str(tmp_path / output) if output not in names else names[output]), [e.replace("FILE", names["FILE"]) for e in extra]
+    err = refused(capsys, ["run", str(reference_bundle), "--prompt", "red circle moving up", "-o", output, *extra], message.replace("DIR", names["DIR"]),
+                  tmp_path / "clip.gif")
+    assert (tmp_path / "FILE").read_text() == "mine" and not any((tmp_path / "DIR").iterdir()), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--json", "DIR"], "--json DIR: is a directory"),
+    (["eval", "--sheet", "FILE/sheet.png"], "FILE is a file, not a directory"),
+    (["calibrate", "r.yaml", "-o", "FILE/cal.yaml"], "FILE is a file, not a directory"),
+    (["calibrate", "r.yaml", "-o", "cal.yaml", "--json", "DIR"], "--json DIR: is a directory"),
+])
+def test_eval_and_calibrate_outputs_are_checked_before_any_clip(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("vdopt.calibrate.calibrate", lambda *a, **k: pytest.fail("calibration ran"))
+    monkeypatch.setattr("vdopt.eval.suite.evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    (tmp_path / "FILE").write_text("mine")
+    (tmp_path / "DIR").mkdir()
+    names = {"DIR": str(tmp_path / "DIR"), "FILE": str(tmp_path / "FILE")}
+    argv = [a.replace("DIR", names["DIR"]).replace("FILE", names["FILE"]) for a in argv]
+    refused(capsys, argv, message.replace("DIR", names["DIR"]).replace("FILE", names["FILE"]), tmp_path / "cal.yaml")
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("psnr=-5", "a PSNR bound is a positive number of dB, not -5"),
+    ("psnr=nan", "a PSNR bound is a positive number of dB, not nan"),
+    ("psnr=inf", "a PSNR bound is a positive number of dB, not inf"),
+    ("ssim=0.9", "calibrate knows psnr=DB (mean), psnr_worst=DB and psnr_p5=DB"),
+    ("psnr=thirty", "'thirty' is not a number of dB"),
+])
+def test_calibrate_budgets_that_mean_nothing_are_refused(tmp_path, capsys, budget, message):
+    out = tmp_path / "cal.yaml"
+    refused(capsys, ["calibrate", "r.yaml", "--budget", budget, "-o", str(out)], message, out)
+
+
+def test_no_force_names_a_flag_that_exists(reference_recipe, reference_bundle, capsys):
+    from vdopt.cli import build_parser
+
+    before = (reference_bundle / "manifest.json").read_bytes()
+    refused(capsys, ["compile", str(reference_recipe), str(TEACHER), "-o", str(reference_bundle), "--no-force"],
+            "a bundle already exists there; pass --force to replace it", reference_bundle / "nothing")
+    assert build_parser().parse_args(["compile", "r.yaml", "-o", "x", "--force"]).force
+    assert (reference_bundle / "manifest.json").read_bytes() == before

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from vdopt.errors import VdoptError
 from vdopt.measure import Budget, PsnrStats, clip_psnr, make_inputs, render
 from vdopt.recipe import recipe_with
+from vdopt.validate import PROMPT_SET_SEED_LIMIT, check_outputs, check_seed
 
 CALIBRATION_SEED = 1000  # prompt-set seed for calibration; evaluation suites use other seeds
 
@@ -387,6 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
+    check_seed(args.seed, limit=PROMPT_SET_SEED_LIMIT)
+    check_outputs(("-o", args.output), ("--json", args.json_path))
     grid = [float(v) for v in args.grid.split(",")] if args.grid else None
     result = calibrate(args.recipe, args.model, parse_budget(args.budget), args.prompts, args.policy, args.output,
                        params=parse_params(args.param), search_param=args.search, grid=grid, refine=args.refine, seed=args.seed,

@@ -9,21 +9,25 @@ clip of NaNs written with exit status 0.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import math
 import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from vdopt.errors import CaptureError, RecipeError, first_line
+from vdopt.errors import CaptureError, RecipeError, RunInputError, VdoptError, first_line
 from vdopt.program import DTYPES
 
 MAX_CONFIG_INT = 1 << 20  # far above any real width, depth or table length, far below an allocation that hangs
 MAX_RUN_BYTES = 1 << 40  # 1 TiB: more than any one accelerator or host a bundle runs on
 ACTIVATION_WIDTHS = 8  # live hidden-size tensors per token in a block (residual, q, k, v, attention, MLP): a lower bound
+SEED_LIMIT = 1 << 63  # torch.Generator.manual_seed takes an int64
+PROMPT_SET_SEED_LIMIT = 1 << 31  # per-clip seeds are derived from it (seed * 100_003 + i); verify.seed's range
 
 
 # ----- model.config -------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def check_capture(recipe, descriptor, dims: dict[str, tuple[int, int]], profile:
                 f"{gib(available)}. Compile on a larger machine, or narrow model.input.")
 
 
-# ----- weights ----------------------------------------------------------------------------
+# ----- weights and conditioning -------------------------------------------------------------
 
 def nonfinite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
@@ -203,3 +207,66 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         first = ", ".join(f"'{k}' ({n} of {state[k].numel()})" for k, n in list(bad.items())[:3])
         raise CaptureError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values, first {first}; every clip would "
                            f"come out NaN. The checkpoint is damaged or was saved after training diverged.")
+
+
+def check_cond_tensor(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A conditioning tensor: float where the bundle takes float, and every value finite."""
+    if not isinstance(tensor, torch.Tensor):
+        raise RunInputError(f"conditioning input '{name}' is a {type(tensor).__name__}, not a tensor.")
+    if dtype.is_floating_point and not tensor.is_floating_point():
+        raise RunInputError(f"conditioning input '{name}' is {tensor.dtype}; this bundle takes {dtype} embeddings. "
+                            f"Give the encoder's float output (integer token ids or quantised values would be cast "
+                            f"as if they were embeddings).")
+    if n := nonfinite(tensor):
+        raise RunInputError(f"conditioning input '{name}' has {n} NaN or infinite value(s) of {tensor.numel()}; the clip "
+                            f"would be all NaN. Check the encoder that produced it.")
+
+
+def check_finite_output(video: torch.Tensor) -> None:
+    if n := nonfinite(video):
+        raise VdoptError(f"the generated video has {n} NaN or infinite value(s) of {video.numel()}, so it was not written. "
+                         f"The bundle's numerics overflowed (try float32: model.dtype, lower.precision) or its weights "
+                         f"are damaged.")
+
+
+# ----- command-line values ------------------------------------------------------------------
+
+def check_seed(seed: int, option: str = "--seed", limit: int = SEED_LIMIT) -> None:
+    if not 0 <= seed < limit:
+        raise VdoptError(f"{option} {seed}: a seed is an integer from 0 to {limit - 1} (2**{limit.bit_length() - 1} - 1).")
+
+
+def check_outputs(*options: tuple[str, str | Path | None]) -> None:
+    """`check_output_path` for each (option, path) given on the command line."""
+    for option, path in options:
+        if path is not None:
+            check_output_path(path, option)
+
+
+def check_output_path(path: str | Path, option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Before any work: `path` can be written (its nearest existing ancestor is a writable directory,
+    it is not itself a directory) and, given `suffixes`, has one of them."""
+    path = Path(path)
+    if path.is_dir():
+        raise VdoptError(f"{option} {path}: is a directory; give a file name inside it.")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise VdoptError(f"{option} {path}: unknown output type '{path.suffix}'; use {', '.join(suffixes)}.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise VdoptError(f"{option} {path}: {parent} is a file, not a directory, so nothing can be written there.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise VdoptError(f"{option} {path}: not writable ({path if path.exists() else parent} denies writing).")
+
+
+def check_run_args(args) -> None:
+    """`vdopt run`'s seed and output paths, before the bundle is opened or a step runs."""
+    from vdopt.video import OUTPUT_TYPES
+
+    check_seed(args.seed)
+    check_output_path(args.output, "-o", OUTPUT_TYPES)
+    if Path(args.output).suffix.lower() == ".mp4" and not any(importlib.util.find_spec(m) for m in ("imageio_ffmpeg", "av")):
+        raise VdoptError(f"-o {args.output}: writing .mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or write .gif or .pt.")
+    if args.trace:
+        check_output_path(args.trace, "--trace", (".json",))
