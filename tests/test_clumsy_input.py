@@ -282,6 +282,12 @@ def test_calibrate_budgets_that_mean_nothing_are_refused(tmp_path, capsys, budge
     refused(capsys, ["calibrate", "r.yaml", "--budget", budget, "-o", str(out)], message, out)
 
 
+@pytest.mark.parametrize("grid, message", [("x,0.1", "expected comma-separated numbers"), ("0.1,nan", "candidate values must be finite")])
+def test_calibrate_grids_that_are_not_numbers_are_refused(tmp_path, capsys, grid, message):
+    out = tmp_path / "cal.yaml"
+    refused(capsys, ["calibrate", "r.yaml", "--grid", grid, "-o", str(out)], f"--grid '{grid}': {message}", out)
+
+
 def test_no_force_names_a_flag_that_exists(reference_recipe, reference_bundle, capsys):
     from vdopt.cli import build_parser
 

@@ -46,8 +46,10 @@ def _kinds(parameter: inspect.Parameter) -> tuple[set, bool]:
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
         return ({type(default)} if default is not None else set()), default is None
     members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
-    kinds = {typing.get_origin(m) or m for m in members if m is not type(None)}
-    return {tuple if k is list else k for k in kinds}, type(None) in members or default is None
+    kinds = {tuple if k is list else k for k in (typing.get_origin(m) or m for m in members if m is not type(None))}
+    if not kinds <= {int, float, bool, str, tuple}:
+        return set(), True
+    return kinds, type(None) in members or default is None
 
 
 def _config_value_problem(value: Any, parameter: inspect.Parameter) -> str | None:
@@ -109,7 +111,7 @@ def check_patch_multiples(dims: dict[str, tuple[int, int]], descriptor, profile:
     for axis, (name, (lo, hi)) in enumerate(dims.items()):
         multiple = descriptor.patch_size[axis]
         if lo == hi and lo % multiple:
-            where = f"lower.profiles entry {profile}" if profile and name in profile else f"model.input.{name}"
+            where = f"lower.profiles entry {profile}" if profile else f"model.input.{name}"
             below = lo - lo % multiple
             choices = f"{below} or {below + multiple}" if below else f"{multiple}"
             raise RecipeError(f"{where}: {name} {lo} is not a multiple of the {descriptor.family} family's patch size "
