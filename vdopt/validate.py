@@ -159,10 +159,12 @@ def check_capture(recipe, descriptor, dims: dict[str, tuple[int, int]], profile:
     from vdopt.capture import model_config, trace_sizes
 
     check_patch_multiples(dims, descriptor, profile)
-    config = model_config(recipe, descriptor)
     source = f"{recipe.model.config}" if isinstance(recipe.model.config, str) else "model.config"
     count = None  # a diffusers folder's config.json, a .pt2 or a pickle holds its own weights
-    if recipe.model.layout != "diffusers":
+    if recipe.model.layout == "diffusers":
+        config = dict(descriptor.tiny_config)  # the folder's config.json is read when it loads; this bounds from below
+    else:
+        config = model_config(recipe, descriptor)
         check_model_config(config, descriptor, source)
     if recipe.model.layout == "state_dict":
         count = parameter_count(config, descriptor, source)
