@@ -101,3 +101,17 @@ def test_engine_profiles_cover_every_part_input(split):
     low, _, high = build_settings(split.part("compute").program).profiles["state.cache.0"]
     # tokens = frames * (height / 2) * (width / 2): frames 1..8, height and width 4..16 in recipe()
     assert low[1] == 1 * 2 * 2 and high[1] == 8 * 8 * 8
+
+
+def test_sizes_are_read_by_the_size_grammar_not_sympify(program, tmp_path):
+    """A manifest size string is parsed by vdopt.safety's grammar: a hostile one is refused, never run."""
+    import dataclasses
+
+    from vdopt.errors import LoweringError
+
+    marker = tmp_path / "ran"
+    x = program.inputs[0]
+    hostile = dataclasses.replace(x, shape=(*x.shape[:2], f"__import__('pathlib').Path({str(marker)!r}).touch() or 1", *x.shape[3:]))
+    with pytest.raises(LoweringError, match="input 'x' has the size .* outside the size grammar"):
+        split_conditional(program.replace(inputs=(hostile, *program.inputs[1:])))
+    assert not marker.exists()

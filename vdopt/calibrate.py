@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from vdopt.errors import VdoptError
 from vdopt.measure import Budget, PsnrStats, clip_psnr, make_inputs, render
 from vdopt.recipe import recipe_with
+from vdopt.validate import PROMPT_SET_SEED_LIMIT, check_outputs, check_seed
 
 CALIBRATION_SEED = 1000  # prompt-set seed for calibration; evaluation suites use other seeds
 
@@ -359,6 +360,19 @@ def parse_budget(text: str) -> Budget:
     return Budget(**bounds)
 
 
+def parse_grid(text: str | None) -> list[float] | None:
+    """`--grid 0.05,0.1,0.2`: finite numbers, most conservative first."""
+    if text is None:
+        return None
+    try:
+        grid = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CalibrationError(f"--grid '{text}': expected comma-separated numbers, e.g. --grid 0.05,0.1,0.2.") from None
+    if not all(math.isfinite(v) for v in grid):
+        raise CalibrationError(f"--grid '{text}': candidate values must be finite numbers.")
+    return grid
+
+
 def parse_params(items: list[str]) -> dict[str, Any]:
     params = {}
     for item in items:
@@ -387,7 +401,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    grid = [float(v) for v in args.grid.split(",")] if args.grid else None
+    check_seed(args.seed, limit=PROMPT_SET_SEED_LIMIT)
+    check_outputs(("-o", args.output), ("--json", args.json_path))
+    grid = parse_grid(args.grid)
     result = calibrate(args.recipe, args.model, parse_budget(args.budget), args.prompts, args.policy, args.output,
                        params=parse_params(args.param), search_param=args.search, grid=grid, refine=args.refine, seed=args.seed,
                        progress=not args.quiet, log=(lambda m: None) if args.quiet else None)

@@ -23,6 +23,7 @@ from vdopt.program import DTYPES, STEP_DIMS, StepProgram, TensorSpec, dtype_name
 from vdopt.recipe import Recipe
 from vdopt.safety import evaluate_shape, load_exported_program, shape_expression
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
+from vdopt.validate import check_capture, check_weights
 
 
 class StepModule(nn.Module):
@@ -177,6 +178,7 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
     if path is not None:
         state = descriptor.checkpoint_state(read_state_dict(checkpoint_path(path)))
         check_state_dict(model, state, path, descriptor.family)
+        check_weights(state, model.state_dict(), path)
         model.load_state_dict(state)
     return descriptor.adapter(model), descriptor, config
 
@@ -396,6 +398,7 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
             f"The {descriptor.family} family exports static frame counts only (its temporal position embedding has a "
             f"fixed length): give lower.profiles with one entry per frame count, or make model.input.frames an int."
         )
+    check_capture(recipe, descriptor, dims, profile, host=fake_mode is None)
     guidance = recipe.sampler.uses_guidance
     table = step_table(recipe.sampler)
     dtype = DTYPES[recipe.model.dtype]

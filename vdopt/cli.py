@@ -31,13 +31,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from vdopt.runtime import Session
     from vdopt.runtime.trace import CacheTrace
+    from vdopt.validate import check_finite_output, check_run_args
     from vdopt.video import load_cond, save_output
 
+    check_run_args(args)
     session = Session(args.bundle, device=args.device)
     cond, uncond = load_cond(session, args.cond, args.prompt)
     trace = CacheTrace(session.manifest) if args.trace else None
     video = session.run(cond, uncond, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
                         progress=not args.quiet, on_step=trace.on_step if trace else None)
+    check_finite_output(video)
     save_output(video, args.output, session.manifest)
     print(f"wrote {args.output} {list(video.shape)}")
     if trace:

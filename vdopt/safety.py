@@ -76,8 +76,9 @@ def shape_expression(text: str, names: set[str] | frozenset[str]) -> ast.expr:
     return tree.body
 
 
-def evaluate_shape(text: str, values: dict[str, int]) -> int:
-    """The value of a size expression (see `shape_expression`) for the given dim values."""
+def evaluate_shape(text: str, values: dict[str, Any]) -> Any:
+    """The value of a size expression (see `shape_expression`) for the given dim values: ints give
+    its int, sympy symbols give it as a sympy expression."""
 
     def value(node: ast.expr) -> int:
         if isinstance(node, ast.BinOp):

@@ -11,6 +11,7 @@ import torch
 from vdopt.errors import RunInputError
 
 MIN_VIEW_SIZE = 128
+OUTPUT_TYPES = (".pt", ".safetensors", ".gif", ".mp4")
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -86,4 +87,4 @@ def save_output(video: torch.Tensor, path: str | Path, manifest: dict[str, Any] 
         except Exception as exc:  # noqa: BLE001 - a missing codec plugin is the usual cause
             raise RunInputError(f"{path}: cannot write {suffix} ({exc}); for .mp4 install imageio-ffmpeg, or write .gif/.pt.") from None
     else:
-        raise RunInputError(f"{path}: unknown output type '{suffix}'; use .pt, .safetensors, .gif or .mp4.")
+        raise RunInputError(f"{path}: unknown output type '{suffix}'; use {', '.join(OUTPUT_TYPES)}.")

@@ -40,7 +40,7 @@ class DistillSection(Strict):
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay, reached after a warm-up: min(ema_decay, (1 + n) / (10 + n)) after iteration n.")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31, description="Seed of the prompts, the noise and the data order.")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillSection":

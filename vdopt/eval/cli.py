@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vdopt.errors import VdoptError
+from vdopt.validate import PROMPT_SET_SEED_LIMIT, check_outputs, check_seed
 
 from vdopt.eval import suite
 
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.prompts is not None and args.prompts < 1:
         raise VdoptError(f"--prompts {args.prompts}: the evaluation needs at least one clip.")
+    check_seed(args.seed, limit=PROMPT_SET_SEED_LIMIT)
+    check_outputs(("--json", args.json_path), ("--sheet", args.sheet_path))
     n = args.prompts or (suite.QUICK_N if args.quick else suite.FULL_N)
     main_steps = args.naive_steps or args.steps
     gen, label, cache_label = _generator(args.bundle, main_steps, args.guidance, args.device)

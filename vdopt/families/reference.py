@@ -51,11 +51,16 @@ class ReferenceDescriptor(LatteDescriptor):
     def write_extras(self, bundle_dir: Path, model_path) -> None:
         if model_path is None:
             return
-        state = load_file(str(checkpoint_file(model_path)))
+        from vdopt.capture import read_state_dict  # capture imports the families
+        from vdopt.validate import check_weights
+
+        path = checkpoint_file(model_path)
+        state = read_state_dict(path)
         conditioner = {k.removeprefix(CONDITIONER_PREFIX): v for k, v in state.items() if k.startswith(CONDITIONER_PREFIX)}
         if conditioner:
             (bundle_dir / EXTRAS).parent.mkdir(exist_ok=True)
             config = dict(CONDITIONER_CONFIG, dim=int(conditioner["colour.weight"].shape[1]))
+            check_weights(conditioner, PromptConditioner(**config).state_dict(), path)
             save_file(conditioner, str(bundle_dir / EXTRAS), metadata={"config": json.dumps(config)})
 
     def prompt_encoder(self, bundle_dir: Path, manifest: dict):

@@ -27,7 +27,8 @@ from torch import fx
 
 from vdopt.capture import user_input_nodes
 from vdopt.errors import LoweringError, first_line
-from vdopt.program import StepProgram, TensorSpec, dtype_name
+from vdopt.program import LATENT_DIMS, StepProgram, TensorSpec, dtype_name
+from vdopt.safety import evaluate_shape
 
 FLAG = "flag"
 PART_NAMES = ("head", "compute", "reuse", "tail")
@@ -119,6 +120,18 @@ def branch_part(root: fx.GraphModule, branch: fx.Node, operands: list[fx.Node]) 
     return fx.GraphModule(attributes, graph)
 
 
+SIZE_SYMBOLS = {name: sympy.Symbol(name) for dim in LATENT_DIMS for name in (dim, f"{dim}_units")}
+
+
+def manifest_size(spec: TensorSpec, size: int | str) -> sympy.Expr | int:
+    """A manifest size as a sympy expression, built by the size grammar (vdopt.safety), never `sympify`."""
+    try:
+        return evaluate_shape(str(size), SIZE_SYMBOLS)
+    except ValueError as exc:
+        raise LoweringError(f"input '{spec.name}' has the size {str(size)[:80]!r}, which is not an expression of the "
+                            f"latent dims: {exc}.") from None
+
+
 def size_namer(program: StepProgram):
     """Names sizes in the latent dims: each input's export symbols are solved against the
     manifest shape of that input (`2*s1` ~ `2*height_units` gives s1 = height_units)."""
@@ -128,7 +141,7 @@ def size_namer(program: StepProgram):
             if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
                 (symbol,) = size.node.expr.free_symbols
                 if symbol not in solved:
-                    solved[symbol] = sympy.solve(size.node.expr - sympy.sympify(str(named)), symbol)[0]
+                    solved[symbol] = sympy.solve(size.node.expr - manifest_size(spec, named), symbol)[0]
 
     def name(size) -> int | str:
         if not isinstance(size, torch.SymInt):

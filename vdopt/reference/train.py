@@ -95,7 +95,7 @@ def main(argv=None):
     step, elapsed, losses = 0, 0.0, []
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
         transformer.load_state_dict(ck["transformer"])
         conditioner.load_state_dict(ck["conditioner"])
         ema_t.load_state_dict(ck["ema_transformer"])

@@ -21,6 +21,7 @@ from vdopt.errors import BundleError, RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
 from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
+from vdopt.validate import check_cond_tensor
 
 
 @contextmanager
@@ -120,6 +121,7 @@ class Session:
             if key not in tensors:
                 raise RunInputError(f"missing conditioning input '{spec.name}' (expected shape {expected}, {spec.dtype}).")
             tensor = tensors[key]
+            check_cond_tensor(spec.name, tensor, DTYPES[spec.dtype])
             if list(tensor.shape) != expected:
                 raise RunInputError(f"conditioning input '{spec.name}' has shape {list(tensor.shape)}; this bundle expects "
                                     f"{expected} for {sizes['batch']} sample(s).")
