@@ -18,9 +18,12 @@ Policies (`policy=`):
                 by a motion score from consecutive latent frames) to how many steps to reuse.
   teacache      TeaCache: accumulate the rescaled change of the timestep embedding; recompute
                 when the sum reaches `threshold`.
-A body whose shape ops were traced with a literal batch size (e.g. Latte) cannot run on a subset of
-rows; it then runs on all rows whenever any row recomputes, still selecting per row (`gather_rows`
-in the manifest says which).
+Gathering needs a body whose shapes follow its rows: capture with a dynamic batch
+(`model.input.batch: {min, max}`), and the sizes the body reads that count rows are recounted for
+the gathered subset. A body traced at a static batch bakes it into reshapes (Latte does), and a few
+models' shape arithmetic defeats export on a data-dependent row count; such a body runs on all rows
+whenever any row recomputes, still selecting per row (`gather_rows` in the manifest says which, and
+`gather_rows_failed` why, when export refused).
 Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
 and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
 A step holds one cache: inserting a second is an error, not a no-op (it would cache the cached body).
