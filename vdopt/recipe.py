@@ -7,20 +7,57 @@ so editors can complete and check recipes as they are typed.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vdopt.errors import RecipeError
+from vdopt.errors import RecipeError, first_line
 from vdopt.measure import Budget
 
 FAMILIES = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "reference")
 
 
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field (or its list items) holds ints or floats and never a bool."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _takes_numbers(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool not in args and any(_takes_numbers(a) for a in args)
+    return annotation in (int, float)
+
+
+def _item_type(annotation: Any) -> Any:
+    """The item type of a list or tuple annotation (inside an Optional or union), or None."""
+    for option in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,):
+        if typing.get_origin(option) in (list, tuple) and typing.get_args(option):
+            return typing.get_args(option)[0]
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any) -> Any:
+        """pydantic reads `true` as 1 where an int or float goes (`steps: true` would be one step); YAML
+        turns yes/no/on/off/true/false into booleans, so a boolean where a number goes is refused."""
+        if isinstance(value, dict):
+            for name, field in cls.model_fields.items():
+                given = value.get(name)
+                items = given if isinstance(given, (list, tuple)) and _takes_numbers(_item_type(field.annotation)) else ()
+                if isinstance(given, bool) and _takes_numbers(field.annotation):
+                    raise ValueError(f"'{name}' is a number, not {str(given).lower()} (YAML reads true/false/yes/no/on/off "
+                                     f"as booleans)")
+                if any(isinstance(v, bool) for v in items):
+                    raise ValueError(f"'{name}' holds numbers, not booleans (got {given}; YAML reads true/false/yes/no/on/off "
+                                     f"as booleans)")
+        return value
 
 
 class DimRange(Strict):
@@ -209,6 +246,9 @@ def read_yaml(path: str | Path) -> Any:
         raise RecipeError(f"{path}: nested too deeply to be a recipe.") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+    except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as exc:  # a value the safe constructors cannot build
+        raise RecipeError(f"{path}: a value in the recipe cannot be read ({first_line(exc)}); check dates, numbers of "
+                          f"thousands of digits and explicit !!tags.") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,0 +1,455 @@
+"""Property-based fuzzing of everything a user hands vdopt (issue 15, item 2): recipes, bundle manifests
+and command lines, mutated from valid ones by hypothesis.
+
+Properties: every input either works or is refused with a `VdoptError` (exit status 2 and one
+`vdopt CMD: error:` paragraph on the command line); never a traceback, never a hang (each case is
+bounded by a hypothesis deadline and the whole test by pytest-timeout), never a file written
+outside where the user said, and what is accepted really is valid (`recipe_is_valid`).
+
+The runs are reproducible (`derandomize=True`, no example database): the same examples every run
+until the test or hypothesis changes; a failure prints the falsifying example and a
+`@reproduce_failure` blob. The default tier runs small samples (well under a minute); the `slow`
+tier (`pytest -m slow tests/test_fuzz.py`) runs the same properties on ten times as many cases.
+Bugs the fuzzer found are kept as explicit `@example`s or plain tests at the end of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from vdopt.bundle import MANIFEST, MANIFEST_CHECKSUM
+from vdopt.cli import main
+from vdopt.errors import RecipeError, VdoptError
+from vdopt.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "vdopt/reference/weights/teacher.safetensors"
+VALID = {"model": {"family": "wan", "input": {"frames": 2, "height": 4, "width": 4}}, "sampler": {"steps": 2}}
+SHIPPED = {p.name: yaml.safe_load(p.read_text()) for p in sorted((ROOT / "recipes").glob("*.yaml"))}
+DISTILL = {name: data for name, data in SHIPPED.items() if "distill" in data}
+COMPILE_BASES = [VALID] + [data for name, data in SHIPPED.items() if name not in DISTILL]
+SCALES = [pytest.param(1, marks=pytest.mark.timeout(120), id="ci"),
+          pytest.param(10, marks=[pytest.mark.slow, pytest.mark.timeout(1800)], id="long")]
+
+
+def fuzz(max_examples: int, deadline_s: float) -> settings:
+    """Reproducible settings: the same examples every run, none remembered between runs."""
+    return settings(max_examples=max_examples, deadline=deadline_s * 1000, derandomize=True, database=None,
+                    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                            HealthCheck.filter_too_much])
+
+
+class Stop(Exception):
+    """Raised by the stand-ins for long work (capture, evaluation, training): the input was accepted."""
+
+
+@contextlib.contextmanager
+def captured() -> Any:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
+
+
+def cli(argv: list[str]) -> tuple[int | str, str, str]:
+    """(exit status, or 'stopped' when the long work would have started; stdout; stderr) of `vdopt ARGV`."""
+    with captured() as (out, err):
+        try:
+            code: int | str = main(argv)
+        except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+            code = exc.code if isinstance(exc.code, int) else 2
+        except Stop:
+            code = "stopped"
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_clean_refusal(command: str, code: int | str, out: str, err: str, argv: Any = None) -> None:
+    """Exit 0 (or accepted up to the long work), or 2 with one error paragraph; never a traceback."""
+    assert "Traceback" not in out + err, (argv, err)
+    assert code in (0, 2, "stopped"), (argv, code, err)
+    if code == 2 and not err.startswith("usage:"):
+        errors = [line for line in err.splitlines() if line.startswith(f"vdopt {command}: error:")]
+        assert len(errors) == 1, (argv, err)
+
+
+def tree(directory: Path) -> dict[str, bytes | None]:
+    """Every path under `directory` with the contents of its files (None for directories)."""
+    return {p.relative_to(directory).as_posix(): None if p.is_dir() else p.read_bytes()
+            for p in sorted(directory.rglob("*")) if not p.is_symlink()}
+
+
+# ----- strategies: values a clumsy user (or a careless tool) puts where another value goes -------
+
+NAUGHTY_STRINGS = ["", " ", "\t", "1", "-1", "0", "1e3", "nan", "inf", "-inf", "true", "null", "~", "🐶", "\x00", "\u202e",
+                   "../../etc/passwd", "/etc/passwd", "${HOME}", "{{x}}", "%s%n", "a" * 300, "0x10", "1_000", "٣"]
+SCALARS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -1, 1, 2, 3, 1000, 1001, 2**31, 2**63, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 0.5, 1.5, 1e308, 5e-324]),
+    st.booleans(), st.none(),
+    st.text(max_size=12), st.sampled_from(NAUGHTY_STRINGS),
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+KEYS = st.one_of(st.sampled_from(["model", "sampler", "passes", "lower", "verify", "input", "params", "name", "steps",
+                                  "frames", "min", "max", "opt", "psnr_min", "distill", "extra", "Model", "steps "]),
+                 st.text(max_size=10))
+
+
+def paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path (tuple of keys and indices) into a nest of dicts and lists, the root included."""
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += paths(item, prefix + (key,))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += paths(item, prefix + (index,))
+    return found
+
+
+def get(value: Any, path: tuple) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
+def numeric_neighbours(value: Any) -> st.SearchStrategy:
+    """Out-of-range and wrongly typed stand-ins for a number."""
+    near = [0, -1, -value if isinstance(value, (int, float)) else 1, True, False, math.nan, math.inf, -math.inf,
+            2**63, 10**400, 1e308, str(value), [value], {"value": value}, None]
+    return st.sampled_from(near)
+
+
+@st.composite
+def mutated(draw: Callable, bases: list[dict], keys: st.SearchStrategy = KEYS,
+            leaves: Callable[[tuple, Any], st.SearchStrategy] | None = None) -> dict:
+    """A deep copy of one of `bases` with one to four mutations at random places: a new value of any type,
+    a neighbouring bad number, a deleted key or item, an unknown key, a value wrapped in a list or
+    mapping, or deep nesting."""
+    data = copy.deepcopy(draw(st.sampled_from(bases)))
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(paths(data)))
+        old = get(data, path)
+        op = draw(st.sampled_from(["replace", "replace", "number", "delete", "add", "wrap", "nest"]))
+        if op == "add" and isinstance(old, dict):
+            old[draw(keys)] = draw(VALUES)
+            continue
+        if op == "add" and isinstance(old, list):
+            old.append(draw(VALUES))
+            continue
+        if not path:
+            continue  # the root itself is only added to; a replaced root is the raw-text test's job
+        parent, key = get(data, path[:-1]), path[-1]
+        if op == "delete":
+            del parent[key]
+            continue
+        if op == "number" or (op == "replace" and leaves is not None and draw(st.booleans())):
+            new = draw(leaves(path, old) if leaves is not None and op == "replace" else numeric_neighbours(old))
+        elif op == "wrap":
+            new = draw(st.sampled_from([[old], {"value": old}, {str(key): old}]))
+        elif op == "nest":
+            new = old
+            for _ in range(draw(st.integers(1, 120))):
+                new = [new] if draw(st.booleans()) else {"a": new}
+        else:
+            new = draw(VALUES)
+        parent[key] = new
+    return data
+
+
+def dump(data: Any) -> str:
+    return yaml.safe_dump(data, allow_unicode=True)
+
+
+# ----- recipes --------------------------------------------------------------------------------------
+
+INT_FIELDS = {("sampler", "steps"), ("model", "input", "batch"), ("model", "input", "text_len"), ("verify", "prompts"),
+              ("verify", "seed")}
+FLOAT_FIELDS = {("sampler", "shift"), ("sampler", "guidance_scale"), ("verify", "psnr_mean"), ("verify", "psnr_worst"),
+                ("verify", "psnr_p5"), ("verify", "accuracy_drop")}
+
+
+def raw_numbers(raw: dict) -> list[tuple[tuple, Any]]:
+    """(path, value) of each number the recipe file gave to a numeric field of the schema."""
+    found = []
+    for path in INT_FIELDS | FLOAT_FIELDS:
+        try:
+            found.append((path, get(raw, path)))
+        except (KeyError, IndexError, TypeError):
+            pass
+    for dim in ("frames", "height", "width"):
+        try:
+            value = get(raw, ("model", "input", dim))
+        except (KeyError, TypeError):
+            continue
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        found += [(("model", "input", dim, k), v) for k, v in items]
+    try:
+        for i, profile in enumerate(raw["lower"]["profiles"] or []):
+            found += [(("lower", "profiles", i, k), v) for k, v in profile.items()]
+    except (KeyError, TypeError, AttributeError):
+        pass
+    return found
+
+
+def recipe_is_valid(recipe: Recipe, raw: dict) -> None:
+    """What an accepted recipe must satisfy: the schema's bounds (all numbers finite), and no value of the
+    wrong kind taken as a number (a YAML `true` is not a step count)."""
+    for path, value in raw_numbers(raw):
+        assert not isinstance(value, bool), f"{'.'.join(map(str, path))}: {value!r} accepted as a number"
+    sampler, verify, spec = recipe.sampler, recipe.verify, recipe.model.input
+    assert 1 <= sampler.steps <= 1000 and type(sampler.steps) is int
+    assert math.isfinite(sampler.shift) and sampler.shift > 0
+    assert math.isfinite(sampler.guidance_scale) and sampler.guidance_scale >= 0
+    for bound in (verify.psnr_mean, verify.psnr_worst, verify.psnr_p5):
+        assert bound is None or 0 < bound < 1000
+    assert verify.accuracy_drop is None or 0 <= verify.accuracy_drop <= 100
+    assert 1 <= verify.prompts <= 256 and 0 <= verify.seed < 2**31
+    assert spec.batch >= 1 and spec.text_len >= 1
+    for dim in (spec.frames, spec.height, spec.width):
+        assert 1 <= dim.min <= dim.trace_size <= dim.max
+    for profile in recipe.lower.profiles or []:
+        assert min(profile.frames, profile.height, profile.width) >= 1
+    for spec_ in recipe.passes:
+        assert isinstance(spec_.name, str) and isinstance(spec_.params, dict)
+
+
+def load_or_refuse(path: Path, loader: Callable = load_recipe) -> Any:
+    """The loaded recipe, or None when refused with a RecipeError; anything else fails the test."""
+    start = time.perf_counter()
+    try:
+        result = loader(path)
+    except RecipeError as exc:
+        assert str(exc).strip() and "\n" not in str(exc)
+        result = None
+    event("refused" if result is None else "accepted")
+    assert time.perf_counter() - start < 10, "a recipe took over 10 s to load or refuse"
+    return result
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_mutated_recipes_load_or_are_refused(scratch, scale):
+    @fuzz(150 * scale, 5)
+    @given(mutated(COMPILE_BASES))
+    def check(data):
+        path = scratch / "recipe.yaml"
+        path.write_text(dump(data), encoding="utf-8")
+        recipe = load_or_refuse(path)
+        if recipe is not None:
+            recipe_is_valid(recipe, data)
+
+    check()
+
+
+# YAML's own value syntax: dates, tags, bases, sexagesimal, merge keys, sets, complex keys, long numbers.
+YAML_SNIPPETS = ["2001-02-30", "0000-01-01", "2001-01-01 25:00:00", "!!timestamp x", "!!float x", "!!int x", "!!bool x",
+                 "!!binary '%%%'", "1" * 5000, "0x" + "f" * 5000, "-" + "9" * 4400, "1:" + "2" * 5000, "!!str 1",
+                 "!!python/object/apply:os.system [echo]", "!!set {a, b}", "!!omap [a: 1]", "!!pairs [a: 1]",
+                 "<<: {steps: 1}", "? [a]\n: b", "? {a: 1}\n: b", ".NaN", "-.inf", "0o17", "0b101", "1_000", "1:30",
+                 "~", "yes", "off", "Y", "%YAML 1.1\n---\n", "--- !!map\n", "...\n", "'\\x00'", '"\\ud800"',
+                 "&a 1", "*a", "!local x", "!<tag:yaml.org,2002:int> 1"]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_yaml_value_syntax_in_each_field(scratch, scale):
+    """Each snippet of YAML value syntax as the value of each key of a valid recipe (flow style)."""
+    lines = ["model:", "  family: wan", "  input:", "    frames: 2", "    height: 4", "    width: 4", "sampler:",
+             "  steps: 2", "  shift: 1.0", "verify:", "  prompts: 4"]
+
+    @fuzz(60 * scale, 5)
+    @given(st.integers(0, len(lines) - 1), st.sampled_from(YAML_SNIPPETS))
+    def check(line, snippet):
+        edited = list(lines)
+        edited[line] = edited[line].split(":")[0] + ": " + snippet
+        path = scratch / "values.yaml"
+        path.write_text("\n".join(edited) + "\n")
+        recipe = load_or_refuse(path)
+        if recipe is not None:
+            recipe_is_valid(recipe, yaml.safe_load(path.read_text()))
+
+    check()
+
+
+@pytest.mark.parametrize("snippet, message", [
+    ("1" * 5000, "cannot be read"),  # was a ValueError traceback (Python's limit on int digits)
+    ("2001-02-30", "cannot be read"),  # an impossible date: a ValueError traceback
+    ("!!timestamp x", "cannot be read"),  # an AttributeError traceback
+    ("!!float x", "cannot be read"),
+    ("!!bool x", "cannot be read"),  # a KeyError traceback
+    ("true", "is a number, not true"),  # was accepted as one step
+    ("[1, 2]", "valid integer"),
+])
+def test_found_recipe_values_are_refused_in_one_line(tmp_path, snippet, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{family: wan, input: {{frames: 2, height: 4, width: 4}}}}\nsampler:\n  steps: {snippet}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+    code, out, err = cli(["compile", str(path), "-o", str(tmp_path / "out.vdopt")])
+    assert code == 2 and err.startswith("vdopt compile: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.vdopt").exists()
+
+
+def test_found_booleans_where_numbers_go_are_refused(tmp_path):
+    from vdopt.distill.config import load_distill_recipe
+
+    for edit in (lambda d: d["model"]["input"].update(batch=True), lambda d: d["sampler"].update(shift=False),
+                 lambda d: d["model"]["input"].update(frames={"min": 1, "max": True}),
+                 lambda d: d.update(verify={"prompts": True}), lambda d: d["distill"].update(grad_clip=True),
+                 lambda d: d["distill"].update(betas=[False, 0.9]), lambda d: d["distill"].update(lr=math.inf),
+                 lambda d: d["distill"].update(betas=[-1.0, 0.9]), lambda d: d["distill"].update(disc_blocks=[1, True])):
+        data = copy.deepcopy(DISTILL["distill_reference.yaml"])
+        edit(data)
+        path = tmp_path / "d.yaml"
+        path.write_text(dump(data))
+        with pytest.raises(RecipeError):
+            load_distill_recipe(path)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_random_yaml_text_and_bytes_load_or_are_refused(scratch, scale):
+    text = st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+                     st.sampled_from(YAML_SNIPPETS))
+    shipped_text = [p.read_text() for p in sorted((ROOT / "recipes").glob("*.yaml"))]
+
+    @st.composite
+    def damaged(draw):
+        """A shipped recipe's text with a slice replaced by random text (an editor accident)."""
+        source = draw(st.sampled_from(shipped_text))
+        start = draw(st.integers(0, len(source)))
+        end = draw(st.integers(start, min(len(source), start + 40)))
+        return source[:start] + draw(text) + source[end:]
+
+    @fuzz(150 * scale, 5)
+    @given(st.one_of(text, st.binary(max_size=300), damaged()))
+    def check(content):
+        path = scratch / "random.yaml"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+        recipe = load_or_refuse(path)
+        if recipe is not None:
+            recipe_is_valid(recipe, yaml.safe_load(path.read_bytes()))
+
+    check()
+
+
+DISTILL_FLOATS = ("lr", "disc_lr", "weight_decay", "grad_clip", "adv_weight", "ema_decay")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_mutated_distill_recipes_load_or_are_refused(scratch, scale):
+    from vdopt.distill.config import load_distill_recipe
+
+    @fuzz(100 * scale, 5)
+    @given(mutated(list(DISTILL.values())))
+    def check(data):
+        path = scratch / "distill.yaml"
+        path.write_text(dump(data), encoding="utf-8")
+        loaded = load_or_refuse(path, load_distill_recipe)
+        if loaded is None:
+            return
+        recipe, section, _ = loaded
+        recipe_is_valid(recipe, {k: v for k, v in data.items() if k != "distill"})
+        raw = data.get("distill") or {}
+        for key, value in raw.items() if isinstance(raw, dict) else ():
+            assert not isinstance(value, bool), f"distill.{key}: {value!r} accepted as a number"
+        for key in DISTILL_FLOATS:
+            value = getattr(section, key)
+            assert value is None or math.isfinite(value), f"distill.{key} = {value} accepted"
+        assert all(0 <= beta < 1 for beta in section.betas), f"distill.betas = {section.betas} accepted"
+        assert 1 <= section.student_steps <= recipe.sampler.steps
+
+    check()
+
+
+@pytest.fixture
+def no_capture(monkeypatch):
+    """`vdopt compile` stops where the model would be loaded: what it accepted got that far."""
+    import vdopt.compiler
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr(vdopt.compiler, "capture", stop)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_compile_refuses_mutated_recipes_with_one_paragraph(scratch, no_capture, scale):
+    """Through the CLI: exit 2 with one `vdopt compile: error:` paragraph and nothing left at -o or beside it
+    (no bundle, no staging debris), or accepted up to capture."""
+
+    @fuzz(40 * scale, 10)
+    @given(mutated(COMPILE_BASES))
+    def check(data):
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            recipe, out = Path(tmp) / "r.yaml", Path(tmp) / "out.vdopt"
+            recipe.write_text(dump(data), encoding="utf-8")
+            code, stdout, stderr = cli(["compile", str(recipe), "-o", str(out)])
+            assert_clean_refusal("compile", code, stdout, stderr, data)
+            assert code != 0, "compile finished without capturing a model"
+            assert sorted(os.listdir(tmp)) == ["r.yaml"], os.listdir(tmp)
+
+    check()
+
+
+SAFE_SAMPLER_EDITS = st.fixed_dictionaries({}, optional={
+    "steps": st.sampled_from([1, 2, 0, -1, True, 1.0, "1", math.nan]),
+    "shift": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.booleans()),
+    "guidance_scale": st.one_of(st.floats(min_value=-1, max_value=20), st.sampled_from([math.inf, math.nan, 1])),
+    "kind": st.sampled_from(["flow_euler", "ddim", "euler", ""]),
+    "prediction": st.sampled_from(["flow", "epsilon", "v_prediction", "x0"]),
+})
+
+
+@pytest.mark.parametrize("scale", [pytest.param(1, marks=pytest.mark.timeout(180), id="ci"),
+                                   pytest.param(5, marks=[pytest.mark.slow, pytest.mark.timeout(1800)], id="long")])
+def test_really_compiling_sampler_edits_of_the_reference_recipe(scratch, scale):
+    """A handful of real compiles (reference model, one or two steps, torch): a sampler edit either
+    compiles into a bundle that runs to finite output, or is refused before anything is written."""
+    base = load_recipe(ROOT / "recipes" / "reference.yaml").model_dump(mode="json")
+    base["sampler"]["steps"] = 1
+    base["lower"] = {"backend": "torch"}
+
+    @fuzz(3 * scale, 120)
+    @given(SAFE_SAMPLER_EDITS)
+    def check(edits):
+        data = copy.deepcopy(base)
+        data["sampler"].update(edits)
+        if isinstance(data["sampler"]["steps"], int) and data["sampler"]["steps"] > 2:
+            data["sampler"]["steps"] = 2
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            recipe, out = Path(tmp) / "r.yaml", Path(tmp) / "out.vdopt"
+            recipe.write_text(dump(data))
+            code, stdout, stderr = cli(["compile", str(recipe), str(TEACHER), "-o", str(out)])
+            assert_clean_refusal("compile", code, stdout, stderr, edits)
+            if code == 2:
+                assert sorted(os.listdir(tmp)) == ["r.yaml"]
+                return
+            recipe_is_valid(load_recipe(recipe), data)
+            clip = Path(tmp) / "clip.pt"
+            code, stdout, stderr = cli(["run", str(out), "--prompt", "red circle moving up", "-o", str(clip), "--quiet"])
+            assert code == 0, stderr
+            assert torch.isfinite(torch.load(clip)).all()
+
+    check()
