@@ -140,20 +140,23 @@ def numeric_neighbours(value: Any) -> st.SearchStrategy:
 
 @st.composite
 def mutated(draw: Callable, bases: list[dict], keys: st.SearchStrategy = KEYS,
-            leaves: Callable[[tuple, Any], st.SearchStrategy] | None = None) -> dict:
-    """A deep copy of one of `bases` with one to four mutations at random places: a new value of any type,
-    a neighbouring bad number, a deleted key or item, an unknown key, a value wrapped in a list or
-    mapping, or deep nesting."""
+            leaves: Callable[[tuple, Any], st.SearchStrategy] | None = None, focus: tuple[str, ...] = ()) -> dict:
+    """A deep copy of one of `bases` with one to four mutations at random places (three times in four under
+    a top-level key of `focus`, when given): a new value of any type (or one that fits the place, from
+    `leaves`), a neighbouring bad number, a deleted key or item, an unknown key or list item, a value
+    wrapped in a list or mapping, or deep nesting."""
     data = copy.deepcopy(draw(st.sampled_from(bases)))
     for _ in range(draw(st.integers(1, 4))):
-        path = draw(st.sampled_from(paths(data)))
+        candidates = paths(data)
+        focused = [p for p in candidates if p[:1] and p[0] in focus]
+        path = draw(st.sampled_from(focused if focused and draw(st.integers(0, 3)) else candidates))
         old = get(data, path)
         op = draw(st.sampled_from(["replace", "replace", "number", "delete", "add", "wrap", "nest"]))
         if op == "add" and isinstance(old, dict):
-            old[draw(keys)] = draw(VALUES)
+            old[draw(keys)] = draw(VALUES if leaves is None else leaves(path + ("?",), None))
             continue
         if op == "add" and isinstance(old, list):
-            old.append(draw(VALUES))
+            old.append(draw(VALUES if leaves is None else leaves(path + (len(old),), None)))
             continue
         if not path:
             continue  # the root itself is only added to; a replaced root is the raw-text test's job
@@ -294,7 +297,7 @@ def test_yaml_value_syntax_in_each_field(scratch, scale):
 
 
 @pytest.mark.parametrize("snippet, message", [
-    ("1" * 5000, "cannot be read"),  # was a ValueError traceback (Python's limit on int digits)
+    pytest.param("1" * 5000, "cannot be read", id="5000-digits"),  # was a ValueError traceback (Python's limit on int digits)
     ("2001-02-30", "cannot be read"),  # an impossible date: a ValueError traceback
     ("!!timestamp x", "cannot be read"),  # an AttributeError traceback
     ("!!float x", "cannot be read"),
@@ -453,3 +456,209 @@ def test_really_compiling_sampler_edits_of_the_reference_recipe(scratch, scale):
             assert torch.isfinite(torch.load(clip)).all()
 
     check()
+
+
+# ----- manifests ------------------------------------------------------------------------------------
+# A careless (not malicious) tool edits manifest.json and rewrites manifest.sha256 to match, so each
+# edit reaches the manifest's validation, not only its checksum.
+
+DIM_NAMES = ["frames", "height", "width", "frames_units", "height_units", "width_units"]
+SHAPE_ATOMS = st.one_of(st.integers(-3, 70).map(str), st.sampled_from(DIM_NAMES),
+                        st.sampled_from(["batch", "x", "__import__", "os", "True", "None", "10**10", "1e3", "0.5", "''",
+                                         "[]", "()", "frames.real", "frames()", "99999999999999999999", "lambda: 1"]))
+SHAPE_EXPRESSIONS = st.recursive(
+    SHAPE_ATOMS, lambda e: st.one_of(
+        st.tuples(e, st.sampled_from(["+", "-", "*", "//", "/", "%", "**", "<<", "&", " and ", " if 1 else "]), e)
+        .map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
+        e.map(lambda x: f"-{x}"), e.map(lambda x: f"abs({x})")),
+    max_leaves=6)
+SIZES = st.one_of(st.integers(-2, 70), st.sampled_from([0, -1, 2**31, 2**63, 10**30, True, None, 8.0, math.nan]),
+                  SHAPE_EXPRESSIONS, st.sampled_from(NAUGHTY_STRINGS))
+FILE_NAMES = st.one_of(
+    st.sampled_from(["segments/step_0.pt2", "extras/conditioner.safetensors", "segments", "extras", "", ".", "./segments/step_0.pt2",
+                     "segments//step_0.pt2", "segments/../segments/step_0.pt2", "../b.vdopt/segments/step_0.pt2",
+                     "/etc/passwd", "/dev/zero", "manifest.json", "manifest.sha256", "missing.pt2", "segments/step_0.PT2",
+                     "C:\\x", "segments\\step_0.pt2", "\x00", "segments/step_0.pt2\x00", "~/x", "$HOME/x"]),
+    st.text(max_size=30))
+DIGESTS = st.one_of(st.sampled_from(["0" * 64, "A" * 64, "g" * 64, "0" * 63, "", "sha256:" + "0" * 64]),
+                    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64), VALUES)
+DTYPE_NAMES = ["float32", "bfloat16", "float16", "int64", "bool", "uint8", "float64", "int8", "os.system", ""]
+TENSOR_SPECS = st.fixed_dictionaries(
+    {"name": st.sampled_from(["x", "i", "cond.encoder_hidden_states", "uncond.encoder_hidden_states", "x_next",
+                              "state.cache", "", "cond.other"]),
+     "shape": st.lists(SIZES, max_size=5), "dtype": st.sampled_from(DTYPE_NAMES)},
+    optional={"init": st.sampled_from(["zeros", "ones", "randn", None])})
+MANIFEST_KEYS = st.one_of(st.sampled_from(["schema_version", "family", "inputs", "outputs", "state", "step_table",
+                                           "segments", "checksums", "latent", "num_steps", "guidance", "extras", "parts",
+                                           "kind", "flag", "dims", "files", "backend", "name", "multiples", "batch",
+                                           "channels", "default_sizes", "verify", "cache"]),
+                          FILE_NAMES, st.text(max_size=10))
+
+
+def manifest_leaf(path: tuple, old: Any) -> st.SearchStrategy:
+    """A replacement that fits where it goes (a size in a shape, a file name in a file list, a digest in
+    the checksums, a spec in a tensor list), or anything at all."""
+    keys = [k for k in path if isinstance(k, str)]
+    if "shape" in keys:
+        return SIZES
+    if "checksums" in keys:
+        return DIGESTS
+    if keys[-1:] == ["files"] or "files" in keys[-2:] or keys[-1:] == ["file"]:
+        return st.one_of(FILE_NAMES, st.lists(FILE_NAMES, max_size=3))
+    if keys and keys[-1] in ("inputs", "outputs", "state"):
+        return st.one_of(TENSOR_SPECS, st.lists(TENSOR_SPECS, max_size=3)) if type(path[-1]) is int or old is None else \
+            st.lists(TENSOR_SPECS, max_size=3)
+    if keys and keys[-1] in ("dims", "frames", "height", "width", "default_sizes", "multiples", "batch", "channels",
+                             "num_steps", "schema_version"):
+        return st.one_of(SIZES, st.lists(st.integers(-2, 2**40), max_size=4))
+    if keys and keys[-1] in ("dtype", "backend", "family", "kind", "name", "flag", "init"):
+        return st.one_of(st.sampled_from(DTYPE_NAMES + ["torch", "aoti", "onnx", "tensorrt", "reference", "wan", "split",
+                                                        "step", "head", "compute", "reuse", "tail"]), VALUES)
+    return VALUES
+
+
+def reseal(bundle: Path, manifest: Any, indent: int | None = 2) -> None:
+    """Writes `manifest` as JSON (NaN and Infinity included, as Python's json does) and recomputes manifest.sha256."""
+    text = json.dumps(manifest, indent=indent).encode()
+    (bundle / MANIFEST).write_bytes(text)
+    (bundle / MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """One real bundle for the module: the reference model, one step, torch backend (a few seconds)."""
+    data = load_recipe(ROOT / "recipes" / "reference.yaml").model_dump(mode="json")
+    data["sampler"]["steps"] = 1
+    data["lower"] = {"backend": "torch"}
+    directory = tmp_path_factory.mktemp("bundle")
+    (directory / "r.yaml").write_text(yaml.safe_dump(data))
+    code, _, err = cli(["compile", str(directory / "r.yaml"), str(TEACHER), "-o", str(directory / "b.vdopt")])
+    assert code == 0, err
+    return directory / "b.vdopt"
+
+
+@contextlib.contextmanager
+def edited_copy(bundle: Path, manifest: Any, scratch: Path):
+    """A copy of `bundle` with `manifest` sealed in, in a fresh directory that is also the working directory;
+    yields (copy, directory) and checks that nothing but the run's own output appeared or changed."""
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        directory = Path(tmp)
+        copy_ = directory / bundle.name
+        shutil.copytree(bundle, copy_)
+        reseal(copy_, manifest)
+        before, cwd = tree(directory), os.getcwd()
+        os.chdir(directory)
+        try:
+            yield copy_, directory
+        finally:
+            os.chdir(cwd)
+        after = tree(directory)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0) and k != "clip.pt")
+        assert not changed, f"files written or changed: {changed}"
+
+
+RUNTIME_KEYS = ("schema_version", "family", "inputs", "outputs", "state", "step_table", "segments", "checksums", "latent",
+                "num_steps", "guidance", "extras")
+
+
+def manifest_mutations(bundle: Path) -> st.SearchStrategy:
+    original = json.loads((bundle / MANIFEST).read_text())
+    return mutated([original], keys=MANIFEST_KEYS, leaves=manifest_leaf, focus=RUNTIME_KEYS)
+
+
+def affordable(manifest: Any) -> bool:
+    """False for a manifest whose latent or state tensors would take more than 256 MiB at its default sizes but
+    less than the limit vdopt enforces (a real bundle may need that much; this test machine cannot)."""
+    from vdopt.program import resolve_size
+
+    try:
+        latent = manifest["latent"]
+        sizes = {k: latent["default_sizes"][k] for k in ("frames", "height", "width")}
+        shapes = [[latent["batch"], latent["channels"], *sizes.values()]] + [s["shape"] for s in manifest["state"]]
+        for shape in shapes:
+            elements = 1
+            for size in shape:
+                elements *= max(resolve_size(size, sizes, latent["multiples"]), 1)
+            if elements > 1 << 26:
+                return False
+    except Exception:  # noqa: BLE001 - a manifest this malformed is refused before anything is allocated
+        return True
+    return True
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_inspect_of_edited_manifests(bundle, scratch, scale):
+    @fuzz(120 * scale, 10)
+    @given(manifest_mutations(bundle), st.booleans())
+    def check(manifest, graph):
+        with edited_copy(bundle, manifest, scratch) as (copy_, _):
+            code, out, err = cli(["inspect", str(copy_), *(["--graph"] if graph else [])])
+            assert_clean_refusal("inspect", code, out, err, manifest)
+
+    check()
+
+
+@pytest.mark.parametrize("scale", [pytest.param(1, marks=pytest.mark.timeout(150), id="ci"),
+                                   pytest.param(10, marks=[pytest.mark.slow, pytest.mark.timeout(1800)], id="long")])
+def test_running_edited_manifests(bundle, scratch, scale):
+    """`vdopt run` (one step, the real program) of an edited bundle: a clip of finite values with the
+    manifest's latent shape, or one error paragraph; nothing written but the clip."""
+
+    @fuzz(40 * scale, 30)
+    @given(manifest_mutations(bundle).filter(affordable))
+    def check(manifest):
+        with edited_copy(bundle, manifest, scratch) as (copy_, directory):
+            code, out, err = cli(["run", str(copy_), "--prompt", "red circle moving up", "-o", "clip.pt", "--quiet"])
+            assert_clean_refusal("run", code, out, err, manifest)
+            if code == 0:
+                video = torch.load(directory / "clip.pt")
+                assert torch.isfinite(video).all()
+            else:
+                assert not (directory / "clip.pt").exists()
+
+    check()
+
+
+# Found by the fuzzer (and by hand around its findings): each was a traceback from inside the runtime or
+# torch.export (IndexError, KeyError, guard failure, pytree mismatch, InvalidProtobuf, allocation
+# failure), or ran and wrote a clip of noise (num_steps 0), or ran with the wrong dtype.
+FOUND_MANIFEST_EDITS = {
+    "num_steps 0 (wrote pure noise)": (lambda m: m.update(num_steps=0), "num_steps"),
+    "num_steps beyond the step table": (lambda m: m.update(num_steps=5), "step table holds 1"),
+    "guidance false with uncond inputs": (lambda m: m.update(guidance=False), "guidance is false"),
+    "an uncond input dropped": (lambda m: m["inputs"].pop(3), "guidance is true"),
+    "latent.channels": (lambda m: m["latent"].update(channels=4), "latent.channels"),
+    "latent.dtype": (lambda m: m["latent"].update(dtype="bool"), "latent.dtype"),
+    "default frames": (lambda m: (m["latent"]["default_sizes"].update(frames=16),
+                                  m["segments"][0]["dims"].update(frames=[1, 100])), "default_sizes.frames"),
+    "default frames, x made dynamic": (lambda m: (m["latent"]["default_sizes"].update(frames=16),
+                                                  m["segments"][0]["dims"].update(frames=[1, 100]),
+                                                  m["inputs"][0].update(shape=[1, 3, "frames", 32, 32])), "its input 0"),
+    "a state the program does not take": (lambda m: m["state"].append({"name": "s", "shape": [1, "frames"], "dtype": "float32"}),
+                                          "takes 4 inputs"),
+    "a negative state size": (lambda m: m["state"].append({"name": "s", "shape": ["-frames"], "dtype": "float32"}), "negative"),
+    "a state size dividing by zero": (lambda m: m["state"].append({"name": "s", "shape": ["frames//(frames-frames)"],
+                                                                   "dtype": "float32"}), "divides by zero"),
+    "a state of 4 EB": (lambda m: m["state"].append({"name": "s", "shape": [10**6] * 3, "dtype": "float32"}), "far beyond"),
+    "cond dtype (ran with int64 conditioning)": (lambda m: m["inputs"][2].update(dtype="int64"), "input 2 is float32"),
+    "backend onnx on a .pt2": (lambda m: m["segments"][0].update(backend="onnx"), "onnxruntime cannot load"),
+    "backend aoti on a .pt2": (lambda m: m["segments"][0].update(backend="aoti"), "not a loadable AOTInductor"),
+    "kind split without parts": (lambda m: m["segments"][0].update(kind="split"), "parts"),
+    "no segment files": (lambda m: m["segments"][0].update(files=[]), "at least one file"),
+    "schema_version true": (lambda m: m.update(schema_version=True), "manifest schema"),
+    "a list where a dtype goes": (lambda m: m["outputs"][0].update(dtype=["float32"]), "dtype should be"),
+    "an object where latent.dtype goes": (lambda m: m["latent"].update(dtype={"a": 1}), "latent.dtype"),
+}
+
+
+@pytest.mark.parametrize("edit, message", list(FOUND_MANIFEST_EDITS.values()), ids=list(FOUND_MANIFEST_EDITS))
+def test_found_manifest_edits_are_one_paragraph(bundle, scratch, edit, message):
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    edit(manifest)
+    with edited_copy(bundle, manifest, scratch) as (copy_, directory):
+        code, out, err = cli(["run", str(copy_), "--prompt", "red circle moving up", "-o", "clip.pt", "--quiet"])
+        assert_clean_refusal("run", code, out, err)
+        assert code == 2 and message in err, err
+        assert not (directory / "clip.pt").exists()
+        code, out, err = cli(["inspect", str(copy_)])
+        assert_clean_refusal("inspect", code, out, err)
