@@ -88,10 +88,10 @@ def assert_clean_refusal(command: str, code: int | str, out: str, err: str, argv
         assert len(errors) == 1, (argv, err)
 
 
-def tree(directory: Path) -> dict[str, bytes | None]:
-    """Every path under `directory` with the contents of its files (None for directories)."""
+def tree(directory: Path, skip: str | None = None) -> dict[str, bytes | None]:
+    """Every path under `directory` (but under its entry `skip`) with the contents of its files (None for directories)."""
     return {p.relative_to(directory).as_posix(): None if p.is_dir() else p.read_bytes()
-            for p in sorted(directory.rglob("*")) if not p.is_symlink()}
+            for p in sorted(directory.rglob("*")) if not p.is_symlink() and p.relative_to(directory).parts[0] != skip}
 
 
 # ----- strategies: values a clumsy user (or a careless tool) puts where another value goes -------
@@ -662,3 +662,256 @@ def test_found_manifest_edits_are_one_paragraph(bundle, scratch, edit, message):
         assert not (directory / "clip.pt").exists()
         code, out, err = cli(["inspect", str(copy_)])
         assert_clean_refusal("inspect", code, out, err)
+
+
+# ----- command lines --------------------------------------------------------------------------------
+# Random argv over every subcommand, from pools of paths (a valid recipe, a bundle, missing and odd
+# names, all inside a scratch working directory) and values (numbers out of range, words, empty
+# strings, flags where values go). The long work never starts: compile stops at capture, eval at the
+# evaluation, distill at loading the teacher, calibrate at its first build, and run runs the bundle's
+# real loop and output writing over a stand-in step (the real program is `test_running_edited_manifests`'s).
+
+NUMBER_WORDS = ["0", "1", "-1", "2", "8", "32", "1.5", "nan", "inf", "-inf", "1e309", "9" * 20, "0x10", "abc", "", " ",
+                "🐶", "1_0", "+3", "٣"]
+WORDS = ["", " ", "-", "--", "🐶", "a" * 300, "\t", "x=y", "=", "--quiet", "-o", "-h"]
+PATH_WORDS = ["a" * 300 + ".yaml", "notes.txt/x", "bad.safetensors", "r.yaml", "ref.yaml", "distill.yaml", "b.vdopt", "missing.yaml", "notes.txt", "empty", "teacher.safetensors",
+              "cond.safetensors", "teacher", "", ".", "🐶.yaml", "b.vdopt/manifest.json", "b.vdopt/segments/step_0.pt2"]
+OUTPUT_WORDS = ["a" * 300 + ".vdopt", "notes.txt/x.pt", "out.vdopt", "clip.pt", "clip.gif", "clip.safetensors", "clip.txt", "clip", "out.json", "out.yaml",
+                "sub/dir/clip.pt", "empty", "notes.txt", "b.vdopt", ".", "..", "", "trace.json"]
+VALUE_POOLS = {
+    "device": ["cpu", "cuda", "tpu", "meta", "cpu:0", "cuda:99", "", "potato", "CPU"],
+    "prompt": ["red circle moving up", "blue square moving down-right", "", "🐶", "red " * 200],
+    "budget": ["psnr=30", "psnr=-5", "psnr=nan", "psnr=inf", "psnr_worst=26,psnr=30", "accuracy=1", "psnr", "=", "",
+               "psnr=30,psnr=31", "psnr_p5=1e309"],
+    "param": ["warmup=2", "x=y", "=", "interval=0", "threshold=nan", "max_reuse=-5", "first=1e400", "policy=static"],
+    "grid": ["0.1,0.2", "", ",", "nan", "1,a", "-1", "inf,0", "1e309"],
+    "policy": ["static", "first_blocks", "teacache", "adacache", "potato", ""],
+    "search": ["threshold", "interval", "potato", ""],
+    "stage": ["all", "trajectories", "train", "export", "potato"],
+}
+
+
+def subcommand_options() -> dict[str, tuple[list, list]]:
+    """{subcommand: (positional dests, [(flag, takes a value, value kind)])} read from the real parser."""
+    from vdopt.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    found = {}
+    for name, sub in subparsers.choices.items():
+        positional, options = [], []
+        for action in sub._actions:
+            if not action.option_strings:
+                positional.append(action.dest)
+                continue
+            takes = action.nargs != 0
+            kind = action.dest if action.dest in VALUE_POOLS else "number" if action.type in (int, float) else \
+                "output" if action.dest in ("output", "json_path", "sheet_path", "trace", "dump_ir", "cache") else "path"
+            options += [(flag, takes, kind) for flag in action.option_strings]
+        found[name] = (positional, options)
+    return found
+
+
+def value_of(kind: str) -> st.SearchStrategy:
+    if kind in VALUE_POOLS:
+        return st.sampled_from(VALUE_POOLS[kind] + WORDS[:3])
+    if kind == "number":
+        return st.one_of(st.sampled_from(NUMBER_WORDS), st.integers(-(2**63), 2**63 - 1).map(str))
+    return st.sampled_from((OUTPUT_WORDS if kind == "output" else PATH_WORDS) + WORDS)
+
+
+GOOD_POSITIONALS = {"compile": ["r.yaml"], "run": ["b.vdopt", "--prompt", "red circle moving up"], "inspect": ["b.vdopt"],
+                    "eval": ["b.vdopt"], "distill": ["distill.yaml", "teacher.safetensors"],
+                    "calibrate": ["ref.yaml", "teacher.safetensors"]}
+FRESH_OUTPUTS = ["clip.pt", "clip.gif", "clip.safetensors", "clip.txt", "clip", "out.json", "trace.json"]
+
+
+def outputs_are_fresh(argv: list[str]) -> bool:
+    """`vdopt run` and `vdopt schema` check their output paths (-o, --trace, --json) only when they write
+    (the clumsy-input class 'output paths', worked on separately; see the xfail tests below): the
+    random command lines give them only new names."""
+    if argv[:1] not in (["run"], ["schema"]):
+        return True
+    for flag, value in zip(argv, argv[1:] + [""]):
+        if flag in ("-o", "--output", "--trace") and value not in FRESH_OUTPUTS:
+            return False
+        if flag.startswith(("-o", "--output=")) and flag not in ("-o", "--output") and flag.split("=")[-1].removeprefix("-o") not in FRESH_OUTPUTS:
+            return False
+    return True
+
+
+def seeds_fit(argv: list[str]) -> bool:
+    """Seeds beyond int64 are the clumsy-input class 'seeds beyond int64', worked on separately (xfail below)."""
+    values = [v for f, v in zip(argv, argv[1:]) if f == "--seed"] + [a.split("=", 1)[1] for a in argv if a.startswith("--seed=")]
+    for value in values:
+        try:
+            if not -(2**63) <= int(value) < 2**63:
+                return False
+        except ValueError:
+            pass
+    return True
+
+
+@st.composite
+def command_lines(draw: Callable, options: dict[str, tuple[list, list]]) -> list[str]:
+    command = draw(st.sampled_from(sorted(options) + ["", "potato", "--help", "-h", "--version"]))
+    if command not in options:
+        return [command] if command else []
+    positional, flags = options[command]
+    if command in GOOD_POSITIONALS and draw(st.booleans()):
+        argv = [command, *GOOD_POSITIONALS[command]]  # get past the positionals half the time
+    else:
+        argv = [command] + [draw(value_of("output" if dest == "output" else "path")) for dest in positional
+                            if draw(st.integers(0, 5))]
+    for _ in range(draw(st.integers(0, 5))):
+        if draw(st.integers(0, 9)) == 0:
+            argv.append(draw(st.sampled_from(["--potato", "-x", "--", "--output=", "--seed=1", "--frames=8", "-oclip.pt"])))
+            continue
+        flag, takes, kind = draw(st.sampled_from(flags))
+        argv += [flag] + ([draw(value_of(kind))] if takes else [])
+    if draw(st.integers(0, 3)) and not any(a in ("-o", "--output") or a.startswith(("-o", "--output=")) for a in argv):
+        argv += ["-o", draw(value_of("output"))]  # most subcommands need -o: get past it more often than not
+    return argv
+
+
+class StandInBackend:
+    """Loads nothing; its step returns the latent unchanged (and the state), in the manifest's order."""
+
+    name = "torch"
+
+    def load(self, directory, files, device):
+        return lambda x, i, *rest: (x,)
+
+
+@pytest.fixture
+def long_work_stopped(monkeypatch):
+    import vdopt.calibrate
+    import vdopt.compiler
+    import vdopt.distill.common
+    import vdopt.eval.suite
+    import vdopt.runtime.session
+
+    def stop(*_args, **_kwargs):
+        raise Stop
+
+    monkeypatch.setattr(vdopt.compiler, "capture", stop)
+    monkeypatch.setattr(vdopt.eval.suite, "evaluate", stop)
+    monkeypatch.setattr(vdopt.distill.common, "load_teacher", stop)
+    monkeypatch.setattr(vdopt.calibrate, "Bundler", stop)
+    monkeypatch.setattr(vdopt.runtime.session, "get_backend", lambda name: StandInBackend())
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_random_command_lines(bundle, scratch, long_work_stopped, scale):
+    """Exit 0 or 2 (argparse's usage errors are 2), one error paragraph, no traceback; the bundle and the
+    recipes given as input are never changed; nothing is written outside the working directory."""
+    from safetensors.torch import save_file
+
+    options = subcommand_options()
+    workdir = scratch / "argv"
+    workdir.mkdir()
+    shutil.copytree(bundle, workdir / "b.vdopt")
+    shutil.copy(TEACHER, workdir / "teacher.safetensors")
+    (workdir / "r.yaml").write_text(dump(VALID))
+    (workdir / "ref.yaml").write_text((bundle.parent / "r.yaml").read_text())
+    (workdir / "distill.yaml").write_text((ROOT / "recipes" / "distill_reference.yaml").read_text())
+    (workdir / "notes.txt").write_text("not a recipe\n")
+    (workdir / "bad.safetensors").write_bytes(b"\xff" * 64)
+    (workdir / "empty").mkdir()
+    save_file({"cond.encoder_hidden_states": torch.zeros(1, 3, 64)}, str(workdir / "cond.safetensors"))
+    inputs = tree(workdir)
+    outside = tree(scratch, skip="argv")
+    threads = torch.get_num_threads()
+
+    @fuzz(150 * scale, 20)
+    @given(command_lines(options).filter(outputs_are_fresh).filter(seeds_fit))
+    def check(argv):
+        cwd = os.getcwd()
+        os.chdir(workdir)
+        try:
+            code, out, err = cli(argv)
+        finally:
+            os.chdir(cwd)
+            torch.set_num_threads(threads)
+        assert_clean_refusal(argv[0] if argv else "", code, out, err, argv)
+        now = tree(workdir)
+        assert all(now.get(k, 0) == v for k, v in inputs.items()), "an input file was changed or removed"
+        for name in set(now) - set(inputs):  # outputs of this case: remove them for the next one
+            path = workdir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        assert tree(scratch, skip="argv") == outside, "a file was written outside the working directory"
+
+    check()
+
+
+# Found by the fuzzer in the command lines: each was a traceback (or replaced a user's file).
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "r.yaml", "-o", "a" * 300 + ".vdopt"], "cannot be a bundle path"),  # OSError: file name too long
+    (["compile", "a" * 300 + ".yaml", "-o", "out.vdopt"], "cannot be a recipe file"),
+    (["inspect", "a" * 300], "File name too long"),
+    (["eval", "a" * 300 + ".vdopt"], "not a vdopt bundle"),
+    (["eval", "--device", ""], "not one torch knows"),  # RuntimeError building the teacher on device ''
+    (["eval", "--threads", "-3"], "positive number of CPU threads"),
+    (["distill", "distill.yaml", "teacher.safetensors", "-o", "notes.txt"], "existing file"),  # FileExistsError
+    (["distill", "distill.yaml", "teacher.safetensors", "-o", "a" * 300], "cannot create"),
+    (["distill", "distill.yaml", "teacher.safetensors", "-o", "student", "--threads", "-30671070127351"], "positive number"),
+    (["calibrate", "ref.yaml", "-o", "out.yaml", "--grid", " "], "comma-separated numbers"),  # ValueError
+    (["calibrate", "ref.yaml", "-o", "out.yaml", "--grid", "0.1,nan"], "finite"),
+    (["run", "b.vdopt", "--prompt", "red circle moving up", "-o", "clip.pt", "--cond", "a" * 300], "not found"),
+    (["run", "b.vdopt", "-o", "clip.pt", "--cond", "bad.safetensors"], "not a readable safetensors"),
+])
+def test_found_command_lines_are_one_paragraph(bundle, tmp_path, monkeypatch, argv, message):
+    shutil.copytree(bundle, tmp_path / "b.vdopt")
+    shutil.copy(TEACHER, tmp_path / "teacher.safetensors")
+    (tmp_path / "r.yaml").write_text(dump(VALID))
+    (tmp_path / "ref.yaml").write_text((bundle.parent / "r.yaml").read_text())
+    (tmp_path / "distill.yaml").write_text((ROOT / "recipes" / "distill_reference.yaml").read_text())
+    (tmp_path / "notes.txt").write_text("not a recipe\n")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    code, out, err = cli(argv)
+    assert_clean_refusal(argv[0], code, out, err, argv)
+    assert code == 2 and message in err, err
+    assert tree(tmp_path) == before
+
+
+# Clumsy-input classes another change works on (issue 15, item 4); the fuzzer finds them, this branch
+# leaves them to that work. strict=False: they pass once it lands.
+THIRD_PARTY = "clumsy-input class worked on separately (issue 15 item 4): "
+
+
+@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "output paths (checked only when written, after the steps)")
+@pytest.mark.parametrize("output", ["notes.txt/clip.pt", "a" * 300 + ".pt"])
+def test_run_output_path_is_checked_cleanly(bundle, tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    code, out, err = cli(["run", str(bundle), "--prompt", "red circle moving up", "-o", output, "--quiet"])
+    assert_clean_refusal("run", code, out, err)
+
+
+@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "output paths (--trace to a directory: IsADirectoryError)")
+def test_run_trace_path_is_checked_cleanly(bundle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, out, err = cli(["run", str(bundle), "--prompt", "red circle moving up", "-o", "clip.pt", "--trace", "empty", "--quiet"])
+    assert_clean_refusal("run", code, out, err)
+
+
+@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "output paths (schema -o: a directory, a missing parent, a long "
+                                                      "name are tracebacks; an existing file is replaced)")
+@pytest.mark.parametrize("output", ["empty", "sub/dir/schema.json", "a" * 300, "notes.txt"])
+def test_schema_output_path_is_checked_cleanly(tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("precious")
+    code, out, err = cli(["schema", "-o", output])
+    assert_clean_refusal("schema", code, out, err)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "seeds beyond int64 (ValueError: Overflow when unpacking long)")
+def test_run_seed_beyond_int64_is_refused(bundle, tmp_path):
+    code, out, err = cli(["run", str(bundle), "--prompt", "red circle moving up", "-o", str(tmp_path / "c.pt"),
+                          "--seed", str(2**64), "--quiet"])
+    assert_clean_refusal("run", code, out, err)

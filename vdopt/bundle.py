@@ -59,6 +59,12 @@ def is_bundle(path: Path) -> bool:
 
 def check_destination(destination: Path, overwrite: bool) -> None:
     """Refuses, before any work, to write over anything but a bundle (and a bundle only with force)."""
+    try:
+        os.lstat(destination)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name too long for the file system, a file where a parent directory goes
+        raise BundleError(f"{destination}: cannot be a bundle path ({exc.strerror or exc}); choose another -o path.") from None
     if destination.is_symlink():
         raise BundleError(f"{destination}: is a symlink; vdopt will not replace it. Give the real path of a new or "
                           f"existing bundle directory.")
@@ -259,7 +265,11 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     checksum are always checked)."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
-    if not bundle_dir.is_dir() or not (path.is_file() or path.is_symlink()):
+    try:
+        found = bundle_dir.is_dir() and (path.is_file() or path.is_symlink())
+    except OSError as exc:  # a name the file system cannot hold (too long), a symlink loop
+        raise BundleError(f"{bundle_dir}: not a vdopt bundle ({exc.strerror or exc}).") from None
+    if not found:
         raise BundleError(f"{bundle_dir}: not a vdopt bundle (no {MANIFEST}); `vdopt compile` writes one.")
     raw = _read_regular(path, MANIFEST, bundle_dir)
     recorded = _read_regular(bundle_dir / MANIFEST_CHECKSUM, MANIFEST_CHECKSUM, bundle_dir).decode("ascii", "replace").split()

@@ -234,12 +234,18 @@ class NoAliasLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks
+        raise RecipeError(f"{path}: cannot be a recipe file ({exc.strerror or exc}).") from None
+    if not found:
         raise RecipeError(f"{path}: recipe file not found.")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is a short YAML file (at most {MAX_RECIPE_BYTES} bytes).")
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc}).") from None
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the recipe as UTF-8.") from None
     except RecursionError:
