@@ -297,7 +297,8 @@ def test_yaml_value_syntax_in_each_field(scratch, scale):
 
 
 @pytest.mark.parametrize("snippet, message", [
-    pytest.param("1" * 5000, "cannot be read", id="5000-digits"),  # was a ValueError traceback (Python's limit on int digits)
+    pytest.param("1" * 5000, "cannot be read", id="5000-digits"),
+    pytest.param("0x" + "f" * 5000, "an integer of 20000 bits", id="5000-hex-digits"),  # a ValueError printing it  # was a ValueError traceback (Python's limit on int digits)
     ("2001-02-30", "cannot be read"),  # an impossible date: a ValueError traceback
     ("!!timestamp x", "cannot be read"),  # an AttributeError traceback
     ("!!float x", "cannot be read"),

@@ -196,14 +196,27 @@ class Recipe(Strict):
         return value
 
 
+def shown_value(value: Any) -> str:
+    """A short repr for a message (an int of thousands of digits has none: Python refuses to print it)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def key_path(loc: tuple) -> str:
+    return ".".join(part if isinstance(part, str) else shown_value(part) for part in loc)
+
+
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    path = key_path(error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{path}' (check its spelling; `vdopt schema` lists the allowed keys)"
     if error["type"] == "missing":
         return f"missing key '{path}'"
     got = error.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {shown_value(got)})"
     return f"'{path}': {error['msg']}{shown}"
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, model_validator
 
 from vdopt.errors import RecipeError
-from vdopt.recipe import Recipe, Strict, parse_recipe, read_yaml
+from vdopt.recipe import Recipe, Strict, key_path, parse_recipe, read_yaml
 
 
 class DistillSection(Strict):
@@ -63,7 +63,7 @@ def load_distill_recipe(path: str | Path) -> tuple[Recipe, DistillSection, dict[
     try:
         distill = DistillSection.model_validate(section)
     except ValidationError as exc:
-        problems = "; ".join(f"'distill.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()[:5])
+        problems = "; ".join(f"'distill.{key_path(e['loc'])}': {e['msg']}" for e in exc.errors()[:5])
         raise RecipeError(f"{path}: invalid distill section: {problems}.") from None
     if distill.student_steps > recipe.sampler.steps:
         raise RecipeError(f"{path}: 'distill.student_steps' ({distill.student_steps}) exceeds the teacher's sampler.steps ({recipe.sampler.steps}).")
