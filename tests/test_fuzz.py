@@ -646,6 +646,7 @@ FOUND_MANIFEST_EDITS = {
     "backend aoti on a .pt2": (lambda m: m["segments"][0].update(backend="aoti"), "not a loadable AOTInductor"),
     "kind split without parts": (lambda m: m["segments"][0].update(kind="split"), "parts"),
     "no segment files": (lambda m: m["segments"][0].update(files=[]), "at least one file"),
+    "no segment dims (KeyError)": (lambda m: m["segments"][0].pop("dims"), "dims should be"),
     "schema_version true": (lambda m: m.update(schema_version=True), "manifest schema"),
     "a list where a dtype goes": (lambda m: m["outputs"][0].update(dtype=["float32"]), "dtype should be"),
     "an object where latent.dtype goes": (lambda m: m["latent"].update(dtype={"a": 1}), "latent.dtype"),
@@ -916,3 +917,86 @@ def test_run_seed_beyond_int64_is_refused(bundle, tmp_path):
     code, out, err = cli(["run", str(bundle), "--prompt", "red circle moving up", "-o", str(tmp_path / "c.pt"),
                           "--seed", str(2**64), "--quiet"])
     assert_clean_refusal("run", code, out, err)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_random_manifest_bytes_and_checksum_files(bundle, scratch, scale):
+    """manifest.json replaced by random bytes (sealed, or with a random manifest.sha256): one paragraph."""
+
+    @fuzz(60 * scale, 10)
+    @given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
+                     st.builds(lambda v: json.dumps(v).encode(), VALUES)),
+           st.one_of(st.none(), st.binary(max_size=100)))
+    def check(raw, checksum):
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            copy_ = Path(tmp) / "b.vdopt"
+            shutil.copytree(bundle, copy_)
+            (copy_ / MANIFEST).write_bytes(raw)
+            (copy_ / MANIFEST_CHECKSUM).write_bytes(
+                checksum if checksum is not None else f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n".encode())
+            for argv in (["inspect", str(copy_)], ["run", str(copy_), "--prompt", "red circle moving up", "-o",
+                                                   str(Path(tmp) / "clip.pt"), "--quiet"]):
+                code, out, err = cli(argv)
+                assert_clean_refusal(argv[0], code, out, err, raw)
+                assert code == 2
+
+    check()
+
+
+@pytest.mark.parametrize("scale", [pytest.param(1, marks=pytest.mark.timeout(120), id="ci"),
+                                   pytest.param(10, marks=[pytest.mark.slow, pytest.mark.timeout(1800)], id="long")])
+def test_damaged_files_with_recomputed_checksums(bundle, scratch, scale):
+    """A segment or extras file truncated or with bytes changed, its checksum entry recomputed (a careless
+    copy tool that 'repairs' checksums): `vdopt run` refuses it in one paragraph or runs to finite output."""
+
+    @fuzz(8 * scale, 30)
+    @given(st.sampled_from(["segments/step_0.pt2", "extras/conditioner.safetensors"]), st.data())
+    def check(name, data):
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            copy_ = Path(tmp) / "b.vdopt"
+            shutil.copytree(bundle, copy_)
+            content = bytearray((copy_ / name).read_bytes())
+            if data.draw(st.booleans(), label="truncate"):
+                content = content[:data.draw(st.integers(0, len(content) - 1), label="length")]
+            else:
+                for _ in range(data.draw(st.integers(1, 8), label="flips")):
+                    content[data.draw(st.integers(0, len(content) - 1), label="at")] = data.draw(st.integers(0, 255))
+            (copy_ / name).write_bytes(bytes(content))
+            manifest = json.loads((copy_ / MANIFEST).read_text())
+            manifest["checksums"][name] = hashlib.sha256(bytes(content)).hexdigest()
+            reseal(copy_, manifest)
+            clip = Path(tmp) / "clip.pt"
+            code, out, err = cli(["run", str(copy_), "--prompt", "red circle moving up", "-o", str(clip), "--quiet"])
+            assert_clean_refusal("run", code, out, err, name)
+            if code == 0:
+                assert torch.isfinite(torch.load(clip)).all()
+
+    check()
+
+
+def damage_member_header(archive: bytes, member: str) -> bytes:
+    """The zip archive with the local header of its first member named ...`member` zeroed (its directory intact)."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        offset = next(i.header_offset for i in zf.infolist() if i.filename.endswith(member))
+    return archive[:offset] + bytes(30) + archive[offset + 30:]
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    # was torch's RuntimeError (a member's data zeroed inside an intact zip)
+    ("segments/step_0.pt2", lambda b: damage_member_header(b, "weight_0"), "torch.export cannot read it"),
+    ("extras/conditioner.safetensors", lambda b: b[:len(b) // 2], "not the prompt conditioner"),  # was a SafetensorError
+    ("extras/conditioner.safetensors", lambda b: b"", "not the prompt conditioner"),
+], ids=["pt2-zeroed", "conditioner-half", "conditioner-empty"])
+def test_found_damaged_files_with_recomputed_checksums(bundle, tmp_path, name, damage, message):
+    copy_ = tmp_path / "b.vdopt"
+    shutil.copytree(bundle, copy_)
+    content = damage((copy_ / name).read_bytes())
+    (copy_ / name).write_bytes(content)
+    manifest = json.loads((copy_ / MANIFEST).read_text())
+    manifest["checksums"][name] = hashlib.sha256(content).hexdigest()
+    reseal(copy_, manifest)
+    code, out, err = cli(["run", str(copy_), "--prompt", "red circle moving up", "-o", str(tmp_path / "c.pt"), "--quiet"])
+    assert_clean_refusal("run", code, out, err)
+    assert code == 2 and message in err, err

@@ -357,7 +357,7 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         expect(isinstance(segment.get("backend"), str), f"{here}.backend", "a string")
         files = segment.get("files", [])
         expect(isinstance(files, list) and all(isinstance(f, str) for f in files), f"{here}.files", "a list of file names")
-        dims = segment.get("dims", {})
+        dims = segment.get("dims")
         expect(isinstance(dims, dict) and all(k in STEP_DIMS and isinstance(v, list) and len(v) == 2
                                               and all(is_int(x, 1) for x in v) and v[0] <= v[1] for k, v in dims.items()),
                f"{here}.dims", "step dim names (batch, frames, height, width) mapped to [min, max] positive ints")
