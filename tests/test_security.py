@@ -560,7 +560,7 @@ def test_damaged_manifest_with_matching_checksum_is_one_paragraph(tmp_path, caps
 
 def tiny_manifest(tag: str) -> dict:
     return {"family": "wan", "inputs": [], "outputs": [], "state": [], "step_table": {}, "tag": tag,
-            "segments": [{"name": "step_0", "backend": "torch", "files": ["segments/step_0.bin"]}]}
+            "segments": [{"name": "step_0", "backend": "torch", "files": ["segments/step_0.bin"], "dims": {}}]}
 
 
 def write_tiny_bundle(destination: Path, tag: str, overwrite: bool = True) -> None:

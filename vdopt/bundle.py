@@ -38,6 +38,9 @@ REQUIRED_KEYS = ("schema_version", "family", "inputs", "outputs", "state", "step
 MAX_MANIFEST_BYTES = 64 << 20
 SHAPE_NAMES = frozenset({"batch", "frames", "height", "width", "frames_units", "height_units", "width_units"})
 HEX64 = re.compile(r"[0-9a-f]{64}")
+SPLIT_PARTS = ("head", "compute", "reuse", "tail")
+SIZE_KEYS = ("frames", "height", "width")
+MAX_TENSOR_ELEMENTS = 1 << 32  # per tensor at the default sizes (16 GiB of float32): beyond any step program's
 
 
 def sha256(path: Path) -> str:
@@ -56,6 +59,12 @@ def is_bundle(path: Path) -> bool:
 
 def check_destination(destination: Path, overwrite: bool) -> None:
     """Refuses, before any work, to write over anything but a bundle (and a bundle only with force)."""
+    try:
+        os.lstat(destination)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name too long for the file system, a file where a parent directory goes
+        raise BundleError(f"{destination}: cannot be a bundle path ({exc.strerror or exc}); choose another -o path.") from None
     if destination.is_symlink():
         raise BundleError(f"{destination}: is a symlink; vdopt will not replace it. Give the real path of a new or "
                           f"existing bundle directory.")
@@ -256,7 +265,11 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     checksum are always checked)."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
-    if not bundle_dir.is_dir() or not (path.is_file() or path.is_symlink()):
+    try:
+        found = bundle_dir.is_dir() and (path.is_file() or path.is_symlink())
+    except OSError as exc:  # a name the file system cannot hold (too long), a symlink loop
+        raise BundleError(f"{bundle_dir}: not a vdopt bundle ({exc.strerror or exc}).") from None
+    if not found:
         raise BundleError(f"{bundle_dir}: not a vdopt bundle (no {MANIFEST}); `vdopt compile` writes one.")
     raw = _read_regular(path, MANIFEST, bundle_dir)
     recorded = _read_regular(bundle_dir / MANIFEST_CHECKSUM, MANIFEST_CHECKSUM, bundle_dir).decode("ascii", "replace").split()
@@ -274,13 +287,14 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{path}: the manifest lacks {', '.join(missing)}; it was edited or truncated. Recompile the bundle.")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if type(manifest["schema_version"]) is not int or manifest["schema_version"] != SCHEMA_VERSION:
         raise BundleError(f"{path}: manifest schema {manifest['schema_version']}, this vdopt reads {SCHEMA_VERSION}; recompile.")
     if not isinstance(manifest["segments"], list) or not all(isinstance(s, dict) for s in manifest["segments"]):
         raise BundleError(f"{path}: the manifest's segments are not a list of objects; it was edited. Recompile the bundle.")
     check_schema(path, manifest)
     check_paths(bundle_dir, manifest)
     check_shapes(bundle_dir, manifest)
+    check_consistency(path, manifest)
     check_unlisted(bundle_dir, manifest)
     if verify:
         verify_checksums(bundle_dir, manifest)
@@ -302,15 +316,18 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     def is_int(value: Any, low: int = 0) -> bool:
         return type(value) is int and value >= low
 
+    def one_of(value: Any, names: Any) -> bool:
+        return isinstance(value, str) and value in names  # an edited value may be a list or object (unhashable)
+
     def tensor_list(specs: Any, where: str, state: bool = False) -> None:
         if expect(isinstance(specs, list), where, "a list"):
             for i, spec in enumerate(specs):
                 here = f"{where}[{i}]"
                 if expect(isinstance(spec, dict), here, "an object"):
                     expect(isinstance(spec.get("name"), str), f"{here}.name", "a string")
-                    expect(spec.get("dtype") in DTYPES, f"{here}.dtype", f"one of {', '.join(DTYPES)}")
+                    expect(one_of(spec.get("dtype"), DTYPES), f"{here}.dtype", f"one of {', '.join(DTYPES)}")
                     if state:
-                        expect(spec.get("init", "zeros") in ("zeros", "ones"), f"{here}.init", "zeros or ones")
+                        expect(one_of(spec.get("init", "zeros"), ("zeros", "ones")), f"{here}.init", "zeros or ones")
 
     for key in ("inputs", "outputs"):
         tensor_list(manifest.get(key), key)
@@ -322,7 +339,7 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         expect(isinstance(batch, list) and len(batch) == 2 and all(is_int(b, 1) for b in batch) and batch[0] <= batch[1],
                "latent.batch", "a [min, max] range of positive ints")
         expect(is_int(latent.get("channels"), 1), "latent.channels", "a positive int")
-        expect(latent.get("dtype") in DTYPES, "latent.dtype", f"one of {', '.join(DTYPES)}")
+        expect(one_of(latent.get("dtype"), DTYPES), "latent.dtype", f"one of {', '.join(DTYPES)}")
         multiples = latent.get("multiples")
         expect(isinstance(multiples, list) and len(multiples) == 3 and all(is_int(m, 1) for m in multiples),
                "latent.multiples", "three positive ints")
@@ -330,7 +347,8 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         expect(isinstance(sizes, dict) and all(is_int(sizes.get(k), 1) for k in ("frames", "height", "width")),
                "latent.default_sizes", "positive ints for frames, height and width")
     if "num_steps" in manifest:
-        expect(is_int(manifest["num_steps"]), "num_steps", "a non-negative int")
+        expect(is_int(manifest["num_steps"], 1), "num_steps", "a positive int")
+    expect(isinstance(manifest["step_table"], dict), "step_table", "an object")
     if "guidance" in manifest:
         expect(isinstance(manifest["guidance"], bool), "guidance", "true or false")
     for i, segment in enumerate(manifest["segments"]):
@@ -339,21 +357,81 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         expect(isinstance(segment.get("backend"), str), f"{here}.backend", "a string")
         files = segment.get("files", [])
         expect(isinstance(files, list) and all(isinstance(f, str) for f in files), f"{here}.files", "a list of file names")
-        dims = segment.get("dims", {})
+        dims = segment.get("dims")
         expect(isinstance(dims, dict) and all(k in STEP_DIMS and isinstance(v, list) and len(v) == 2
-                                              and all(is_int(x) for x in v) for k, v in dims.items()),
-               f"{here}.dims", "step dim names (batch, frames, height, width) mapped to [min, max] ints")
-        for j, part in enumerate(segment.get("parts") or []):
+                                              and all(is_int(x, 1) for x in v) and v[0] <= v[1] for k, v in dims.items()),
+               f"{here}.dims", "step dim names (batch, frames, height, width) mapped to [min, max] positive ints")
+        kind = segment.get("kind", "step")
+        if not expect(kind in ("step", "split") if isinstance(kind, str) else False, f"{here}.kind", "step or split"):
+            continue
+        if kind == "step":
+            expect(isinstance(files, list) and len(files) > 0, f"{here}.files", "at least one file")
+            continue
+        parts = segment.get("parts")
+        expect(isinstance(segment.get("flag"), str), f"{here}.flag", "the name of the value that picks the branch")
+        expect(isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in parts)
+               and sorted(p["name"] for p in parts) == sorted(SPLIT_PARTS),
+               f"{here}.parts", f"the parts {', '.join(SPLIT_PARTS)}")
+        for j, part in enumerate(parts if isinstance(parts, list) else []):
             if expect(isinstance(part, dict), f"{here}.parts[{j}]", "an object"):
                 pfiles = part.get("files", [])
-                expect(isinstance(pfiles, list) and all(isinstance(f, str) for f in pfiles), f"{here}.parts[{j}].files",
-                       "a list of file names")
+                expect(isinstance(pfiles, list) and len(pfiles) > 0 and all(isinstance(f, str) for f in pfiles),
+                       f"{here}.parts[{j}].files", "a list of file names")
                 tensor_list(part.get("inputs", []), f"{here}.parts[{j}].inputs")
                 tensor_list(part.get("outputs", []), f"{here}.parts[{j}].outputs")
     if problems:
         raise BundleError(f"{path}: the manifest does not have the form this vdopt reads: {'; '.join(problems[:3])}"
                           f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. It was edited or written "
                           f"by another version; recompile the bundle.")
+
+
+def check_consistency(path: Path, manifest: dict[str, Any]) -> None:
+    """Fields that must agree with each other and with what the program was compiled for (after
+    `check_schema` and `check_shapes`): an edit of one of them is refused here, rather than failing
+    inside the step program or allocating whatever sizes the edit names."""
+    from vdopt.program import resolve_size
+
+    problems: list[str] = []
+    inputs = manifest["inputs"]
+    timesteps = manifest["step_table"].get("timesteps")
+    if "num_steps" in manifest and isinstance(timesteps, list) and manifest["num_steps"] != len(timesteps):
+        problems.append(f"num_steps is {manifest['num_steps']} but the step table holds {len(timesteps)} timesteps")
+    if "guidance" in manifest and manifest["guidance"] != any(s["name"].startswith("uncond.") for s in inputs):
+        problems.append(f"guidance is {str(manifest['guidance']).lower()} but the inputs "
+                        f"{'have no' if manifest['guidance'] else 'have'} uncond.* tensors")
+    latent = manifest.get("latent")
+    if latent is not None:
+        x = inputs[0] if inputs else {"shape": []}
+        if x.get("name") != "x" or len(x["shape"]) != 5:
+            problems.append("inputs[0] should be the latent x, shaped [batch, channels, frames, height, width]")
+        else:
+            low, high = latent["batch"]
+            if type(x["shape"][0]) is int and not low <= x["shape"][0] <= high:
+                problems.append(f"latent.batch is {latent['batch']} but inputs[0] (x) has batch {x['shape'][0]}")
+            if type(x["shape"][1]) is int and x["shape"][1] != latent["channels"]:
+                problems.append(f"latent.channels is {latent['channels']} but inputs[0] (x) has {x['shape'][1]}")
+            for key, size in zip(SIZE_KEYS, x["shape"][2:]):
+                if type(size) is int and size != latent["default_sizes"][key]:
+                    problems.append(f"latent.default_sizes.{key} is {latent['default_sizes'][key]} but inputs[0] (x) has {size}")
+            if x["dtype"] != latent["dtype"]:
+                problems.append(f"latent.dtype is {latent['dtype']} but inputs[0] (x) is {x['dtype']}")
+        sizes = {"batch": latent["batch"][0], **{k: latent["default_sizes"][k] for k in SIZE_KEYS}}
+        for where, spec in [("latent", {"shape": list(sizes.values())}), *tensor_specs(manifest)]:
+            try:
+                dims = [resolve_size(d, sizes, latent["multiples"]) for d in spec["shape"]]
+            except ValueError as exc:
+                problems.append(f"{where}.shape: {exc}")
+                continue
+            elements = 1
+            for d in dims:
+                elements *= max(d, 0)
+            if any(d < 0 for d in dims) or elements > MAX_TENSOR_ELEMENTS:
+                problems.append(f"{where}.shape is {dims} at the default sizes (the smallest batch), "
+                                f"{'a negative size' if any(d < 0 for d in dims) else 'far beyond any step tensor'}")
+    if problems:
+        raise BundleError(f"{path}: the manifest contradicts itself: {'; '.join(problems[:3])}"
+                          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. It was edited after the "
+                          f"bundle was written; recompile the bundle.")
 
 
 def check_unlisted(bundle_dir: Path, manifest: dict[str, Any]) -> None:

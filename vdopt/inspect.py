@@ -155,6 +155,10 @@ def bundle_lines(path: Path, m: dict[str, Any]) -> str:
 
 
 def describe(path: Path, graph: bool = False) -> str:
+    try:
+        path.stat()
+    except OSError as exc:  # missing, or a name the file system cannot hold (too long, a symlink loop)
+        raise VdoptError(f"{path}: {exc.strerror or 'not found'}; give a bundle directory or a torch.export .pt2 file.") from None
     if path.is_dir():
         text = describe_bundle(path)
         if graph:

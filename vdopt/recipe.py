@@ -7,20 +7,57 @@ so editors can complete and check recipes as they are typed.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vdopt.errors import RecipeError
+from vdopt.errors import RecipeError, first_line
 from vdopt.measure import Budget
 
 FAMILIES = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "reference")
 
 
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field (or its list items) holds ints or floats and never a bool."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _takes_numbers(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return bool not in args and any(_takes_numbers(a) for a in args)
+    return annotation in (int, float)
+
+
+def _item_type(annotation: Any) -> Any:
+    """The item type of a list or tuple annotation (inside an Optional or union), or None."""
+    for option in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,):
+        if typing.get_origin(option) in (list, tuple) and typing.get_args(option):
+            return typing.get_args(option)[0]
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any) -> Any:
+        """pydantic reads `true` as 1 where an int or float goes (`steps: true` would be one step); YAML
+        turns yes/no/on/off/true/false into booleans, so a boolean where a number goes is refused."""
+        if isinstance(value, dict):
+            for name, field in cls.model_fields.items():
+                given = value.get(name)
+                items = given if isinstance(given, (list, tuple)) and _takes_numbers(_item_type(field.annotation)) else ()
+                if isinstance(given, bool) and _takes_numbers(field.annotation):
+                    raise ValueError(f"'{name}' is a number, not {str(given).lower()} (YAML reads true/false/yes/no/on/off "
+                                     f"as booleans)")
+                if any(isinstance(v, bool) for v in items):
+                    raise ValueError(f"'{name}' holds numbers, not booleans (got {given}; YAML reads true/false/yes/no/on/off "
+                                     f"as booleans)")
+        return value
 
 
 class DimRange(Strict):
@@ -159,14 +196,27 @@ class Recipe(Strict):
         return value
 
 
+def shown_value(value: Any) -> str:
+    """A short repr for a message (an int of thousands of digits has none: Python refuses to print it)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def key_path(loc: tuple) -> str:
+    return ".".join(part if isinstance(part, str) else shown_value(part) for part in loc)
+
+
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    path = key_path(error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{path}' (check its spelling; `vdopt schema` lists the allowed keys)"
     if error["type"] == "missing":
         return f"missing key '{path}'"
     got = error.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {shown_value(got)})"
     return f"'{path}': {error['msg']}{shown}"
 
 
@@ -197,18 +247,27 @@ class NoAliasLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks
+        raise RecipeError(f"{path}: cannot be a recipe file ({exc.strerror or exc}).") from None
+    if not found:
         raise RecipeError(f"{path}: recipe file not found.")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is a short YAML file (at most {MAX_RECIPE_BYTES} bytes).")
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc}).") from None
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the recipe as UTF-8.") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply to be a recipe.") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}.") from None
+    except (ValueError, TypeError, LookupError, AttributeError, OverflowError) as exc:  # a value the safe constructors cannot build
+        raise RecipeError(f"{path}: a value in the recipe cannot be read ({first_line(exc)}); check dates, numbers of "
+                          f"thousands of digits and explicit !!tags.") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

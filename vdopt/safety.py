@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
-from vdopt.errors import VdoptError
+from vdopt.errors import VdoptError, first_line
 
 
 class UnsafeInputError(VdoptError):
@@ -359,7 +359,8 @@ def load_exported_program(path: str | Path, *, trust_pickle: bool = False) -> to
                 raise _refusal(path, str(cause)) from None
             seen.add(id(cause))
             cause = cause.__cause__ or cause.__context__
-        raise
+        raise VdoptError(f"{path}: torch.export cannot read it ({first_line(exc)}); the file is damaged or was not "
+                         f"written by torch.export.save. Copy it again or re-export it (a bundle: recompile it).") from None
     check_guards(ep, path)
     try:  # build the runnable module once with the generated guard code checked; later .module() calls
         with _checked_guard_functions():  # derive the same code from the same program

@@ -16,12 +16,19 @@ OUTPUT_TYPES = (".pt", ".safetensors", ".gif", ".mp4")
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for the file system, a symlink loop
+        found = False
+    if not found:
         raise RunInputError(f"{path}: conditioning file not found.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on damaged files
+            raise RunInputError(f"{path}: not a readable safetensors file ({type(exc).__name__}).") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001

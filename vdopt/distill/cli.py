@@ -27,7 +27,14 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
 
     recipe, section, compile_recipe = load_distill_recipe(recipe_path)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    if threads is not None and threads < 1:
+        raise DistillError(f"--threads {threads}: give a positive number of CPU threads.")
+    try:
+        if out.exists() and not out.is_dir():
+            raise DistillError(f"{out}: is an existing file; -o names the student's directory (new, or one to resume in).")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DistillError(f"{out}: cannot create the student's directory ({exc.strerror or exc}).") from None
     dist = init_dist()
     summary: dict[str, Any] = {"output": str(out), "world": dist.world}
     with thread_count(threads), torch.inference_mode(False):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, model_validator
 
 from vdopt.errors import RecipeError
-from vdopt.recipe import Recipe, Strict, parse_recipe, read_yaml
+from vdopt.recipe import Recipe, Strict, key_path, parse_recipe, read_yaml
 
 
 class DistillSection(Strict):
@@ -28,12 +28,13 @@ class DistillSection(Strict):
     # --- stage 2: training ---
     iterations: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1, description="Global batch of (sample, key point) transitions per iteration.")
-    lr: float = Field(2e-5, gt=0)
-    disc_lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    adv_weight: float = Field(0.1, ge=0, description="Weight of the adversarial (hinge) generator loss; 0 disables the discriminator.")
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False)
+    disc_lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.0, 0.999), description="Adam's betas, each in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    adv_weight: float = Field(0.1, ge=0, allow_inf_nan=False, description="Weight of the adversarial (hinge) generator loss; 0 disables the discriminator.")
     adv_start: int = Field(0, ge=0, description="Iteration at which the adversarial loss starts (trajectory loss only before).")
     disc_blocks: int | list[int] = Field(3, description="How many teacher blocks (evenly spaced) feed discriminator heads, or their indices.")
     head_dim: int = Field(64, ge=4)
@@ -62,7 +63,7 @@ def load_distill_recipe(path: str | Path) -> tuple[Recipe, DistillSection, dict[
     try:
         distill = DistillSection.model_validate(section)
     except ValidationError as exc:
-        problems = "; ".join(f"'distill.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors()[:5])
+        problems = "; ".join(f"'distill.{key_path(e['loc'])}': {e['msg']}" for e in exc.errors()[:5])
         raise RecipeError(f"{path}: invalid distill section: {problems}.") from None
     if distill.student_steps > recipe.sampler.steps:
         raise RecipeError(f"{path}: 'distill.student_steps' ({distill.student_steps}) exceeds the teacher's sampler.steps ({recipe.sampler.steps}).")

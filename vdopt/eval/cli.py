@@ -112,8 +112,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise VdoptError(f"--threads {args.threads}: give a positive number of CPU threads.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from vdopt.runtime.session import check_device
+
+    check_device(args.device)  # the teacher is built on it before any bundle would check it
     if args.prompts is not None and args.prompts < 1:
         raise VdoptError(f"--prompts {args.prompts}: the evaluation needs at least one clip.")
     check_seed(args.seed, limit=PROMPT_SET_SEED_LIMIT)

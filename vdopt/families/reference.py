@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vdopt.data.moving_shapes import COLOURS, DIRECTIONS, SHAPES, parse_prompt
-from vdopt.errors import RunInputError
+from vdopt.errors import BundleError, RunInputError, first_line
 from vdopt.families.base import CondInput, register
 from vdopt.families.latte import LATTE, LatteDescriptor
 from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FILE, PromptConditioner, ReferenceDenoiser, build_teacher
@@ -67,10 +67,14 @@ class ReferenceDescriptor(LatteDescriptor):
         path = Path(bundle_dir) / EXTRAS
         if EXTRAS not in manifest["checksums"] or not path.is_file():
             return None
-        with safe_open(str(path), "pt") as f:
-            config = json.loads(f.metadata()["config"])
-        conditioner = PromptConditioner(**config)
-        conditioner.load_state_dict(load_file(str(path)))
+        try:
+            with safe_open(str(path), "pt") as f:
+                config = json.loads(f.metadata()["config"])
+            conditioner = PromptConditioner(**config)
+            conditioner.load_state_dict(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - safetensors, json and load_state_dict each raise their own types
+            raise BundleError(f"{path}: not the prompt conditioner this bundle was written with ({type(exc).__name__}: "
+                              f"{first_line(exc)[:120]}); the file was damaged or replaced. Recompile the bundle.") from None
         conditioner.eval()
         @torch.no_grad()
         def encode(prompts: str | list[str]):

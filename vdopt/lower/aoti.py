@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from vdopt.errors import first_line
+from vdopt.errors import BundleError, first_line
 from vdopt.lower.base import unsupported_op_error
 from vdopt.program import StepProgram
 from vdopt.safety import check_zip_members
@@ -66,7 +66,11 @@ class AotiBackend:
         # here before AOTInductor extracts them (no absolute paths, `..` or symlinks: zip-slip).
         package = directory / files[0]
         check_zip_members(package, "AOTInductor package")
-        runner = torch._inductor.aoti_load_package(str(package))
+        try:
+            runner = torch._inductor.aoti_load_package(str(package))
+        except RuntimeError as exc:  # not an AOTInductor package (another archive, or the manifest's backend was edited)
+            raise BundleError(f"{package}: not a loadable AOTInductor package ({first_line(exc)}); the file or the "
+                              f"manifest's backend was edited. Recompile the bundle.") from None
 
         def run(*inputs):
             with torch.no_grad():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdopt.errors import first_line
+from vdopt.errors import BundleError, first_line
 from vdopt.lower.base import unsupported_op_error
 from vdopt.program import StepProgram
 
@@ -91,7 +91,11 @@ class OnnxBackend:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(directory / files[0]), options, providers=providers)
+        try:
+            session = ort.InferenceSession(str(directory / files[0]), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
+            raise BundleError(f"{directory / files[0]}: onnxruntime cannot load it as an ONNX model ({first_line(exc)}); "
+                              f"the file or the manifest's backend was edited. Recompile the bundle.") from None
         names = [i.name for i in session.get_inputs()]
 
         def run(*inputs):

@@ -6,8 +6,48 @@ from pathlib import Path
 
 import torch
 
-from vdopt.program import StepProgram
+from vdopt.errors import BundleError
+from vdopt.program import StepProgram, dtype_name
 from vdopt.safety import load_exported_program
+
+
+def input_signature(ep: torch.export.ExportedProgram) -> list[tuple[torch.dtype, list[tuple[int, int | None]]]]:
+    """(dtype, [(min, max) per dim]) of each user input of `ep`, from its traced values and range constraints."""
+    user = set(ep.graph_signature.user_inputs)
+    signature = []
+    for node in ep.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in user or not isinstance(value, torch.Tensor):
+            continue
+        dims = []
+        for size in value.shape:
+            if isinstance(size, int):
+                dims.append((size, size))
+                continue
+            bounds = ep.range_constraints.get(size.node.expr)
+            low = int(bounds.lower) if bounds is not None and bounds.lower.is_finite else 0
+            dims.append((low, int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None))
+        signature.append((value.dtype, dims))
+    return signature
+
+
+def check_inputs(path: Path, signature: list, inputs: tuple) -> None:
+    """The run's inputs (built from the manifest) against what the program was exported for, so a manifest
+    that does not describe its program is one message, not a guard failure inside torch.export."""
+    def shown(dtype, dims) -> str:
+        sizes = [str(lo) if lo == hi else f"{lo}..{'' if hi is None else hi}" for lo, hi in dims]
+        return f"{dtype_name(dtype)} [{', '.join(sizes)}]"
+
+    problem = None
+    if len(inputs) != len(signature):
+        problem = f"it takes {len(signature)} inputs and the manifest describes {len(inputs)}"
+    for k, ((dtype, dims), tensor) in enumerate(zip(signature, inputs)):
+        if problem is None and (tensor.dtype != dtype or tensor.dim() != len(dims) or any(
+                size < lo or (hi is not None and size > hi) for size, (lo, hi) in zip(tensor.shape, dims))):
+            problem = f"its input {k} is {shown(dtype, dims)} and the manifest gives {dtype_name(tensor.dtype)} {list(tensor.shape)}"
+    if problem:
+        raise BundleError(f"{path}: the step program does not match the manifest: {problem}. The manifest was edited "
+                          f"after the bundle was written; recompile the bundle.")
 
 
 class TorchBackend:
@@ -20,9 +60,12 @@ class TorchBackend:
         return [name]
 
     def load(self, directory: Path, files: list[str], device: str):
-        module = load_exported_program(directory / files[0]).module().to(device)  # unpickles nothing but tensors
+        ep = load_exported_program(directory / files[0])  # unpickles nothing but tensors
+        signature = input_signature(ep)
+        module = ep.module().to(device)
 
         def run(*inputs):
+            check_inputs(directory / files[0], signature, inputs)
             with torch.no_grad():
                 return module(*inputs)
 
