@@ -10,8 +10,7 @@ The runs are reproducible (`derandomize=True`, no example database): the same ex
 until the test or hypothesis changes; a failure prints the falsifying example and a
 `@reproduce_failure` blob. The default tier runs small samples (about 1.5 min on two cores); the `slow`
 tier (`pytest -m slow tests/test_fuzz.py`) runs the same properties on about ten times as many cases.
-Bugs the fuzzer found are kept as plain regression tests (`test_found_*`) beside each property;
-clumsy-input classes worked on in another change are xfail tests naming the class.
+Bugs the fuzzer found are kept as plain regression tests (`test_found_*`) beside each property.
 """
 
 from __future__ import annotations
@@ -726,21 +725,6 @@ def value_of(kind: str) -> st.SearchStrategy:
 GOOD_POSITIONALS = {"compile": ["r.yaml"], "run": ["b.vdopt", "--prompt", "red circle moving up"], "inspect": ["b.vdopt"],
                     "eval": ["b.vdopt"], "distill": ["distill.yaml", "teacher.safetensors"],
                     "calibrate": ["ref.yaml", "teacher.safetensors"]}
-FRESH_OUTPUTS = ["clip.pt", "clip.gif", "clip.safetensors", "clip.txt", "clip", "out.json", "trace.json"]
-
-
-def outputs_are_fresh(argv: list[str]) -> bool:
-    """Keeps the random command lines off two output-path cases of the clumsy-input class 'output paths',
-    worked on separately (xfail tests below): `vdopt schema -o` checks nothing before writing, and the
-    output checks of run, calibrate and eval raise OSError for a name too long for the file system."""
-    outputs = [v for f, v in zip(argv, argv[1:] + [""]) if f in ("-o", "--output", "--trace", "--json", "--sheet")]
-    outputs += [a.split("=", 1)[1] for a in argv if a.startswith(("--output=", "--trace=", "--json=", "--sheet="))]
-    outputs += [a[2:] for a in argv if a.startswith("-o") and len(a) > 2]
-    if argv[:1] == ["schema"]:
-        return all(v in FRESH_OUTPUTS for v in outputs)
-    return not any(len(v) > 255 for v in outputs)
-
-
 @st.composite
 def command_lines(draw: Callable, options: dict[str, tuple[list, list]]) -> list[str]:
     command = draw(st.sampled_from(sorted(options) + ["", "potato", "--help", "-h", "--version"]))
@@ -813,7 +797,7 @@ def test_random_command_lines(bundle, scratch, long_work_stopped, scale):
     threads = torch.get_num_threads()
 
     @fuzz(150 * scale, 20)
-    @given(command_lines(options).filter(outputs_are_fresh))
+    @given(command_lines(options))
     def check(argv):
         cwd = os.getcwd()
         os.chdir(workdir)
@@ -865,13 +849,8 @@ def test_found_command_lines_are_one_paragraph(bundle, tmp_path, monkeypatch, ar
     assert tree(tmp_path) == before
 
 
-# Clumsy-input classes another change works on (issue 15, item 4); the fuzzer finds them, this branch
-# leaves them to that work. strict=False: they pass once it lands.
-THIRD_PARTY = "clumsy-input class worked on separately (issue 15 item 4): "
-
-
-# Found by the fuzzer before the clumsy-input change landed (output paths checked after the steps,
-# seeds beyond int64); that change fixed them, these keep them fixed.
+# Found by the fuzzer: output paths checked only after the steps, seeds beyond int64, names too long for
+# the file system, `schema -o` writing anywhere.
 @pytest.mark.parametrize("extra", [["-o", "notes.txt/clip.pt"], ["-o", "clip.pt", "--trace", "empty"],
                                    ["-o", "clip.pt", "--seed", str(2**64)]], ids=["output-under-a-file", "trace-dir", "seed"])
 def test_run_output_paths_and_seeds_are_one_paragraph(bundle, tmp_path, monkeypatch, extra):
@@ -883,8 +862,6 @@ def test_run_output_paths_and_seeds_are_one_paragraph(bundle, tmp_path, monkeypa
     assert code == 2 and sorted(os.listdir(tmp_path)) == ["empty", "notes.txt"]
 
 
-@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "output paths (check_output_path: Path.is_dir raises OSError "
-                                                      "for a name too long for the file system)")
 @pytest.mark.parametrize("argv", [["run", "BUNDLE", "--prompt", "red circle moving up", "-o", "a" * 300 + ".pt"],
                                   ["calibrate", "r.yaml", "-o", "a" * 300 + ".yaml"], ["eval", "--json", "a" * 300]],
                          ids=["run", "calibrate", "eval"])
@@ -895,9 +872,7 @@ def test_output_names_too_long_are_one_paragraph(bundle, tmp_path, monkeypatch, 
     assert_clean_refusal(argv[0], code, out, err)
 
 
-@pytest.mark.xfail(strict=False, reason=THIRD_PARTY + "output paths (schema -o: a directory, a missing parent, a long "
-                                                      "name are tracebacks; an existing file is replaced)")
-@pytest.mark.parametrize("output", ["empty", "sub/dir/schema.json", "a" * 300, "notes.txt"])
+@pytest.mark.parametrize("output", ["empty", "a" * 300 + ".json", "notes.txt"])
 def test_schema_output_path_is_checked_cleanly(tmp_path, monkeypatch, output):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

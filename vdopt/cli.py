@@ -58,9 +58,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from vdopt.recipe import recipe_schema
+    from vdopt.validate import check_output_path
 
     text = json.dumps(recipe_schema(), indent=2)
     if args.output:
+        check_output_path(args.output, "-o", (".json",))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
     else:
         print(text)

@@ -251,6 +251,13 @@ def check_output_path(path: str | Path, option: str, suffixes: tuple[str, ...] =
     """Before any work: `path` can be written (its nearest existing ancestor is a writable directory,
     it is not itself a directory) and, given `suffixes`, has one of them."""
     path = Path(path)
+    try:
+        checkable_output_path(path, option, suffixes)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise VdoptError(f"{option} {str(path)[:120]}: cannot be written ({exc.strerror or type(exc).__name__}).") from None
+
+
+def checkable_output_path(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     if path.is_dir():
         raise VdoptError(f"{option} {path}: is a directory; give a file name inside it.")
     if suffixes and path.suffix.lower() not in suffixes:
