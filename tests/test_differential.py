@@ -102,6 +102,15 @@ def test_backend_agrees_with_torch(bundles, name, backend):
     check_backend_agrees(bundles, name, backend, short=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["reference_cached", MIXED[0]])
+def test_cached_teacher_gathers_rows(bundles, name, backend):
+    """The shipped teacher is captured with a dynamic batch, so its cache runs the body on the recomputing
+    rows only (tests/test_batch_rows.py counts them), on every backend."""
+    cache = bundles.get(name, True, backend).manifest["cache"]
+    assert cache["gather_rows"] is True, cache
+
+
 def test_mixed_case_has_rows_deciding_differently(bundles):
     _, traces = outputs(bundles.get(MIXED[0], True, "torch"))
     mixed = [step["step"] for trace in traces for step in trace if len(set(step["computed"])) > 1]
