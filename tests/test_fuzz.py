@@ -725,6 +725,17 @@ def value_of(kind: str) -> st.SearchStrategy:
 GOOD_POSITIONALS = {"compile": ["r.yaml"], "run": ["b.vdopt", "--prompt", "red circle moving up"], "inspect": ["b.vdopt"],
                     "eval": ["b.vdopt"], "distill": ["distill.yaml", "teacher.safetensors"],
                     "calibrate": ["ref.yaml", "teacher.safetensors"]}
+def command_line_files(directory: Path, bundle: Path) -> None:
+    """The files the random and the found command lines name: a bundle, weights, recipes, junk."""
+    shutil.copytree(bundle, directory / "b.vdopt")
+    shutil.copy(TEACHER, directory / "teacher.safetensors")
+    (directory / "r.yaml").write_text(dump(VALID))
+    (directory / "ref.yaml").write_text((bundle.parent / "r.yaml").read_text())
+    (directory / "distill.yaml").write_text((ROOT / "recipes" / "distill_reference.yaml").read_text())
+    (directory / "notes.txt").write_text("not a recipe\n")
+    (directory / "bad.safetensors").write_bytes(b"\xff" * 64)
+
+
 @st.composite
 def command_lines(draw: Callable, options: dict[str, tuple[list, list]]) -> list[str]:
     command = draw(st.sampled_from(sorted(options) + ["", "potato", "--help", "-h", "--version"]))
@@ -783,13 +794,7 @@ def test_random_command_lines(bundle, scratch, long_work_stopped, scale):
     options = subcommand_options()
     workdir = scratch / "argv"
     workdir.mkdir()
-    shutil.copytree(bundle, workdir / "b.vdopt")
-    shutil.copy(TEACHER, workdir / "teacher.safetensors")
-    (workdir / "r.yaml").write_text(dump(VALID))
-    (workdir / "ref.yaml").write_text((bundle.parent / "r.yaml").read_text())
-    (workdir / "distill.yaml").write_text((ROOT / "recipes" / "distill_reference.yaml").read_text())
-    (workdir / "notes.txt").write_text("not a recipe\n")
-    (workdir / "bad.safetensors").write_bytes(b"\xff" * 64)
+    command_line_files(workdir, bundle)
     (workdir / "empty").mkdir()
     save_file({"cond.encoder_hidden_states": torch.zeros(1, 3, 64)}, str(workdir / "cond.safetensors"))
     inputs = tree(workdir)
@@ -834,13 +839,7 @@ def test_random_command_lines(bundle, scratch, long_work_stopped, scale):
     (["run", "b.vdopt", "-o", "clip.pt", "--cond", "bad.safetensors"], "not a readable safetensors"),
 ])
 def test_found_command_lines_are_one_paragraph(bundle, tmp_path, monkeypatch, argv, message):
-    shutil.copytree(bundle, tmp_path / "b.vdopt")
-    shutil.copy(TEACHER, tmp_path / "teacher.safetensors")
-    (tmp_path / "r.yaml").write_text(dump(VALID))
-    (tmp_path / "ref.yaml").write_text((bundle.parent / "r.yaml").read_text())
-    (tmp_path / "distill.yaml").write_text((ROOT / "recipes" / "distill_reference.yaml").read_text())
-    (tmp_path / "notes.txt").write_text("not a recipe\n")
-    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    command_line_files(tmp_path, bundle)
     monkeypatch.chdir(tmp_path)
     before = tree(tmp_path)
     code, out, err = cli(argv)
