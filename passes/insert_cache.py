@@ -51,6 +51,7 @@ from torch import fx, nn
 from vdopt.bundle import SHAPE_NAMES
 from vdopt.capture import export_step, named_shape, symbol_names
 from vdopt.errors import PassError, first_line
+from vdopt.module_stack import module_stack
 from vdopt.pass_manager import Pass, editable_module, uncached
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
@@ -412,8 +413,7 @@ def time_embedding_output(graph: fx.Graph, program: StepProgram, before: fx.Node
     for node in graph.nodes:
         if node is before:
             break
-        stack = (node.meta.get("nn_module_stack") or {}).values()
-        if node.op == "call_function" and any(program.descriptor.is_time_embedding(fqn) for fqn, _ in stack):
+        if node.op == "call_function" and any(program.descriptor.is_time_embedding(fqn) for fqn, _ in module_stack(node)):
             found = node
     if found is None:
         raise PassError(f"insert_cache: teacache needs the time embedding ('{program.descriptor.time_embedding_pattern}'), "

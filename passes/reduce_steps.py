@@ -45,6 +45,7 @@ import torch
 from torch import fx
 
 from vdopt.errors import PassError
+from vdopt.module_stack import STEP_PROGRAM, module_path
 from vdopt.pass_manager import Pass, editable_module
 from vdopt.program import StepProgram
 
@@ -338,12 +339,12 @@ def set_argument(node: fx.Node, index: int, name: str, value: Any) -> None:
 
 def root_scope(node: fx.Node) -> bool:
     """The node is the step module's own code (guidance, sampler), not inside the denoiser."""
-    return all(path == "" for path, _ in (node.meta.get("nn_module_stack") or {"": ("", None)}).values())
+    return module_path(node) == STEP_PROGRAM
 
 
 def where(node: fx.Node) -> str:
-    paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p]
-    return f"node '{node.name}' ({node.target}{', in ' + paths[-1] if paths else ''})"
+    path = module_path(node)
+    return f"node '{node.name}' ({node.target}{', in ' + path if path else ''})"
 
 
 SAME_SHAPE = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,

@@ -17,6 +17,7 @@ import torch
 
 from vdopt.bundle import bundle_file, read_manifest
 from vdopt.errors import BundleError, VdoptError
+from vdopt.module_stack import module_stack
 from vdopt.safety import check_zip_members
 
 MAX_GRAPH_JSON = 512 << 20
@@ -26,9 +27,8 @@ def graph_modules(ep: torch.export.ExportedProgram) -> Counter:
     """(module path, class name) pairs found in `nn_module_stack`, with their node counts."""
     found: Counter = Counter()
     for node in ep.graph.nodes:
-        for fqn, cls in (node.meta.get("nn_module_stack") or {}).values():
-            name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-            found[(fqn, name.rsplit(".", 1)[-1])] += 1
+        for fqn, name in module_stack(node):
+            found[(fqn, name)] += 1
     return found
 
 

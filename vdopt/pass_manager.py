@@ -29,7 +29,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from vdopt.capture import export_step
 from vdopt.errors import PassError
+from vdopt.module_stack import module_stack
 from vdopt.program import StepProgram
+from vdopt.ranges import named_range
 
 
 # ----- facts ----------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ def register_fact(name: str, meaning: str) -> Callable[[Callable[[StepProgram], 
 
 
 def module_paths(ep: torch.export.ExportedProgram) -> set[str]:
-    return {fqn for node in ep.graph.nodes for fqn, _ in (node.meta.get("nn_module_stack") or {}).values()}
+    return {fqn for node in ep.graph.nodes for fqn, _ in module_stack(node)}
 
 
 def uncond_inputs(program: StepProgram) -> list[str]:
@@ -232,7 +234,8 @@ class PassManager:
             call = spec.bind(program, params)
             nodes_before = call_function_count(program)
             start = time.perf_counter()
-            result = spec.run(*call.args, **call.kwargs)
+            with named_range(f"vdopt/compile/pass {spec.name}"):
+                result = spec.run(*call.args, **call.kwargs)
             seconds = time.perf_counter() - start
             broken = unmet(result, spec.guarantees)
             if broken:

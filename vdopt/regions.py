@@ -15,10 +15,11 @@ from torch import fx
 
 from vdopt.errors import PassError
 from vdopt.families.base import ArchitectureDescriptor
+from vdopt.module_stack import module_stack
 
 
 def block_fqn(node: fx.Node, descriptor: ArchitectureDescriptor) -> str | None:
-    for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():
+    for fqn, _ in module_stack(node):
         if descriptor.is_block(fqn) or descriptor.is_temporal_block(fqn):
             return fqn
     return None
