@@ -150,3 +150,14 @@ def test_batch_beyond_the_compiled_range_is_refused(case):
     big = {name: t.repeat(2, *[1] * (t.dim() - 1)) for name, t in cond.items()}
     with pytest.raises(RunInputError, match=r"6 sample\(s\) per call; this bundle was compiled for 1..4"):
         case.session.run(big, {name: t.repeat(2, *[1] * (t.dim() - 1)) for name, t in uncond.items()}, progress=False)
+
+
+def test_a_batch_of_one_or_two_is_one_symbol_for_every_input():
+    """torch.export does not relate inputs that share a Dim(min=1, max=2); capture works around it."""
+    from vdopt.capture import capture
+
+    data = load_recipe(ROOT / "recipes/reference.yaml").model_dump(mode="json")
+    data["model"]["input"]["batch"] = {"min": 1, "max": 2}
+    program = capture(parse_recipe(data), TEACHER)
+    assert [s.shape[0] for s in program.inputs if s.name != "i"] == ["batch"] * 3
+    assert program.dims["batch"] == (1, 2)

@@ -221,7 +221,10 @@ def root_dims(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescript
         lo_units, hi_units = -(-lo // multiple), hi // multiple
         if lo_units > hi_units:
             raise CaptureError(f"model.input.{name}: no size in [{lo}, {hi}] is a multiple of the patch size {multiple}.")
-        roots[axis] = (Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=hi_units), multiple)
+        # torch.export gives each input its own symbol for a Dim(min=1, max=2) shared between inputs (the
+        # conditioning batch would not be x's batch); any wider range relates them. The manifest keeps [1, 2].
+        export_hi = 3 if (lo_units, hi_units) == (1, 2) else hi_units
+        roots[axis] = (Dim(f"{name}_units" if multiple > 1 else name, min=lo_units, max=export_hi), multiple)
     return roots
 
 
