@@ -49,6 +49,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from vdopt.runtime import Session
+    from vdopt.runtime.profile import nsys_stats, nsys_table, profile_bundle
+    from vdopt.validate import check_output_path
+    from vdopt.video import load_cond
+
+    out = Path(args.output)
+    check_output_path(out / "profile.json", "-o", (".json",))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    session = Session(args.bundle, device=args.device, profile=True)
+    cond, uncond = load_cond(session, args.cond, args.prompt)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = profile_bundle(session, cond, uncond, seed=args.seed, chrome_trace=out / "trace.json",
+                             log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
+    report = profile.to_json(args.depth)
+    print(profile.table(args.depth, args.top, args.per_block))
+    if args.nsys:
+        inner = [a for a in (args.argv or []) if a != "--nsys"]
+        report["nsys"] = nsys_stats([*inner, "-o", str(out / "under_nsys")], out)
+        print(nsys_table(report["nsys"], args.top))
+    (out / "profile.json").write_text(json.dumps(report, indent=1))
+    plotted = profile.plot(out / "profile.png", args.depth, per_block=args.per_block)
+    print(f"wrote {out / 'profile.json'}, {out / 'trace.json'} (chrome://tracing, Perfetto)"
+          + (f", {out / 'profile.png'}" if plotted else " (no PNG: pip install matplotlib)"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vdopt.inspect import describe
 
@@ -106,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="out.pt | out.safetensors | out.gif | out.mp4")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("profile", help="where a generation's time goes: per step, cache decision, part and module path")
+    p.add_argument("bundle")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="as for run (repeat for a batch)")
+    p.add_argument("--cond", help="as for run: conditioning tensors named as in the manifest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--depth", type=int, help="group module paths by their first N names (default: full paths)")
+    p.add_argument("--top", type=int, default=15, help="modules listed in the table")
+    p.add_argument("--per-block", action="store_true", help="a row per block (default: the same module of every block is one row)")
+    p.add_argument("--nsys", action="store_true", help="also run under Nsight Systems (nsys profile -t cuda,nvtx) and fold "
+                                                        "`nsys stats` NVTX-range and GPU-kernel summaries into the table")
+    p.add_argument("-o", "--output", default="profile", help="directory for profile.json, trace.json, profile.png")
+    p.set_defaults(func=cmd_profile)
+
     p = sub.add_parser("inspect", help="show a bundle (passes, timings, segments, state, I/O) or a .pt2's module structure")
     p.add_argument("path")
     p.add_argument("--graph", action="store_true", help="list the module classes and block paths found in the graph")
@@ -146,7 +191,9 @@ def standalone(command: str, description: str, add_arguments, func, argv: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments, for re-running it (profile --nsys)
     return run_guarded(args.command, args.func, args)
 
 

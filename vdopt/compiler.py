@@ -16,6 +16,7 @@ from vdopt.lower.split_conditional import SplitStep, split_conditional
 from vdopt.pass_manager import PassManager
 from vdopt.passes import pipeline
 from vdopt.program import StepProgram
+from vdopt.ranges import named_range
 from vdopt.recipe import Recipe, load_recipe
 from vdopt.verify import verify_bundle
 
@@ -119,15 +120,18 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
         for index, profile in enumerate(profiles):
             log(f"capturing profile {index + 1}/{len(profiles)}: {profile or 'dynamic'}")
             ir_dir = Path(dump_ir) / f"profile_{index}" if dump_ir and len(profiles) > 1 else dump_ir
-            program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
+            with named_range("vdopt/compile/capture"):
+                program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
             captured = captured or program
             program = run_passes(program, recipe, dump_ir=ir_dir, log=log)
             log(f"lowering with {backend.name}")
-            segments.append(lower_segment(program, recipe, backend, segments_dir, index))
+            with named_range(f"vdopt/compile/lower {backend.name}"):
+                segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
         first.descriptor.write_extras(stage, model_path)
         manifest = write_manifest(stage, {**program_manifest(first, recipe), "segments": segments})
         if verify:
-            report = verify_bundle(stage, captured, recipe, model_path, log=log)
+            with named_range("vdopt/compile/verify"):
+                report = verify_bundle(stage, captured, recipe, model_path, log=log)
             manifest = write_manifest(stage, {**manifest, "verify": report})
     return manifest

@@ -1,12 +1,19 @@
 """`aoti`: the step program compiled ahead of time by AOTInductor into a `.pt2` package.
 
 The package runs from Python (`aoti_load_package`) or C++ (`AOTIModelPackageLoader`) without
-the Python model code.
+the Python model code. Its kernels are compiled with profiler records (`cpp.enable_kernel_profile`:
+a branch on whether a profiler listens when none does), and a `.modules.json` beside it lists each
+kernel call of the generated wrapper in source order with the module path of the graph nodes it
+computes, so `vdopt profile` can attribute kernel time to modules.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +21,7 @@ from torch import fx
 
 from vdopt.errors import BundleError, first_line
 from vdopt.lower.base import unsupported_op_error
+from vdopt.module_stack import STEP_PROGRAM, module_path
 from vdopt.program import StepProgram
 from vdopt.safety import check_zip_members
 
@@ -48,6 +56,112 @@ def cond_operands_keep_traced_strides():
         ir.Conditional.create = create
 
 
+INDUCTOR_CONFIGS = {"cpp.enable_kernel_profile": True}
+MODULE_MAP_SUFFIX = ".modules.json"
+SOURCE_NODES = re.compile(r"^(\s*)// (?:Topologically Sorted|Unsorted) Source Nodes: \[([^\]]*)\]")
+SUBGRAPH = re.compile(r"^(\s*)// subgraph: (\w+)")
+KERNEL_RECORD = re.compile(r'KernelContextGuard _ctx\("([^"]+)", R"\((.*)')
+STACK_END = ')");'
+
+
+@dataclass(frozen=True)
+class CallSite:
+    kernel: str
+    graph: str            # '' for the root graph, else the `torch.cond` branch (true_graph_0, ...)
+    sources: tuple[str, ...]  # the root graph's nodes the kernel computes, in topological order
+    stack: str            # the Python stack the kernel's nodes were traced at
+
+
+def kernel_call_sites(wrapper: str) -> list[CallSite]:
+    """Each kernel call of an AOTInductor wrapper, in source order. A `torch.cond` branch is inlined
+    there, indented under a `// subgraph: NAME` comment, so a run's kernels are a subsequence of these."""
+    sites, sources, stack, kernel = [], (), [], None
+    subgraphs: list[tuple[int, str]] = []  # (indent, name) of the branches the current line is inside
+    for line in wrapper.splitlines():
+        if kernel is not None:  # inside a kernel's stack-trace literal
+            done = line.rstrip().endswith(STACK_END)
+            stack.append(line.rstrip().removesuffix(STACK_END) if done else line)
+            if done:
+                sites.append(CallSite(kernel, subgraphs[-1][1] if subgraphs else "", sources, normal_stack("\n".join(stack))))
+                kernel = None
+        elif found := SUBGRAPH.search(line):
+            while subgraphs and subgraphs[-1][0] >= len(found.group(1)):
+                subgraphs.pop()
+            subgraphs.append((len(found.group(1)), found.group(2)))
+        elif found := SOURCE_NODES.search(line):
+            while subgraphs and subgraphs[-1][0] > len(found.group(1)):
+                subgraphs.pop()
+            sources = tuple(name.strip() for name in found.group(2).split(",") if name.strip())
+        elif found := KERNEL_RECORD.search(line):
+            kernel, stack = found.group(1), [found.group(2)]
+            if line.rstrip().endswith(STACK_END):
+                stack = [found.group(2).rstrip().removesuffix(STACK_END)]
+                sites.append(CallSite(kernel, subgraphs[-1][1] if subgraphs else "", sources, normal_stack(stack[0])))
+                kernel = None
+    return sites
+
+
+def normal_stack(text: str) -> str:
+    return "\n".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def module_map(program: StepProgram, package: Path) -> list[dict[str, str]]:
+    """Each kernel call of the package's wrapper with the module path it computes for.
+
+    Root-graph kernels: the module of the last node the wrapper lists for the kernel (in topological
+    order, so the op whose result it produces; a matmul's list also holds the views feeding it). A
+    branch's kernels are listed with the root's `cond` node instead, so they are matched by the stack
+    they were traced at: the k-th kernel with a stack takes the k-th module whose nodes have it, in
+    graph order (the same line of code runs once per block, blocks in order). A fused kernel carries
+    several stacks: it takes, of their modules, the one nearest the module of the kernel before it.
+    """
+    with zipfile.ZipFile(package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp"))
+    root = {node.name: module_path(node) for node in program.ep.graph.nodes}
+    by_stack = {name.rsplit(".", 1)[-1]: modules_by_stack(gm.graph) for name, gm in program.ep.graph_module.named_modules()
+                if isinstance(gm, fx.GraphModule)}
+    seen: dict[tuple[str, str], int] = {}
+    previous = STEP_PROGRAM
+
+    def branch_module(site: CallSite) -> str:
+        stacks = by_stack.get(site.graph, {})
+        if site.stack in stacks:
+            k = seen[(site.graph, site.stack)] = seen.get((site.graph, site.stack), -1) + 1
+            return stacks[site.stack][min(k, len(stacks[site.stack]) - 1)]
+        candidates = [path for stack, paths in stacks.items() if site.stack and stack in site.stack for path in paths]
+        return max(candidates, key=lambda path: shared_names(path, previous), default=STEP_PROGRAM)
+
+    out = []
+    for site in kernel_call_sites(wrapper):
+        if site.graph:
+            module = previous = branch_module(site)
+        else:
+            module = next((root[s] for s in reversed(site.sources) if s in root), STEP_PROGRAM)
+        out.append({"kernel": site.kernel, "module": module})
+    return out
+
+
+def modules_by_stack(graph: fx.Graph) -> dict[str, list[str]]:
+    """Stack trace -> the modules whose nodes were traced at it, in graph order."""
+    stacks: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.meta.get("stack_trace"):
+            paths = stacks.setdefault(normal_stack(node.meta["stack_trace"]), [])
+            if module_path(node) not in paths:
+                paths.append(module_path(node))
+    return stacks
+
+
+def shared_names(a: str, b: str) -> int:
+    """How many leading names two module paths share."""
+    count = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
 class AotiBackend:
     name = "aoti"
     splits_conditionals = False  # runs `torch.cond` lazily
@@ -56,12 +170,15 @@ class AotiBackend:
         name = f"{stem}.aoti.pt2"
         try:
             with cond_operands_keep_traced_strides():
-                torch._inductor.aoti_compile_and_package(program.ep, package_path=str(directory / name))
+                torch._inductor.aoti_compile_and_package(program.ep, package_path=str(directory / name),
+                                                         inductor_configs=INDUCTOR_CONFIGS)
         except Exception as exc:  # noqa: BLE001 - inductor raises many types; report the op and module
             raise unsupported_op_error(self.name, program.ep, str(exc), first_line(exc)) from exc
-        return [name]
+        modules = f"{stem}.aoti{MODULE_MAP_SUFFIX}"
+        (directory / modules).write_text(json.dumps(module_map(program, directory / name), indent=0))
+        return [name, modules]
 
-    def load(self, directory: Path, files: list[str], device: str):
+    def load(self, directory: Path, files: list[str], device: str, profile: bool = False):
         # The package holds native code: the Session has verified its checksum; its members are checked
         # here before AOTInductor extracts them (no absolute paths, `..` or symlinks: zip-slip).
         package = directory / files[0]

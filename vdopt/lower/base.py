@@ -8,6 +8,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from vdopt.errors import LoweringError
+from vdopt.module_stack import module_stack
 from vdopt.program import StepProgram
 
 Runner = Callable[..., Sequence[torch.Tensor]]
@@ -20,17 +21,17 @@ class Backend(Protocol):
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         """Writes the segment's files under `directory`; returns their names relative to it."""
 
-    def load(self, directory: Path, files: list[str], device: str) -> Runner:
-        """Returns `run(*inputs) -> outputs` over flat tensors in the manifest's order."""
+    def load(self, directory: Path, files: list[str], device: str, profile: bool = False) -> Runner:
+        """Returns `run(*inputs) -> outputs` over flat tensors in the manifest's order. `profile`: a runner
+        whose work `vdopt profile` can attribute to module paths, if the backend needs a different one for that."""
 
 
 def node_origin(node: torch.fx.Node) -> str:
-    stack = dict(node.meta.get("nn_module_stack") or {})
+    stack = module_stack(node)
     if not stack:
         return "the step program itself"
-    fqn, cls = list(stack.values())[-1]
-    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return f"module '{fqn}' ({cls_name.rsplit('.', 1)[-1]})"
+    fqn, cls_name = stack[-1]
+    return f"module '{fqn}' ({cls_name})"
 
 
 def unsupported_op_error(backend: str, ep: torch.export.ExportedProgram, op_text: str, detail: str) -> LoweringError:

@@ -6,7 +6,10 @@ path is checked on a machine without a GPU.
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,34 @@ def export_onnx(program: StepProgram, path: Path) -> None:
         )
     except Exception as exc:  # noqa: BLE001 - the exporter wraps the real failure; name the op and module
         raise unsupported_op_error("onnx", program.ep, str(exc), unsupported_line(exc)) from exc
-    graph = gs.import_onnx(onnx_program.model_proto)
+    proto = onnx_program.model_proto  # a property that serialises anew on each read
+    name_nodes_by_module(proto.graph)
+    graph = gs.import_onnx(proto)
     _bool_where_as_uint8(graph)
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
     model.opset_import[0].version = max(model.opset_import[0].version, OPSET)
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's ['', 'module', 'module.child', 'fx_node'] per node
+
+
+def name_nodes_by_module(graph) -> None:
+    """Prefixes each node's name with the module path it was traced in and a slash (`a.b/node_linear_7`;
+    `/node_mul` for the step's own ops), so ONNX Runtime profiles and TensorRT layer names (what Nsight
+    shows) say where an op came from. Fused nodes keep the prefix (`a.b/node_gelu/QuickGeluFusion`)."""
+    for node in graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        node.name = f"{scopes[-2] if scopes and len(scopes) > 2 else ''}/{node.name}"
+        for attribute in node.attribute:  # `If` branches (a cache's torch.cond)
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                name_nodes_by_module(subgraph)
+
+
+def module_of_node(name: str) -> str:
+    """The module path `name_nodes_by_module` put in front of an ONNX node name ('' for the step's own ops)."""
+    return name.split("/", 1)[0] if "/" in name else ""
 
 
 def _bool_where_as_uint8(graph) -> None:
@@ -85,12 +110,15 @@ class OnnxBackend:
         export_onnx(program, directory / name)
         return sorted(p.name for p in directory.iterdir() if p.name in (name, f"{name}.data"))
 
-    def load(self, directory: Path, files: list[str], device: str):
+    def load(self, directory: Path, files: list[str], device: str, profile: bool = False):
         import onnxruntime as ort
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if profile:  # ONNX Runtime's own per-node profile, read back by `vdopt profile` (runner.end_profiling)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="vdopt-ort-profile-")) / "ort")
         try:
             session = ort.InferenceSession(str(directory / files[0]), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
@@ -102,4 +130,6 @@ class OnnxBackend:
             feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(names, inputs)}
             return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
 
+        if profile:
+            run.end_profiling = lambda: json.loads(Path(session.end_profiling()).read_text())
         return run

@@ -99,7 +99,7 @@ class TensorRTBackend:
         (directory / plan_name).write_bytes(build_engine(directory / onnx_name, build_settings(program)))
         return [plan_name, onnx_name]
 
-    def load(self, directory: Path, files: list[str], device: str):
+    def load(self, directory: Path, files: list[str], device: str, profile: bool = False):
         trt = import_tensorrt()
         if not device.startswith("cuda"):
             raise LoweringError("a TensorRT segment runs on a CUDA device: pass --device cuda.")

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
+from torch import fx
+
 from vdopt.errors import BundleError
+from vdopt.module_stack import module_path
 from vdopt.program import StepProgram, dtype_name
 from vdopt.safety import load_exported_program
 
@@ -50,6 +53,36 @@ def check_inputs(path: Path, signature: list, inputs: tuple) -> None:
                           f"after the bundle was written; recompile the bundle.")
 
 
+MODULE_RANGE = "vdopt/module "  # + module path: the profiler range around a run of one module's ops
+RANGE_ENTER = torch.ops.profiler._record_function_enter_new.default
+RANGE_EXIT = torch.ops.profiler._record_function_exit._RecordFunction
+
+
+def add_module_ranges(graph: fx.Graph) -> None:
+    """Wraps each run of consecutive ops traced in the same module in a profiler range named by its path,
+    so a profile attributes op time to modules (the ops of the step module itself get the empty path)."""
+    handle, current = None, None
+    for node in list(graph.nodes):
+        if node.op == "output" or (node.op == "call_function" and isinstance(node.meta.get("val"), torch.Tensor)):
+            path = module_path(node) if node.op != "output" else None
+            if path == current:
+                continue
+            with graph.inserting_before(node):
+                if handle is not None:
+                    graph.call_function(RANGE_EXIT, (handle,))
+                handle = graph.call_function(RANGE_ENTER, (MODULE_RANGE + path, None)) if path is not None else None
+            current = path
+
+
+def profiled(module: fx.GraphModule) -> fx.GraphModule:
+    """`module` with module ranges in its graph and every subgraph (`torch.cond` branches)."""
+    for graph_module in module.modules():
+        if isinstance(graph_module, fx.GraphModule):
+            add_module_ranges(graph_module.graph)
+            graph_module.recompile()
+    return module
+
+
 class TorchBackend:
     name = "torch"
     splits_conditionals = False  # runs `torch.cond` lazily
@@ -59,10 +92,12 @@ class TorchBackend:
         torch.export.save(program.ep, str(directory / name))
         return [name]
 
-    def load(self, directory: Path, files: list[str], device: str):
+    def load(self, directory: Path, files: list[str], device: str, profile: bool = False):
         ep = load_exported_program(directory / files[0])  # unpickles nothing but tensors
         signature = input_signature(ep)
         module = ep.module().to(device)
+        if profile:
+            module = profiled(module)
 
         def run(*inputs):
             check_inputs(directory / files[0], signature, inputs)

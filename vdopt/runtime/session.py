@@ -4,14 +4,14 @@
     for i in range(num_steps): x, *state = step(x, i, *cond, *uncond, *state)
 
 Inputs are checked against the manifest before the first step, so a wrong shape is a one-line
-error rather than a failure deep inside a backend. Each step is a profiler range (`vdopt/step i`), on CUDA an NVTX range too.
+error rather than a failure deep inside a backend. Each step, and each part of a split step, is a named
+range (`vdopt/step i`, `vdopt/part compute`) for `torch.profiler` and Nsight (NVTX, domain `vdopt`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -21,14 +21,8 @@ from vdopt.errors import BundleError, RunInputError
 from vdopt.families import descriptor_for
 from vdopt.lower import get_backend
 from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
+from vdopt.ranges import named_range
 from vdopt.validate import check_cond_tensor
-
-
-@contextmanager
-def step_range(name: str, device: str) -> Iterator[None]:
-    """A named range for profilers: `torch.profiler` on every device, and NVTX (Nsight) on CUDA."""
-    with torch.profiler.record_function(name), torch.cuda.nvtx.range(name) if device.startswith("cuda") else nullcontext():
-        yield
 
 
 def check_device(name: str) -> None:
@@ -43,9 +37,10 @@ def check_device(name: str) -> None:
 
 
 class Session:
-    def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True):
+    def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True, profile: bool = False):
         # Verified before anything is loaded: manifest checksum, confined paths, file checksums, shapes
         # (ARCHITECTURE contract 7, trust model). verify=False skips only hashing the files' contents.
+        # profile: load runners whose work `vdopt profile` can attribute to modules (Backend.load).
         self.path = Path(bundle)
         check_device(device)
         self.manifest = read_manifest(self.path, verify=verify)
@@ -54,6 +49,7 @@ class Session:
             raise BundleError(f"{self.path}: the manifest lacks {', '.join(missing)}, which running needs; it was written "
                               f"by another tool or version. Recompile the bundle.")
         self.device = device
+        self.profile = profile
         self.inputs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
         self.state_specs = [StateSpec.from_json(s) for s in self.manifest["state"]]
         self.dtype = DTYPES[self.manifest["latent"]["dtype"]]
@@ -149,7 +145,8 @@ class Session:
         paths = [bundle_file(self.path, f, self.manifest) for f in files]
         for name in (f for f in files if f.endswith(".onnx")):
             check_onnx_external_data(self.path, name, self.manifest)
-        return get_backend(backend_name).load(self.path, [p.relative_to(self.path).as_posix() for p in paths], self.device)
+        return get_backend(backend_name).load(self.path, [p.relative_to(self.path).as_posix() for p in paths], self.device,
+                                              profile=self.profile)
 
     def runner(self, segment: dict[str, Any]) -> Callable:
         if segment["name"] not in self._runners:
@@ -158,6 +155,11 @@ class Session:
             else:
                 self._runners[segment["name"]] = self.load(segment["backend"], segment["files"])
         return self._runners[segment["name"]]
+
+    def backend_profiles(self) -> list:
+        """What backends profiled themselves (ONNX Runtime's per-node report) since their runners were loaded
+        with profile=True; ends their profiling."""
+        return [run.end_profiling() for run in self._runners.values() if hasattr(run, "end_profiling")]
 
     def split_runner(self, segment: dict[str, Any]) -> Callable:
         """head, then compute or reuse as the head's one-byte device flag says, then tail; values by name."""
@@ -171,7 +173,8 @@ class Session:
 
             def call(name: str) -> None:
                 run_part, reads, writes = parts[name]
-                values.update(zip(writes, run_part(*(values[n] for n in reads))))
+                with named_range(f"vdopt/part {name}"):
+                    values.update(zip(writes, run_part(*(values[n] for n in reads))))
 
             call("head")
             call("compute" if bool(values[segment["flag"]]) else "reuse")
@@ -193,7 +196,7 @@ class Session:
         x = self.initial_noise(seed, shape)
         state = self.initial_state(shape)
         for i in tqdm(range(self.num_steps), desc="denoising", unit="step", disable=not progress, leave=False):
-            with step_range(f"vdopt/step {i}", self.device):
+            with named_range(f"vdopt/step {i}", payload=i):
                 x, *state = run_step(x, torch.tensor(i, dtype=torch.int64, device=self.device), *conds, *state)
             if on_step is not None:
                 on_step(i, state)
