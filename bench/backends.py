@@ -115,10 +115,11 @@ def main() -> None:
                 cond_d, uncond_d = encode(PROMPT)
                 cond = cond_d["encoder_hidden_states"].to(args.device)
                 uncond = uncond_d["encoder_hidden_states"].to(args.device)
-                x = session.initial_noise(0, session.latent_shape(spec.frames.min, spec.height.min, spec.width.min))
+                x = session.initial_noise(0, session.latent_shape(1, spec.frames.min, spec.height.min, spec.width.min))
             run = session.runner(session.segment_for(tuple(x.shape)))
-            conds = session.check_cond("cond", {"encoder_hidden_states": cond}) + \
-                session.check_cond("uncond", {"encoder_hidden_states": uncond})
+            sizes = session.sizes_of(tuple(x.shape))
+            conds = session.check_cond("cond", {"encoder_hidden_states": cond}, sizes) + \
+                session.check_cond("uncond", {"encoder_hidden_states": uncond}, sizes)
             state = session.initial_state(tuple(x.shape))
             step_i = torch.tensor(i, dtype=torch.int64, device=args.device)
             runners[backend] = (lambda run=run, step_i=step_i, conds=conds, state=state: run(x, step_i, *conds, *state))
