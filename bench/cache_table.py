@@ -1,0 +1,65 @@
+"""The README's caching-policies table, printed as Markdown from `bench/cache.py`'s results file.
+
+    python bench/cache_table.py [bench/results/cache.json]
+
+Row names and the parameters shown are those `tests/test_readme_figures.py` checks the README against.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = {  # README row -> bench/cache.py row
+    "uncached": "uncached",
+    "static": "static:max_reuse=-1,first=0",
+    "static + forecast": "static:max_reuse=-1,first=0,forecast=1",
+    "first_blocks": "first_blocks:max_reuse=10",
+    "adacache (MoReg)": "adacache",
+    "adacache, no MoReg": "adacache:moreg=false",
+    "teacache": "teacache:max_reuse=10,first=0",
+    "teacache + forecast": "teacache:max_reuse=10,first=0,forecast=0.5",
+    "body never runs (floor)": "floor",
+}
+HEAD = ("| policy | params | body evaluations saved | steps with no body | wall-clock speedup | PSNR vs uncached | worst clip "
+        "| SSIM | accuracy shape / colour / direction | FVD-MS vs real (floor 1.5) |")
+
+
+def shown_params(row: dict) -> str:
+    params = row["params"]
+    if params is None or row["body_evals_saved"] == 1.0:
+        return "–"
+    out = []
+    for key, value in params.items():
+        if key in ("policy", "moreg") or (key == "max_reuse" and value == -1):
+            continue
+        out.append(f"codebook `{value}`" if key == "codebook" else f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}")
+    return ", ".join(out)
+
+
+def db(row: dict, key: str) -> str:
+    """A PSNR cell: ∞ for the uncached row (no reference), '?' for results from before worst-clip PSNR was kept."""
+    if "psnr_db" not in row:
+        return "∞"
+    return f"{row[key]:.2f}" if key in row else "?"
+
+
+def table(results: dict) -> str:
+    lines = [HEAD, "|" + "---|" * (HEAD.count("|") - 1)]
+    for label, key in ROWS.items():
+        row = results["rows"].get(key)
+        if row is None:
+            continue
+        acc = row["accuracy"]
+        speed = f"{row['speedup']:.2f}×" + (f" ({row['seconds_median']:.2f} s)" if row["params"] is None else "")
+        name = f"**{label}**" if key == results["best"] else label
+        lines.append(f"| {name} | {shown_params(row)} | {100 * row['body_evals_saved']:.1f} % | {100 * row['steps_without_body']:.1f} % "
+                     f"| {speed} | {db(row, 'psnr_db')} | {db(row, 'psnr_db_worst')} | {row.get('ssim', 1.0):.3f} "
+                     f"| {100 * acc['shape']:.1f} / {100 * acc['colour']:.0f} / {100 * acc['direction']:.0f} % | {row['fvd_ms_vs_real']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/cache.json").read_text())))
