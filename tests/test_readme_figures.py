@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,8 @@ from typing import Callable
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from cache_table import ROWS as CACHE_ROWS  # noqa: E402 - the README row -> bench/cache.py row map, one copy
 README = ROOT / "README.md"
 RESULTS_PATH = re.compile(r"bench/results/[\w.-]+\.json")
 FIGURE = re.compile(r"\d×|\d\s?%|\d\s?dB|\d\.\d")
@@ -127,19 +130,6 @@ def steps_row(data: dict, row: list[str]) -> dict | None:
         if config["backend"] == row[0].strip("`* ") and str(config["batch"]) == row[1].strip("`* "):
             return config
     return None
-
-
-CACHE_ROWS = {
-    "uncached": "uncached",
-    "static": "static:max_reuse=-1,first=0",
-    "static + forecast": "static:max_reuse=-1,first=0,forecast=1",
-    "first_blocks": "first_blocks:max_reuse=10",
-    "adacache (MoReg)": "adacache",
-    "adacache, no MoReg": "adacache:moreg=false",
-    "teacache": "teacache:max_reuse=10,first=0",
-    "teacache + forecast": "teacache:max_reuse=10,first=0,forecast=0.5",
-    "body never runs (floor)": "floor",
-}
 
 
 def cache_row(data: dict, row: list[str]) -> dict | None:
