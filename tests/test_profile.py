@@ -17,6 +17,7 @@ from torch import nn
 
 from vdopt.cli import main
 from vdopt.compiler import compile_bundle
+from vdopt.lower import get_backend
 from vdopt.lower.aoti import kernel_call_sites
 from vdopt.lower.onnx_backend import module_of_node, name_nodes_by_module
 from vdopt.lower.torch_backend import MODULE_RANGE, RANGE_ENTER, RANGE_EXIT, profiled
@@ -219,3 +220,24 @@ def test_compiled_backends_attribute_time_to_modules(backend, torch_bundle, tmp_
     profile = profile_bundle(session, cond, uncond)
     check_profile(profile, program_module_paths(torch_bundle))
     assert "matched" in profile.attribution or "ONNX Runtime" in profile.attribution
+    assert session.manifest["segments"][0]["runtime"] == get_backend(backend).runtime
+    if backend == "onnx":
+        check_onnx_options(session.runner(session.manifest["segments"][0]).options, torch.get_num_threads())
+
+
+def check_onnx_options(options, threads: int):
+    import onnxruntime as ort
+
+    from vdopt.lower.onnx_backend import OnnxBackend
+
+    recorded = OnnxBackend.runtime
+    assert options.graph_optimization_level == getattr(ort.GraphOptimizationLevel, recorded["graph_optimization_level"])
+    assert options.execution_mode == getattr(ort.ExecutionMode, recorded["execution_mode"])
+    assert options.intra_op_num_threads == threads and options.inter_op_num_threads == recorded["inter_op_threads"]
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(recorded["allow_spinning"]))
+
+
+def test_onnx_session_options_are_what_the_manifest_records():
+    from vdopt.lower.onnx_backend import session_options
+
+    check_onnx_options(session_options(3), 3)

@@ -27,9 +27,10 @@ def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
     return [profile.model_dump() for profile in recipe.lower.profiles]
 
 
-def segment_entry(program: StepProgram, backend: str, files: list[str], index: int) -> dict[str, Any]:
-    return {"name": f"step_{index}", "kind": "step", "backend": backend, "files": [f"segments/{f}" for f in files],
-            "dims": {k: list(v) for k, v in program.dims.items()}, "passes": list(program.passes)}
+def segment_entry(program: StepProgram, backend, files: list[str], index: int) -> dict[str, Any]:
+    return {"name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
+            "files": [f"segments/{f}" for f in files], "dims": {k: list(v) for k, v in program.dims.items()},
+            "passes": list(program.passes)}
 
 
 def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def split_segment(program: StepProgram, split: SplitStep, backend, directory: Pa
         parts.append({"name": part.name, "files": [f"segments/{f}" for f in files],
                       "inputs": [s.to_json() for s in part.program.inputs],
                       "outputs": [s.to_json() for s in part.program.outputs]})
-    return {**segment_entry(program, backend.name, [], index), "kind": "split", "flag": split.flag, "parts": parts}
+    return {**segment_entry(program, backend, [], index), "kind": "split", "flag": split.flag, "parts": parts}
 
 
 def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path, index: int) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path
     split = split_conditional(program) if mode == "always" or (mode == "auto" and backend.splits_conditionals) else None
     if split is not None:
         return split_segment(program, split, backend, directory, index)
-    return segment_entry(program, backend.name, backend.lower(program, directory, f"step_{index}"), index)
+    return segment_entry(program, backend, backend.lower(program, directory, f"step_{index}"), index)
 
 
 def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Runner = Callable[..., Sequence[torch.Tensor]]
 class Backend(Protocol):
     name: str
     splits_conditionals: bool  # whether `lower.split_conditionals: auto` cuts the step at its conditional for it
+    runtime: dict  # how its files are run (threads, session options, compiler settings), recorded in the manifest
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         """Writes the segment's files under `directory`; returns their names relative to it."""

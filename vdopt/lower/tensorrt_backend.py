@@ -92,6 +92,7 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 class TensorRTBackend:
     name = "tensorrt"
     splits_conditionals = True  # an `if` layer may run both branches; see vdopt.lower.split_conditional
+    runtime = {"profiling_verbosity": "DETAILED"}  # layer names (ONNX node names: module paths) reach Nsight
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         onnx_name, plan_name = f"{stem}.onnx", f"{stem}.plan"

@@ -86,6 +86,7 @@ def profiled(module: fx.GraphModule) -> fx.GraphModule:
 class TorchBackend:
     name = "torch"
     splits_conditionals = False  # runs `torch.cond` lazily
+    runtime = {"threads": "torch.get_num_threads()"}
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.pt2"
