@@ -100,7 +100,8 @@ def module_self_times(event, namer: Callable, totals: dict[str, float]) -> float
 @dataclass
 class StepRecord:
     index: int
-    ms: float
+    ms: float               # under the profiler
+    unprofiled_ms: float    # the same step of the same generation, run without a profiler
     decision: str
     rows_computed: int | None
     module_ms: dict[str, float] = field(default_factory=dict)
@@ -154,7 +155,6 @@ class Profile:
     device: str
     threads: int
     batch: int
-    unprofiled_ms_per_step: float
     steps: list[StepRecord]
     attribution: str
 
@@ -164,6 +164,8 @@ class Profile:
             groups[step.decision].append(step)
         return {d: {"steps": len(g), "ms_per_step_mean": statistics.mean(s.ms for s in g),
                     "ms_per_step_max": max(s.ms for s in g),
+                    "unprofiled_ms_per_step_mean": statistics.mean(s.unprofiled_ms for s in g),
+                    "unprofiled_ms_per_step_max": max(s.unprofiled_ms for s in g),
                     "attributed_ms_per_step_mean": statistics.mean(s.attributed_ms for s in g)}
                 for d, g in sorted(groups.items(), key=lambda kv: DECISIONS.index(kv[0]))}
 
@@ -186,6 +188,10 @@ class Profile:
         return dict(totals)
 
     @property
+    def unprofiled_ms_per_step(self) -> float:
+        return statistics.mean(s.unprofiled_ms for s in self.steps)
+
+    @property
     def profiled_ms_per_step(self) -> float:
         return statistics.mean(s.ms for s in self.steps)
 
@@ -199,10 +205,13 @@ class Profile:
                 "unprofiled_ms_per_step": round(self.unprofiled_ms_per_step, 4),
                 "profiled_ms_per_step": round(self.profiled_ms_per_step, 4),
                 "attributed_fraction": round(self.attributed_fraction, 4),
+                "attributed_fraction_of_unprofiled": round(sum(s.attributed_ms for s in self.steps)
+                                                           / sum(s.unprofiled_ms for s in self.steps), 4),
                 "by_decision": self.by_decision(), "parts_ms_per_step": self.part_ms_per_step(),
                 "modules_ms_per_step": {k: round(v, 4) for k, v in self.module_ms_per_step(depth, per_block=True).items()},
                 "module_kinds_ms_per_step": {k: round(v, 4) for k, v in self.module_ms_per_step(depth).items()},
-                "steps": [{"step": s.index, "ms": round(s.ms, 4), "decision": s.decision, "rows_computed": s.rows_computed,
+                "steps": [{"step": s.index, "ms": round(s.ms, 4), "unprofiled_ms": round(s.unprofiled_ms, 4),
+                           "decision": s.decision, "rows_computed": s.rows_computed,
                            "attributed_ms": round(s.attributed_ms, 4), "parts_ms": s.part_ms} for s in self.steps]}
 
     def table(self, depth: int | None, top: int, per_block: bool = False) -> str:
@@ -213,8 +222,9 @@ class Profile:
                  f"  step time: {self.unprofiled_ms_per_step:.2f} ms without the profiler, {step_ms:.2f} ms profiled "
                  f"({100 * (step_ms / self.unprofiled_ms_per_step - 1):+.0f}%)"]
         for decision, d in self.by_decision().items():
-            lines.append(f"  {decision:<10} {d['steps']:>3} steps  {d['ms_per_step_mean']:8.2f} ms/step "
-                         f"(worst {d['ms_per_step_max']:.2f}), in modules {d['attributed_ms_per_step_mean']:.2f}")
+            lines.append(f"  {decision:<10} {d['steps']:>3} steps  {d['unprofiled_ms_per_step_mean']:8.2f} ms/step "
+                         f"(worst {d['unprofiled_ms_per_step_max']:.2f}); profiled {d['ms_per_step_mean']:.2f}, "
+                         f"in modules {d['attributed_ms_per_step_mean']:.2f}")
         for part, ms in self.part_ms_per_step().items():
             lines.append(f"  part {part:<8} {ms:8.2f} ms/step")
         width = max([len(p or "(step program)") for p in list(shown)[:top]] + [24])
@@ -226,7 +236,8 @@ class Profile:
             lines.append(f"  {f'({len(rest)} more)':<{width}} {sum(rest):9.3f} {100 * sum(rest) / step_ms:8.1f}%")
         attributed = sum(shown.values())
         lines.append(f"  {'sum over modules':<{width}} {attributed:9.3f} {100 * attributed / step_ms:8.1f}%  "
-                     f"(attribution: {self.attribution})")
+                     f"({100 * attributed / self.unprofiled_ms_per_step:.0f}% of the step without the profiler; "
+                     f"attribution: {self.attribution})")
         return "\n".join(lines)
 
     def plot(self, path: Path, depth: int | None, top: int = 12, per_block: bool = False) -> bool:
@@ -265,6 +276,22 @@ def generate(session: Session, cond, uncond, seed: int, trace: CacheTrace | None
     session.run(cond, uncond, seed=seed, progress=False, on_step=trace.on_step if trace else None)
 
 
+def timed_steps(session: Session, cond, uncond, seed: int) -> list[float]:
+    """Each step's wall-clock ms in a run without a profiler (on CUDA, synchronised after every step)."""
+    marks = []
+
+    def on_step(i, state):
+        if session.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
+    if session.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    session.run(cond, uncond, seed=seed, progress=False, on_step=on_step)
+    return [(b - a) * 1000 for a, b in zip([start, *marks], marks)]
+
+
 def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: int = 0,
                    chrome_trace: Path | None = None, log: Callable[[str], None] = lambda m: None) -> Profile:
     """`session` was opened with profile=True."""
@@ -274,13 +301,7 @@ def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: i
     log("warm-up run")
     generate(session, cond, uncond, seed)
     log("timed run (no profiler)")
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    generate(session, cond, uncond, seed)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    unprofiled = (time.perf_counter() - start) * 1000 / session.num_steps
+    unprofiled_steps = timed_steps(session, cond, uncond, seed)
     log("profiled run")
     trace = CacheTrace(session.manifest)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -314,8 +335,8 @@ def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: i
         module_self_times(event, namer, totals)
         module_ms = {p: us / 1000 for p, us in totals.items()} if ort_modules is None else ort_modules[k]
         parts = {e.name[len(PART_RANGE):]: duration_us(e) / 1000 for e in event.cpu_children if e.name.startswith(PART_RANGE)}
-        steps.append(StepRecord(k, duration_us(event) / 1000, decision, rows, module_ms, parts))
-    return Profile(str(session.path), backend, device, torch.get_num_threads(), batch, unprofiled, steps, attribution)
+        steps.append(StepRecord(k, duration_us(event) / 1000, unprofiled_steps[k], decision, rows, module_ms, parts))
+    return Profile(str(session.path), backend, device, torch.get_num_threads(), batch, steps, attribution)
 
 
 def nsys_stats(argv: list[str], out_dir: Path) -> dict[str, list[dict[str, str]]]:
