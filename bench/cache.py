@@ -121,6 +121,7 @@ class Generator:
         self.evals: list[int] = []       # body evaluations per clip, summed over rows
         self.prompts: list[str] = []     # the prompt of each entry of evals
         self.steps_with_body: list[int] = []
+        self.rows = 0  # (sample, guidance branch) rows of a clip, from its trace
 
     def run(self, prompt: str, seed: int, trace: CacheTrace | None = None) -> torch.Tensor:
         cond, uncond = self.encoder(prompt)
@@ -132,6 +133,7 @@ class Generator:
             trace = CacheTrace(self.session.manifest)
             x = self.run(p, int(s), trace)
             if trace.steps:
+                self.rows = len(trace.rows)
                 self.evals.append(sum(trace.body_evaluations()))
                 self.prompts.append(p)
                 self.steps_with_body.append(sum(any(st["computed"]) for st in trace.steps))
@@ -147,9 +149,8 @@ class Generator:
     def saved(self) -> tuple[float, float]:
         if not self.evals:
             return 0.0, 0.0
-        rows = len(CacheTrace(self.session.manifest).rows)
         n, steps = len(self.evals), self.session.num_steps
-        return 1 - sum(self.evals) / (n * rows * steps), 1 - sum(self.steps_with_body) / (n * steps)
+        return 1 - sum(self.evals) / (n * self.rows * steps), 1 - sum(self.steps_with_body) / (n * steps)
 
 
 def time_rounds(generators: dict[str, Generator], prompts: list[str], seeds: list[int], rounds: int, warmup: int) -> dict[str, list[float]]:

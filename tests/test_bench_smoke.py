@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on a small setting (slow tier). A bench that dies after an hour
+of evaluation (bench/cache.py did, on a batch-dynamic trace) costs the hour; this costs minutes.
+Nothing here looks at the timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, check=True, timeout=1800)
+
+
+def test_cache_bench(tmp_path):
+    out = tmp_path / "cache.json"
+    bench("cache.py", "--quick", "--policies", "static:max_reuse=-1,first=0", "--eval-prompts", "2", "--json", str(out),
+          "--trace-png", str(tmp_path / "trace.png"), "--recipe-out", str(tmp_path / "best.yaml"))
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"uncached", "static:max_reuse=-1,first=0", "floor"}
+    assert 0 < rows["static:max_reuse=-1,first=0"]["body_evals_saved"] < 1 and "psnr_db_worst" in rows["floor"]
+
+
+def test_backends_bench(tmp_path):
+    out = tmp_path / "backends.json"
+    bench("backends.py", "--configs", "student", "--backends", "torch", "--rounds", "1", "--warmup", "0", "--json", str(out))
+    rows = json.loads(out.read_text())["configs"][0]["rows"]
+    assert [r["backend"] for r in rows] == ["eager", "torch"] and rows[1]["max_abs_diff_vs_eager"] < 1e-4
+
+
+def test_skip_path_bench(tmp_path):
+    out = tmp_path / "skip.json"
+    bench("skip_path.py", "--backend", "torch", "--repeats", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["reuse_steps"] > 0 and result["skip_step_ms"][0] > 0
