@@ -160,6 +160,18 @@ def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: 
             "weights": str(weights.relative_to(ROOT)) if weights else "random (torch.manual_seed(0))", "rows": rows}
 
 
+def markdown(configs: list[dict]) -> str:
+    """The README's table of this run."""
+    lines = ["| config | backend | clip s: median | mean | worst | speedup vs eager diffusers loop: median | mean of rounds | worst round |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config in configs:
+        for row in config["rows"]:
+            lines.append(f"| {config['config']} | {row['backend']} | {row['clip_s_median']:.3f} | {row['clip_s_mean']:.3f} | "
+                         f"{row['clip_s_worst']:.3f} | {row['speedup_vs_eager']:.2f}× | {row['speedup_vs_eager_mean']:.2f}× | "
+                         f"{row['speedup_vs_eager_worst_round']:.2f}× |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="teacher,student,wide")
@@ -193,6 +205,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
         "load_average_start": load_start, "load_average_end": os.getloadavg(), "note": args.note,
         "rounds": args.rounds, "warmup": args.warmup, "configs": results}, indent=2))
+    print("\nREADME table:\n" + markdown(results))
     print(f"wrote {out}")
 
 
