@@ -1,7 +1,7 @@
 """`vdopt profile BUNDLE`: where a generation's time goes, per step, cache decision, step part and module.
 
-The bundle runs three times: a warm-up, a timed run without a profiler (the step time users get),
-and a run under `torch.profiler`. The profiled run's time is attributed:
+The bundle is warmed up, run timed as it is normally loaded (the step time users get), then run
+loaded for profiling under `torch.profiler`. The profiled run's time is attributed:
 - per step (`vdopt/step i` ranges) and per cache decision (every row recomputes its body, every
   row reuses it, or mixed), read from the state's body-evaluation counters;
 - per part of a split step (`vdopt/part head|compute|reuse|tail`);
@@ -59,15 +59,17 @@ class KernelCursor:
         self.sites = sites
         self.kernels = {site["kernel"] for site in sites}
         self.position = 0
+        self.named: dict[str, str | None] = {}  # event name -> kernel, found once per name
 
     def reset(self) -> None:
         self.position = 0
 
     def kernel_of(self, event_name: str) -> str | None:
-        if event_name in self.kernels:
-            return event_name
-        # a compiled kernel records itself as `<graph>_<kernel>` (graph_0_cpp_fused_gelu_11)
-        return next((k for k in self.kernels if event_name.endswith("_" + k)), None)
+        if event_name not in self.named:
+            # a compiled kernel records itself as `<graph>_<kernel>` (graph_0_cpp_fused_gelu_11)
+            self.named[event_name] = event_name if event_name in self.kernels else next(
+                (k for k in self.kernels if event_name.endswith("_" + k)), None)
+        return self.named[event_name]
 
     def __call__(self, event) -> str | None:
         kernel = self.kernel_of(event.name)
@@ -277,7 +279,7 @@ def generate(session: Session, cond, uncond, seed: int, trace: CacheTrace | None
 
 
 def timed_steps(session: Session, cond, uncond, seed: int) -> list[float]:
-    """Each step's wall-clock ms in a run without a profiler (on CUDA, synchronised after every step)."""
+    """Each step's wall-clock ms in a run of `session` (on CUDA, synchronised after every step)."""
     marks = []
 
     def on_step(i, state):
@@ -298,10 +300,14 @@ def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: i
     device = session.device
     backend = session.manifest["segments"][0]["backend"]
     batch = session.batch_of(cond)
-    log("warm-up run")
+    # Timed on runners loaded as usual: a profiling runner carries its own cost even with no profiler
+    # listening (module ranges in a torch program; ONNX Runtime profiles from the session's start).
+    plain = Session(session.path, device=device, verify=False)  # `session` verified the files
+    log("warm-up runs")
+    generate(plain, cond, uncond, seed)
     generate(session, cond, uncond, seed)
     log("timed run (no profiler)")
-    unprofiled_steps = timed_steps(session, cond, uncond, seed)
+    unprofiled_steps = timed_steps(plain, cond, uncond, seed)
     log("profiled run")
     trace = CacheTrace(session.manifest)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.startswith("cuda") else [])
