@@ -45,24 +45,25 @@ PROMPT = "red circle moving up-left"
 WIDE = {"num_attention_heads": 8, "attention_head_dim": 64, "cross_attention_dim": 512, "patch_size": 2, "num_layers": 1}
 
 
-def config_recipe(name: str) -> tuple[Recipe, Path | None]:
-    """The recipe (uncached, no passes that change the model) and checkpoint of a config."""
+def config_recipe(name: str) -> tuple[Recipe, Path | None, Path | None]:
+    """The recipe of a config, the checkpoint its bundles compile from, and the one the eager loop loads
+    (the student's bundles are the teacher with the recipe's `reduce_steps` pass, which swaps in the
+    student's weights; the eager loop loads those weights directly)."""
     if name == "teacher":
-        return load_recipe(ROOT / "recipes" / "reference.yaml"), WEIGHTS / "teacher.safetensors"
+        return load_recipe(ROOT / "recipes" / "reference.yaml"), WEIGHTS / "teacher.safetensors", WEIGHTS / "teacher.safetensors"
     if name == "student":
-        recipe = load_recipe(ROOT / "recipes" / "student_reference.yaml")
-        return recipe.model_copy(update={"passes": []}), WEIGHTS / "student.safetensors"
+        return load_recipe(ROOT / "recipes" / "student_reference.yaml"), WEIGHTS / "teacher.safetensors", WEIGHTS / "student.safetensors"
     if name == "wide":
         data = load_recipe(ROOT / "recipes" / "reference.yaml").model_dump(mode="json")
         config = json.loads((WEIGHTS / "config.json").read_text())["transformer"]
         data["model"]["config"] = {**config, **WIDE}
         data["sampler"]["steps"] = 4
-        return parse_recipe(data), None
+        return parse_recipe(data), None, None
     raise SystemExit(f"unknown config '{name}'; known: teacher, student, wide")
 
 
-def student_timesteps() -> list[float] | None:
-    recipe = load_recipe(ROOT / "recipes" / "student_reference.yaml")
+def distilled_timesteps(recipe: Recipe) -> list[float] | None:
+    """The timesteps a `reduce_steps` pass of the recipe samples at, if it has one."""
     return next((p.params["timesteps"] for p in recipe.passes if p.name == "reduce_steps"), None)
 
 
@@ -102,19 +103,15 @@ def clip_seconds(fn) -> float:
 
 
 def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: Path) -> dict:
-    recipe, weights = config_recipe(name)
-    timesteps = student_timesteps() if name == "student" else None
-    eager = eager_loop(recipe, weights, timesteps)
+    recipe, bundle_weights, eager_weights = config_recipe(name)
+    eager = eager_loop(recipe, eager_weights, distilled_timesteps(recipe))
     runners, compile_seconds, sessions = {}, {}, {}
     for backend in backends:
         bundle_recipe = recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": backend})})
-        if name == "student":  # the student bundle: the shipped recipe's reduce_steps pass with its weights
-            bundle_recipe = load_recipe(ROOT / "recipes" / "student_reference.yaml")
-            bundle_recipe = bundle_recipe.model_copy(update={"lower": bundle_recipe.lower.model_copy(update={"backend": backend})})
         path = tmp / f"{name}_{backend}.vdopt"
         torch.manual_seed(0)
         start = time.perf_counter()
-        compile_bundle(bundle_recipe, WEIGHTS / "teacher.safetensors" if name == "student" else weights, path, verify=False)
+        compile_bundle(bundle_recipe, bundle_weights, path, verify=False)
         compile_seconds[backend] = round(time.perf_counter() - start, 1)
         print(f"[{name}] compiled {backend} in {compile_seconds[backend]:.1f} s", flush=True)
         sessions[backend] = Session(path)
@@ -157,7 +154,7 @@ def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: 
             row.update(compile_seconds=compile_seconds[k], max_abs_diff_vs_eager=max_abs_diff[k])
         rows.append(row)
     return {"config": name, "recipe": recipe.model_dump(mode="json"), "steps": first.num_steps, "shape": list(x.shape),
-            "weights": str(weights.relative_to(ROOT)) if weights else "random (torch.manual_seed(0))", "rows": rows}
+            "weights": str(eager_weights.relative_to(ROOT)) if eager_weights else "random (torch.manual_seed(0))", "rows": rows}
 
 
 def markdown(configs: list[dict]) -> str:

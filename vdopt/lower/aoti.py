@@ -82,6 +82,8 @@ def for_inductor(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     except Exception as exc:  # noqa: BLE001 - re-tracing can fail in many ways; the unrewritten program is still right
         warnings.warn(f"aoti: tanh-GELU kept as it is ({first_line(exc)})", stacklevel=2)
         return ep
+
+
 MODULE_MAP_SUFFIX = ".modules.json"
 SOURCE_NODES = re.compile(r"^(\s*)// (?:Topologically Sorted|Unsorted) Source Nodes: \[([^\]]*)\]")
 SUBGRAPH = re.compile(r"^(\s*)// subgraph: (\w+)")
@@ -103,25 +105,21 @@ def kernel_call_sites(wrapper: str) -> list[CallSite]:
     sites, sources, stack, kernel = [], (), [], None
     subgraphs: list[tuple[int, str]] = []  # (indent, name) of the branches the current line is inside
     for line in wrapper.splitlines():
-        if kernel is not None:  # inside a kernel's stack-trace literal
-            done = line.rstrip().endswith(STACK_END)
-            stack.append(line.rstrip().removesuffix(STACK_END) if done else line)
-            if done:
-                sites.append(CallSite(kernel, subgraphs[-1][1] if subgraphs else "", sources, normal_stack("\n".join(stack))))
-                kernel = None
-        elif found := SUBGRAPH.search(line):
-            while subgraphs and subgraphs[-1][0] >= len(found.group(1)):
-                subgraphs.pop()
-            subgraphs.append((len(found.group(1)), found.group(2)))
-        elif found := SOURCE_NODES.search(line):
-            while subgraphs and subgraphs[-1][0] > len(found.group(1)):
-                subgraphs.pop()
-            sources = tuple(name.strip() for name in found.group(2).split(",") if name.strip())
-        elif found := KERNEL_RECORD.search(line):
-            kernel, stack = found.group(1), [found.group(2)]
+        if kernel is None:
+            if found := SUBGRAPH.search(line):
+                while subgraphs and subgraphs[-1][0] >= len(found.group(1)):
+                    subgraphs.pop()
+                subgraphs.append((len(found.group(1)), found.group(2)))
+            elif found := SOURCE_NODES.search(line):
+                while subgraphs and subgraphs[-1][0] > len(found.group(1)):
+                    subgraphs.pop()
+                sources = tuple(name.strip() for name in found.group(2).split(",") if name.strip())
+            elif found := KERNEL_RECORD.search(line):
+                kernel, stack, line = found.group(1), [], found.group(2)  # the stack literal starts after `R"(`
+        if kernel is not None:  # inside a kernel's stack-trace literal, which ends with `)");`
+            stack.append(line.rstrip().removesuffix(STACK_END))
             if line.rstrip().endswith(STACK_END):
-                stack = [found.group(2).rstrip().removesuffix(STACK_END)]
-                sites.append(CallSite(kernel, subgraphs[-1][1] if subgraphs else "", sources, normal_stack(stack[0])))
+                sites.append(CallSite(kernel, subgraphs[-1][1] if subgraphs else "", sources, normal_stack("\n".join(stack))))
                 kernel = None
     return sites
 
