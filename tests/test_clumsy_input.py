@@ -33,6 +33,7 @@ def write(tmp_path: Path, text: str | bytes) -> Path:
     ("[" * 20000 + "]" * 20000, "nested too deeply"),
     (yaml.safe_dump({**VALID, "sampler": {"steps": 2, "guidance_scale": float("inf")}}), "guidance_scale"),
     (yaml.safe_dump({**VALID, "sampler": {"steps": 2, "shift": float("nan")}}), "shift"),
+    (yaml.safe_dump({**VALID, "model": {**VALID["model"], "dtype": "bfloat16"}, "lower": {"backend": "onnx"}}), "no bfloat16 kernels"),
 ])
 def test_bad_recipe_files_are_refused_quickly(tmp_path, capsys, text, message):
     path = write(tmp_path, text)

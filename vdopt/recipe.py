@@ -195,6 +195,14 @@ class Recipe(Strict):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @model_validator(mode="after")
+    def _backend_takes_dtype(self) -> "Recipe":
+        if self.lower.backend == "onnx" and self.model.dtype == "bfloat16":
+            raise ValueError("lower.backend onnx cannot run model.dtype bfloat16: ONNX Runtime has no bfloat16 kernels for "
+                             "ops every model has (its Conv refuses tensor(bfloat16)). Use aoti or torch for bfloat16, "
+                             "or model.dtype float32 with onnx.")
+        return self
+
 
 def shown_value(value: Any) -> str:
     """A short repr for a message (an int of thousands of digits has none: Python refuses to print it)."""
