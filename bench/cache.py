@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from cache_table import psnr_at
 from vdopt.calibrate import Bundler, calibrate, recipe_with
 from vdopt.data.moving_shapes import DIRECTION_VEC, DIRECTIONS, parse_prompt, prompt_of, sample_attrs
 from vdopt.eval import suite
@@ -66,15 +67,6 @@ def is_fast(prompt: str) -> bool:
     """Diagonal motion: both axes move, 2.8 px/frame against 2 px/frame for the axis directions."""
     dx, dy = DIRECTION_VEC[DIRECTIONS[parse_prompt(prompt).direction]]
     return dx != 0 and dy != 0
-
-
-def psnr_at(trials: list[dict], saved: float) -> float | None:
-    """Mean PSNR at a fraction of body evaluations saved, interpolated between calibration trials."""
-    points = sorted((t["body_evals_saved"], t["psnr_mean"]) for t in trials)
-    for (s0, p0), (s1, p1) in zip(points, points[1:]):
-        if s0 <= saved <= s1:
-            return p0 if s1 == s0 else p0 + (p1 - p0) * (saved - s0) / (s1 - s0)
-    return None
 
 
 def parse_policy(text: str) -> tuple[str, str, dict]:

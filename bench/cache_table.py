@@ -1,4 +1,5 @@
-"""The README's caching-policies table, printed as Markdown from `bench/cache.py`'s results file.
+"""The README's caching-policies tables, printed as Markdown from `bench/cache.py`'s results file: the
+held-out table, then every calibrated policy's PSNR at equal body evaluations saved.
 
     python bench/cache_table.py [bench/results/cache.json]
 
@@ -23,6 +24,13 @@ ROWS = {  # README row -> bench/cache.py row
     "teacache + forecast": "teacache:max_reuse=10,first=0,forecast=0.5",
     "body never runs (floor)": "floor",
 }
+DECIDES = {  # what a policy's skip decision reads
+    "static": "step index (a fixed schedule)",
+    "teacache": "timestep embedding (the same steps for every prompt)",
+    "first_blocks": "first blocks' residual, per row",
+    "adacache": "residual change x motion score, per row",
+}
+LEVELS = (0.5, 0.6, 0.7, 0.8)  # body evaluations saved at which the equal-savings table compares policies
 HEAD = ("| policy | params | body evaluations saved | steps with no body | wall-clock speedup | PSNR vs uncached | worst clip "
         "| SSIM | accuracy shape / colour / direction | FVD-MS vs real (floor 1.5) |")
 
@@ -61,5 +69,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def psnr_at(trials: list[dict], saved: float, key: str = "psnr_mean") -> float | None:
+    """A calibration trials' PSNR statistic at a fraction of body evaluations saved, interpolated linearly
+    between the trials around it (None outside them)."""
+    points = sorted((t["body_evals_saved"], t[key]) for t in trials)
+    for (s0, p0), (s1, p1) in zip(points, points[1:]):
+        if s0 <= saved <= s1:
+            return p0 if s1 == s0 else p0 + (p1 - p0) * (saved - s0) / (s1 - s0)
+    return None
+
+
+def equal_savings_table(results: dict) -> str:
+    """Each calibrated policy's mean / worst-clip PSNR at the same fractions of body evaluations saved,
+    from its calibration trials (the calibration prompts)."""
+    head = "| policy | decides from | " + " | ".join(f"{100 * level:.0f} % saved" for level in LEVELS) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, key in ROWS.items():
+        row = results["rows"].get(key)
+        if row is None or "calibration" not in row:
+            continue
+        trials = row["calibration"]["trials"]
+        cells = []
+        for level in LEVELS:
+            mean, worst = psnr_at(trials, level), psnr_at(trials, level, "psnr_worst")
+            cells.append("–" if mean is None else f"{mean:.2f} / {worst:.2f}")
+        lines.append(f"| {label} | {DECIDES[row['params']['policy']]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(table(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/cache.json").read_text())))
+    results = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/cache.json").read_text())
+    print(table(results))
+    print()
+    print(equal_savings_table(results))

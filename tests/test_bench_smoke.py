@@ -40,3 +40,12 @@ def test_skip_path_bench(tmp_path):
     bench("skip_path.py", "--backend", "torch", "--repeats", "1", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["reuse_steps"] > 0 and result["skip_step_ms"][0] > 0
+
+
+def test_cache_hooks_bench(tmp_path):
+    out = tmp_path / "hooks.json"
+    bench("cache_hooks.py", "--eval-prompts", "2", "--calibration-prompts", "1", "--rounds", "1", "--backends", "torch",
+          "--hooks", "diffusers FirstBlockCache,diffusers PAB", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) >= {"uncached bundle", "eager diffusers loop", "vdopt cached (torch)"}
+    assert len(result["hook_sweeps"]["diffusers FirstBlockCache"]) == 9 and result["rows"]["vdopt cached (torch)"]["work"]["body_evals_saved"] > 0
