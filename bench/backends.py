@@ -7,7 +7,9 @@ Configs:
 - `student`: the shipped 4-step student (`recipes/student_reference.yaml`, real weights, no guidance);
 - `wide`: the reference architecture at width 512 (8 heads of 64) and patch 2, so a clip is 2048
   tokens, the size of a small video, where compute rather than dispatch dominates (random weights,
-  4 guided steps).
+  4 guided steps);
+- `wide-bf16`: `wide` with `model.dtype: bfloat16`, the eager loop in bfloat16 too (same precision on
+  both sides; bench/roofline.py shows why fp32 cannot reach the wide target on this CPU).
 The eager baseline is what a user runs today: the same checkpoint in diffusers'
 `LatteTransformer3DModel` behind the family's adapter, in a plain guided Euler loop over the same
 sigmas, from the same initial noise. Every backend's clip is checked against it (max |diff| goes
@@ -16,13 +18,14 @@ state. Per backend: median, mean and worst clip time, and the speedup as the rat
 mean of the per-round ratios and the worst round. Every runner uses `--threads` torch threads (ONNX
 Runtime takes the same count; see `vdopt.lower.onnx_backend.session_options`).
 
-    python bench/backends.py [--configs teacher,student,wide] [--backends torch,aoti,onnx] [--rounds 5]
+    python bench/backends.py [--configs teacher,student,wide,wide-bf16] [--backends torch,aoti,onnx] [--rounds 5]
         [--threads 1] [--note "..."] [--json bench/results/backends.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,11 +33,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
 from vdopt.capture import load_denoiser
 from vdopt.compiler import compile_bundle
+from vdopt.errors import RecipeError
+from vdopt.program import DTYPES
 from vdopt.recipe import Recipe, load_recipe, parse_recipe
 from vdopt.runtime import Session
 from vdopt.sampler import diffusers_scheduler
@@ -53,13 +59,14 @@ def config_recipe(name: str) -> tuple[Recipe, Path | None, Path | None]:
         return load_recipe(ROOT / "recipes" / "reference.yaml"), WEIGHTS / "teacher.safetensors", WEIGHTS / "teacher.safetensors"
     if name == "student":
         return load_recipe(ROOT / "recipes" / "student_reference.yaml"), WEIGHTS / "teacher.safetensors", WEIGHTS / "student.safetensors"
-    if name == "wide":
+    if name in ("wide", "wide-bf16"):
         data = load_recipe(ROOT / "recipes" / "reference.yaml").model_dump(mode="json")
         config = json.loads((WEIGHTS / "config.json").read_text())["transformer"]
         data["model"]["config"] = {**config, **WIDE}
+        data["model"]["dtype"] = "bfloat16" if name == "wide-bf16" else "float32"
         data["sampler"]["steps"] = 4
         return parse_recipe(data), None, None
-    raise SystemExit(f"unknown config '{name}'; known: teacher, student, wide")
+    raise SystemExit(f"unknown config '{name}'; known: teacher, student, wide, wide-bf16")
 
 
 def distilled_timesteps(recipe: Recipe) -> list[float] | None:
@@ -67,11 +74,17 @@ def distilled_timesteps(recipe: Recipe) -> list[float] | None:
     return next((p.params["timesteps"] for p in recipe.passes if p.name == "reduce_steps"), None)
 
 
-def eager_loop(recipe: Recipe, weights: Path | None, timesteps: list[float] | None):
-    """The unoptimised diffusers module in a plain (guided) flow-Euler loop, as a user writes it."""
+def eager_denoiser(recipe: Recipe, weights: Path | None) -> torch.nn.Module:
+    """The unoptimised diffusers module behind the family's adapter, as a user loads it."""
     torch.manual_seed(0)  # the wide config's random weights: the same in every bundle (compile_bundle reseeds alike)
     denoiser, _, _ = load_denoiser(recipe, weights)
-    denoiser = denoiser.eval()
+    return denoiser.eval().to(DTYPES[recipe.model.dtype])
+
+
+def eager_loop(recipe: Recipe, denoiser: torch.nn.Module, timesteps: list[float] | None = None,
+               step_context: Callable[[int, torch.Tensor], ContextManager] | None = None):
+    """A plain (guided) flow-Euler loop over `denoiser`, as a user writes it; `step_context(i, t)` wraps
+    step i's denoiser call (diffusers' cache hooks need `model.cache_context(...)` there)."""
     scheduler = diffusers_scheduler(recipe.sampler)
     if timesteps is not None:  # the student's distilled schedule: sigma = t / 1000, then 0
         sigmas = torch.tensor([t / 1000 for t in timesteps] + [0.0])
@@ -80,16 +93,18 @@ def eager_loop(recipe: Recipe, weights: Path | None, timesteps: list[float] | No
         sigmas, steps = scheduler.sigmas, scheduler.timesteps
     scale = recipe.sampler.guidance_scale
     guided = recipe.sampler.uses_guidance
+    step_context = step_context or (lambda i, t: contextlib.nullcontext())
 
     @torch.no_grad()
     def clip(x, cond, uncond):
         for i in range(len(steps)):
-            if guided:
-                out = denoiser(torch.cat([x, x]), steps[i].expand(2 * x.shape[0]), torch.cat([cond, uncond]))
-                out_cond, out_uncond = out.chunk(2)
-                velocity = out_uncond + scale * (out_cond - out_uncond)
-            else:
-                velocity = denoiser(x, steps[i].expand(x.shape[0]), cond)
+            with step_context(i, steps[i]):
+                if guided:
+                    out = denoiser(torch.cat([x, x]), steps[i].expand(2 * x.shape[0]), torch.cat([cond, uncond]))
+                    out_cond, out_uncond = out.chunk(2)
+                    velocity = out_uncond + scale * (out_cond - out_uncond)
+                else:
+                    velocity = denoiser(x, steps[i].expand(x.shape[0]), cond)
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity
         return x
 
@@ -104,10 +119,15 @@ def clip_seconds(fn) -> float:
 
 def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: Path) -> dict:
     recipe, bundle_weights, eager_weights = config_recipe(name)
-    eager = eager_loop(recipe, eager_weights, distilled_timesteps(recipe))
-    runners, compile_seconds, sessions = {}, {}, {}
+    eager = eager_loop(recipe, eager_denoiser(recipe, eager_weights), distilled_timesteps(recipe))
+    runners, compile_seconds, sessions, skipped = {}, {}, {}, {}
     for backend in backends:
-        bundle_recipe = recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": backend})})
+        try:
+            bundle_recipe = parse_recipe({**recipe.model_dump(mode="json"), "lower": {**recipe.lower.model_dump(mode="json"), "backend": backend}})
+        except RecipeError as exc:
+            skipped[backend] = str(exc)
+            print(f"[{name}] {backend} skipped: {exc}", flush=True)
+            continue
         path = tmp / f"{name}_{backend}.vdopt"
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -126,13 +146,14 @@ def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: 
     if not first.guidance:
         uncond = None
     x = first.initial_noise(0, first.latent_shape(1, None, None, None))
-    cond_t = cond["encoder_hidden_states"]
-    uncond_t = uncond["encoder_hidden_states"] if uncond is not None else None
+    dtype = DTYPES[recipe.model.dtype]  # the eager loop runs in the recipe's precision too
+    cond_t = cond["encoder_hidden_states"].to(dtype)
+    uncond_t = uncond["encoder_hidden_states"].to(dtype) if uncond is not None else None
     reference = eager(x, cond_t, uncond_t)
     max_abs_diff = {}
     for backend, session in sessions.items():
         runners[backend] = (lambda s=session: s.run(cond, uncond, seed=0, progress=False))
-        max_abs_diff[backend] = float((runners[backend]() - reference).abs().max())
+        max_abs_diff[backend] = float((runners[backend]().float() - reference.float()).abs().max())
         print(f"[{name}] {backend}: max |clip - eager clip| = {max_abs_diff[backend]:.2e}", flush=True)
     runners = {"eager": lambda: eager(x, cond_t, uncond_t), **runners}
     for fn in runners.values():
@@ -154,7 +175,8 @@ def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: 
             row.update(compile_seconds=compile_seconds[k], max_abs_diff_vs_eager=max_abs_diff[k])
         rows.append(row)
     return {"config": name, "recipe": recipe.model_dump(mode="json"), "steps": first.num_steps, "shape": list(x.shape),
-            "weights": str(eager_weights.relative_to(ROOT)) if eager_weights else "random (torch.manual_seed(0))", "rows": rows}
+            "weights": str(eager_weights.relative_to(ROOT)) if eager_weights else "random (torch.manual_seed(0))", "rows": rows,
+            "skipped": skipped}
 
 
 def markdown(configs: list[dict]) -> str:
@@ -171,7 +193,7 @@ def markdown(configs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="teacher,student,wide")
+    parser.add_argument("--configs", default="teacher,student,wide,wide-bf16")
     parser.add_argument("--backends", default="torch,aoti,onnx")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
