@@ -25,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from cache_table import LEVELS, psnr_at  # noqa: E402
 from cache_table import ROWS as CACHE_ROWS  # noqa: E402 - the README row -> bench/cache.py row map, one copy
 README = ROOT / "README.md"
 RESULTS_PATH = re.compile(r"bench/results/[\w.-]+\.json")
@@ -148,6 +149,16 @@ def cache_params(record: dict) -> list[float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (k == "max_reuse" and v == -1)]
 
 
+def psnr_at_level(level: float) -> Getter:
+    """Mean and worst-clip PSNR of a policy's calibration trials at `level` body evaluations saved."""
+    def get(record: dict) -> list[float]:
+        trials = record["calibration"]["trials"]
+        mean = psnr_at(trials, level)
+        return [] if mean is None else [mean, psnr_at(trials, level, "psnr_worst")]
+
+    return get
+
+
 def pct(*keys: str) -> Getter:
     def get(record: dict) -> list[float]:
         out = []
@@ -238,10 +249,13 @@ SPECS = [
         "steps with no body": pct("steps_without_body"),
         "wall-clock speedup": lambda r: [r["speedup"]] + ([r["seconds_median"]] if r["params"] is None else []),
         "PSNR vs uncached": lambda r: [r["psnr_db"]] if "psnr_db" in r else [],
+        "worst clip": lambda r: [r["psnr_db_worst"]] if "psnr_db_worst" in r else [],
         "SSIM": lambda r: [r.get("ssim", 1.0)],
         "accuracy shape / colour / direction": pct("accuracy.shape", "accuracy.colour", "accuracy.direction"),
         "FVD-MS vs real (floor 1.5)": lambda r: [r["fvd_ms_vs_real"]],
     }, unordered=frozenset({"params"})),
+    Spec("caching at equal savings", ("policy", "decides from"), "bench/results/cache.json", cache_row,
+         {f"{100 * level:.0f} % saved": psnr_at_level(level) for level in LEVELS}),
     Spec("reference model", ("sampling", "shape"), EVAL_TEACHER,
          eval_row({"50 steps, g = 3": EVAL_TEACHER, "4 steps, g = 3 (naive)": EVAL_NAIVE}), {
              **EVAL_COLUMNS,
