@@ -17,6 +17,7 @@ from torch import nn
 
 from vdopt.cli import main
 from vdopt.compiler import compile_bundle
+from vdopt.errors import BundleError
 from vdopt.lower import get_backend
 from vdopt.lower.aoti import kernel_call_sites
 from vdopt.lower.onnx_backend import module_of_node, name_nodes_by_module
@@ -24,7 +25,7 @@ from vdopt.lower.torch_backend import MODULE_RANGE, RANGE_ENTER, RANGE_EXIT, pro
 from vdopt.module_stack import module_path
 from vdopt.recipe import load_recipe, parse_recipe
 from vdopt.runtime import Session
-from vdopt.runtime.profile import KernelCursor, profile_bundle
+from vdopt.runtime.profile import KernelCursor, parse_module_map, profile_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "vdopt/reference/weights/teacher.safetensors"
@@ -130,6 +131,13 @@ def test_wrapper_call_sites_in_source_order():
     assert sites[0].stack == 'File "model.py", line 9, in forward\nreturn self.lin(x)'
     assert sites[2].stack == 'File "block.py", line 3, in forward\nreturn F.linear(input, self.weight, self.bias)'
     assert sites[1].stack == sites[3].stack == ""
+
+
+@pytest.mark.parametrize("text", ["{", "{}", '[{"kernel": "k"}]', '[{"kernel": 1, "module": "m"}]', '["k"]'])
+def test_damaged_call_site_maps_are_a_bundle_error(text):
+    with pytest.raises(BundleError, match="not a kernel call-site map"):
+        parse_module_map(text, "segments/step.aoti.modules.json")
+    assert parse_module_map('[{"kernel": "k", "module": "m"}]', "x") == [{"kernel": "k", "module": "m"}]
 
 
 def test_kernel_events_take_the_next_call_site_of_their_name():

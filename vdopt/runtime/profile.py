@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from vdopt.bundle import bundle_file
-from vdopt.errors import RunInputError
+from vdopt.errors import BundleError, RunInputError
 from vdopt.lower.aoti import MODULE_MAP_SUFFIX
 from vdopt.lower.onnx_backend import module_of_node
 from vdopt.lower.torch_backend import MODULE_RANGE
@@ -130,7 +130,20 @@ def module_map_of(session: Session) -> list[dict[str, str]] | None:
     files = [f for s in session.manifest["segments"] for f in s.get("files", []) if f.endswith(MODULE_MAP_SUFFIX)]
     if not files:
         return None
-    return json.loads(bundle_file(session.path, files[0], session.manifest).read_text())
+    return parse_module_map(bundle_file(session.path, files[0], session.manifest).read_text(), files[0])
+
+
+def parse_module_map(text: str, name: str) -> list[dict[str, str]]:
+    """A call-site map is data from the bundle: a list of {"kernel": str, "module": str}, nothing else."""
+    try:
+        sites = json.loads(text)
+    except ValueError:
+        sites = None
+    if not isinstance(sites, list) or not all(isinstance(s, dict) and isinstance(s.get("kernel"), str)
+                                              and isinstance(s.get("module"), str) for s in sites):
+        raise BundleError(f"{name}: not a kernel call-site map (a JSON list of {{kernel, module}} strings); the bundle "
+                          f"was edited or damaged. Recompile it.")
+    return sites
 
 
 def ort_step_modules(report: list[dict], steps: int) -> list[dict[str, float]]:
