@@ -1,7 +1,8 @@
-"""The README's caching-policies tables, printed as Markdown from `bench/cache.py`'s results file: the
-held-out table, then every calibrated policy's PSNR at equal body evaluations saved.
+"""The README's caching tables, printed as Markdown from a results file: for `bench/cache.py`'s, the
+held-out table, then every calibrated policy's PSNR at equal body evaluations saved; for
+`bench/cache_hooks.py`'s, the side-by-side table, then every diffusers hook setting tried.
 
-    python bench/cache_table.py [bench/results/cache.json]
+    python bench/cache_table.py [bench/results/cache.json | bench/results/cache_hooks.json]
 
 Row names and the parameters shown are those `tests/test_readme_figures.py` checks the README against.
 """
@@ -97,8 +98,46 @@ def equal_savings_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+HOOKS_HEAD = ("| row | setting | work skipped | clip s: median | worst round | speedup vs eager loop | PSNR vs uncached "
+              "| worst clip | accuracy shape / colour / direction |")
+
+
+def work_text(work: dict) -> str:
+    if "body_evals_saved" in work:
+        return f"{100 * work['body_evals_saved']:.1f} % of body evaluations"
+    return f"{100 * work['blocks_skipped']:.1f} % of blocks, {100 * work['attentions_skipped']:.1f} % of attentions"
+
+
+def setting_text(setting: dict | None) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in setting.items()) if setting else "–"
+
+
+def hooks_table(results: dict) -> str:
+    lines = [HOOKS_HEAD, "|" + "---|" * (HOOKS_HEAD.count("|") - 1)]
+    for name, row in results["rows"].items():
+        acc = row["accuracy"]
+        dominating = {c["dominating"] for c in results["comparison"].values()}
+        label = f"**{name}**" if name in dominating else name
+        lines.append(f"| {label} | {setting_text(row['setting'])} | {work_text(row['work'])} | {row['seconds_median']:.3f} "
+                     f"| {row['seconds_worst']:.3f} | {row['speedup_vs_eager']:.2f}× | {db(row, 'psnr_db')} | {db(row, 'psnr_db_worst')} "
+                     f"| {100 * acc['shape']:.1f} / {100 * acc['colour']:.0f} / {100 * acc['direction']:.0f} % |")
+    return "\n".join(lines)
+
+
+SWEEP_HEAD = "| hook: setting | blocks skipped | attentions skipped | mean PSNR | worst clip | within budget |"
+
+
+def sweep_table(results: dict) -> str:
+    lines = [SWEEP_HEAD, "|" + "---|" * (SWEEP_HEAD.count("|") - 1)]
+    for hook, trials in results["hook_sweeps"].items():
+        for t in trials:
+            knob = next(k for k in t if k not in ("blocks_skipped", "attentions_skipped", "psnr_mean", "psnr_worst", "psnr_p5", "within_budget"))
+            lines.append(f"| {hook}: {knob} {t[knob]:g} | {100 * t['blocks_skipped']:.1f} % | {100 * t['attentions_skipped']:.1f} % "
+                         f"| {t['psnr_mean']:.2f} | {t['psnr_worst']:.2f} | {'yes' if t['within_budget'] else 'no'} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     results = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench/results/cache.json").read_text())
-    print(table(results))
-    print()
-    print(equal_savings_table(results))
+    tables = (hooks_table, sweep_table) if "hook_sweeps" in results else (table, equal_savings_table)
+    print("\n\n".join(f(results) for f in tables))

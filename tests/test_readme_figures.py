@@ -26,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from cache_table import LEVELS, psnr_at  # noqa: E402
+from profile_table import bundle_label  # noqa: E402
 from cache_table import ROWS as CACHE_ROWS  # noqa: E402 - the README row -> bench/cache.py row map, one copy
 README = ROOT / "README.md"
 RESULTS_PATH = re.compile(r"bench/results/[\w.-]+\.json")
@@ -149,6 +150,46 @@ def cache_params(record: dict) -> list[float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (k == "max_reuse" and v == -1)]
 
 
+CACHE_HOOKS = "bench/results/cache_hooks.json"
+PROFILE_TEACHER = "bench/results/profile_teacher.json"
+PROFILE_CACHED = "bench/results/profile_cached.json"
+
+
+def profile_decision_row(data: dict, cells: list[str]) -> dict | None:
+    """A (bundle, decision) row of the profiling table, from whichever profile file is that bundle's."""
+    for profile in data.values():
+        if bundle_label(profile) == cells[0] and cells[1] in profile["by_decision"]:
+            return profile["by_decision"][cells[1]]
+    return None
+
+
+def profile_module_row(data: dict, cells: list[str]) -> dict | None:
+    """A module row of the teacher's profile: its time per step and share of the profiled step; the
+    '(N more)' row sums the N modules after the listed ones."""
+    modules, step = data["module_kinds_ms_per_step"], data["profiled_ms_per_step"]
+    label = cells[0].strip("` ")
+    more = re.fullmatch(r"\((\d+) more\)", label)
+    if more:
+        ms = sum(list(modules.values())[len(modules) - int(more.group(1)):])
+    else:
+        path = "" if label == "(step program)" else label
+        if path not in modules:
+            return None
+        ms = modules[path]
+    return {"ms": ms, "share": 100 * ms / step}
+
+
+def hooks_row(data: dict, cells: list[str]) -> dict | None:
+    return data["rows"].get(cells[0].strip("* "))
+
+
+def sweep_row(data: dict, cells: list[str]) -> dict | None:
+    """A hook-sweep row, 'hook: knob value': the hook's trial at that knob value."""
+    hook, _, setting = cells[0].partition(": ")
+    shown = NUMBER.findall(setting)  # printed with :g, so exact
+    return next((t for t in data["hook_sweeps"].get(hook, []) if shown and float(shown[-1]) == float(t[next(iter(t))])), None)
+
+
 def psnr_at_level(level: float) -> Getter:
     """Mean and worst-clip PSNR of a policy's calibration trials at `level` body evaluations saved."""
     def get(record: dict) -> list[float]:
@@ -256,6 +297,34 @@ SPECS = [
     }, unordered=frozenset({"params"})),
     Spec("caching at equal savings", ("policy", "decides from"), "bench/results/cache.json", cache_row,
          {f"{100 * level:.0f} % saved": psnr_at_level(level) for level in LEVELS}),
+    Spec("cache vs diffusers hooks", ("row", "work skipped"), CACHE_HOOKS, hooks_row, {
+        "setting": lambda r: [float(v) for v in (r["setting"] or {}).values()],
+        "work skipped": lambda r: [100 * v for v in r["work"].values()],
+        "clip s: median": lambda r: [r["seconds_median"]],
+        "worst round": lambda r: [r["seconds_worst"]],
+        "speedup vs eager loop": lambda r: [r["speedup_vs_eager"]],
+        "PSNR vs uncached": lambda r: [r["psnr_db"]] if "psnr_db" in r else [],
+        "worst clip": lambda r: [r["psnr_db_worst"]] if "psnr_db_worst" in r else [],
+        "accuracy shape / colour / direction": pct("accuracy.shape", "accuracy.colour", "accuracy.direction"),
+    }),
+    Spec("diffusers hook settings", ("hook: setting", "blocks skipped"), CACHE_HOOKS, sweep_row, {
+        "blocks skipped": pct("blocks_skipped"),
+        "attentions skipped": pct("attentions_skipped"),
+        "mean PSNR": lambda t: [t["psnr_mean"]],
+        "worst clip": lambda t: [t["psnr_worst"]],
+    }),
+    Spec("profile by decision", ("bundle", "decision"), PROFILE_TEACHER, profile_decision_row, {
+        "steps": lambda d: [d["steps"]],
+        "ms / step without profiler": lambda d: [d["unprofiled_ms_per_step_mean"]],
+        "worst step": lambda d: [d["unprofiled_ms_per_step_max"]],
+        "ms / step profiled": lambda d: [d["ms_per_step_mean"]],
+        "sum over modules, ms": lambda d: [d["attributed_ms_per_step_mean"]],
+        "modules / step without profiler": lambda d: [100 * d["attributed_ms_per_step_mean"] / d["unprofiled_ms_per_step_mean"]],
+    }, also=(PROFILE_CACHED,)),
+    Spec("profile by module", ("module (every block's alike summed)", "ms / step"), PROFILE_TEACHER, profile_module_row, {
+        "ms / step": lambda r: [r["ms"]],
+        "% of profiled step": lambda r: [r["share"]],
+    }),
     Spec("reference model", ("sampling", "shape"), EVAL_TEACHER,
          eval_row({"50 steps, g = 3": EVAL_TEACHER, "4 steps, g = 3 (naive)": EVAL_NAIVE}), {
              **EVAL_COLUMNS,
