@@ -50,6 +50,17 @@ def matmul_peak(size: int, dtype: torch.dtype, repeats: int) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def markdown(result: dict) -> str:
+    """The README's roofline table."""
+    lines = ["| config | GFLOP / step | eager ms / step: median | worst | eager GFLOP/s | speedup ceiling, fp32 | bf16 | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in result["configs"]:
+        lines.append(f"| {c['config']} | {c['flops_per_step'] / 1e9:.3f} | {c['eager_ms_per_step_median']:.2f} | {c['eager_ms_per_step_worst']:.2f} "
+                     f"| {c['eager_gflops']:.1f} | {c['ceiling_fp32']:.2f}× | {c['ceiling_bf16']:.2f}× | "
+                     + (f"{c['target']:g}× |" if c["target"] else "– |"))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="teacher,wide")
@@ -92,6 +103,7 @@ def main() -> None:
               "machine": platform.processor() or platform.machine(), "load_average": os.getloadavg()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
     print(f"wrote {args.json}")
 
 

@@ -277,6 +277,16 @@ SPECS = [
         "mean of rounds": lambda r: [r["speedup_vs_eager_mean"]],
         "worst round": lambda r: [r["speedup_vs_eager_worst_round"]],
     }),
+    Spec("roofline", ("config", "GFLOP / step"), "bench/results/roofline.json",
+         lambda data, cells: next((c for c in data["configs"] if c["config"] == cells[0]), None), {
+             "GFLOP / step": lambda c: [c["flops_per_step"] / 1e9],
+             "eager ms / step: median": lambda c: [c["eager_ms_per_step_median"]],
+             "worst": lambda c: [c["eager_ms_per_step_worst"]],
+             "eager GFLOP/s": lambda c: [c["eager_gflops"]],
+             "speedup ceiling, fp32": lambda c: [c["ceiling_fp32"]],
+             "bf16": lambda c: [c["ceiling_bf16"]],
+             "target": lambda c: [c["target"]],
+         }),
     Spec("step reduction wall clock", ("backend", "clips per call"), "bench/results/steps.json", steps_row, {
         "teacher s / clip": lambda c: [c["rows"]["teacher"]["seconds_median"]],
         "student s / clip": lambda c: [c["rows"]["student"]["seconds_median"]],
