@@ -41,7 +41,7 @@ from vdopt.capture import load_denoiser
 from vdopt.compiler import compile_bundle
 from vdopt.errors import RecipeError
 from vdopt.program import DTYPES
-from vdopt.recipe import Recipe, load_recipe, parse_recipe
+from vdopt.recipe import Recipe, load_recipe, parse_recipe, recipe_with
 from vdopt.runtime import Session
 from vdopt.sampler import diffusers_scheduler
 
@@ -123,7 +123,7 @@ def bench_config(name: str, backends: list[str], rounds: int, warmup: int, tmp: 
     runners, compile_seconds, sessions, skipped = {}, {}, {}, {}
     for backend in backends:
         try:
-            bundle_recipe = parse_recipe({**recipe.model_dump(mode="json"), "lower": {**recipe.lower.model_dump(mode="json"), "backend": backend}})
+            bundle_recipe = recipe_with(recipe, backend=backend)
         except RecipeError as exc:
             skipped[backend] = str(exc)
             print(f"[{name}] {backend} skipped: {exc}", flush=True)

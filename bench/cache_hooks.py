@@ -35,7 +35,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -43,12 +42,12 @@ from tqdm import tqdm
 
 from backends import eager_denoiser, eager_loop
 from cache import CALIBRATION_SEED, EVAL_SEED, WEIGHTS, Generator, calibration_prompts, time_rounds
-from latte_hooks import HOOKS, BlockCounter, Hook, calibrate_mag_ratios, latte_of, pair_blocks
+from latte_hooks import HOOKS, MAG_CALIBRATION, BlockCounter, Hook, calibrate_mag_ratios, latte_of, pair_blocks
 from vdopt.calibrate import knob_for
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
 from vdopt.measure import PsnrStats, clip_psnr, make_inputs, render
-from vdopt.recipe import load_recipe, parse_recipe
+from vdopt.recipe import load_recipe, recipe_with
 from vdopt.runtime import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,12 +162,9 @@ def main() -> None:
         variants = [("torch", cache[knob])] + [("aoti", v) for v in sorted({cache[knob], *map(float, filter(None, args.knob_values.split(",")))})]
         for backend, value in variants:
             label = f"vdopt {cache['policy']} ({backend}), {knob} {value:g}" + (" (shipped)" if value == cache[knob] else "")
-            data = cached.model_dump(mode="json")
-            data["lower"]["backend"] = backend
-            data["passes"] = [{"name": "insert_cache", "params": {**cache, knob: value}} if p["name"] == "insert_cache" else p
-                              for p in data["passes"]]
+            passes = [(p.name, {**p.params, knob: value} if p.name == "insert_cache" else p.params) for p in cached.passes]
             paths[label] = tmp / f"cached_{backend}_{value:g}.vdopt"
-            compile_bundle(parse_recipe(data), WEIGHTS, paths[label], verify=False)
+            compile_bundle(recipe_with(cached, passes, backend), WEIGHTS, paths[label], verify=False)
         reference = Session(paths["uncached bundle"])
 
         print(f"== diffusers hooks: sweeping each knob on {len(cal_prompts)} calibration prompts (budget mean PSNR >= {args.budget} dB)")
@@ -176,12 +172,7 @@ def main() -> None:
         refs, _ = render(reference, inputs)
         context = {"steps": recipe.sampler.steps}
         if any(h.name.startswith("diffusers MagCache") for h in hooks):
-            from diffusers.hooks import MagCacheConfig
-
-            probe = HookedEager(recipe, reference)
-            pair_blocks(probe.model)
-            probe.model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=recipe.sampler.steps))
-            probe.hooked = True
+            probe = HookedEager(recipe, reference, MAG_CALIBRATION, True, context)
             _, cond, uncond, seed = inputs.items[0]
             context["mag_ratios"] = calibrate_mag_ratios(lambda: probe.run_inputs(cond, uncond, seed))
         sweeps, chosen = {}, {}
@@ -192,7 +183,7 @@ def main() -> None:
             print(f"{hook.name}: {hook.knob} = {chosen[hook.name]}" if chosen[hook.name] is not None
                   else f"{hook.name}: no {hook.knob} tried meets the budget; left out of the held-out rows")
 
-        gens = {name: Generator(path) for name, path in paths.items() if name == "uncached bundle"}
+        gens = {"uncached bundle": Generator(paths["uncached bundle"])}
         gens["eager diffusers loop"] = HookedEager(recipe, reference)
         for hook in hooks:
             if chosen[hook.name] is not None:

@@ -164,6 +164,13 @@ def pab_config(spatial, context):
         cross_attention_block_identifiers=(r"^transformer_blocks",), current_timestep_callback=context["timestep"])
 
 
+def magcache_calibration_config(calibrate, context):
+    from diffusers.hooks import MagCacheConfig
+
+    return MagCacheConfig(calibrate=calibrate, num_inference_steps=context["steps"])
+
+
+MAG_CALIBRATION = Hook("diffusers MagCache calibration", "calibrate", (True,), True, magcache_calibration_config)
 MAG_THRESHOLDS = (0.02, 0.06, 0.12, 0.24, 0.5, 1.0, 2.0, 4.0)
 HOOKS = (
     Hook("diffusers FirstBlockCache", "threshold", (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8), True, fbc_config),

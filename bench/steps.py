@@ -32,16 +32,12 @@ import torch
 
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
-from vdopt.recipe import Recipe, load_recipe
+from vdopt.recipe import Recipe, load_recipe, recipe_with
 from vdopt.runtime import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_RECIPE = ROOT / "recipes" / "reference.yaml"
 TEACHER_WEIGHTS = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
-
-
-def with_backend(recipe: Recipe, backend: str) -> Recipe:
-    return recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": backend})})
 
 
 def with_batch(recipe: Recipe, batch: int) -> Recipe:
@@ -69,8 +65,8 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
 
 def measure(args, backend: str, batch: int, tmp: Path) -> dict:
     """One backend and batch: compile both bundles, time interleaved generations, teacher first in every round."""
-    recipes = {"teacher": with_batch(with_backend(load_recipe(args.teacher_recipe), backend), batch),
-               "student": with_batch(with_backend(load_recipe(args.student_recipe), backend), batch)}
+    recipes = {"teacher": with_batch(recipe_with(load_recipe(args.teacher_recipe), backend=backend), batch),
+               "student": with_batch(recipe_with(load_recipe(args.student_recipe), backend=backend), batch)}
     prompts, seeds, _ = suite.prompt_set(max(args.rounds, 1) * batch, seed=0)
     samples: dict[str, list[float]] = {name: [] for name in recipes}
     sessions, compile_seconds = {}, {}
