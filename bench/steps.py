@@ -32,7 +32,7 @@ import torch
 
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
-from vdopt.recipe import Recipe, load_recipe, recipe_with
+from vdopt.recipe import Recipe, load_recipe, parse_recipe, recipe_with
 from vdopt.runtime import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +41,10 @@ TEACHER_WEIGHTS = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensor
 
 
 def with_batch(recipe: Recipe, batch: int) -> Recipe:
-    model = recipe.model.model_copy(update={"input": recipe.model.input.model_copy(update={"batch": batch})})
-    return recipe.model_copy(update={"model": model})
+    """The recipe compiled for exactly `batch` prompts per call (validated: batch becomes a range)."""
+    data = recipe.model_dump(mode="json")
+    data["model"]["input"]["batch"] = batch
+    return parse_recipe(data, "<derived recipe>")
 
 
 def guided(recipe: Recipe) -> bool:

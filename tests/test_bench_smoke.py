@@ -51,3 +51,10 @@ def test_cache_hooks_bench(tmp_path):
     assert {"uncached bundle", "eager diffusers loop"} <= set(result["rows"]) and len(shipped) == 2  # torch and aoti
     assert len(result["hook_sweeps"]["diffusers FirstBlockCache"]) == 9 and result["rows"][shipped[0]]["work"]["body_evals_saved"] > 0
     assert set(result["comparison"]) == {"diffusers FirstBlockCache", "diffusers PAB"}
+
+
+def test_steps_bench(tmp_path):
+    out = tmp_path / "steps.json"
+    bench("steps.py", "--configs", "onnx:1", "--rounds", "1", "--warmup", "0", "--json", str(out))
+    config = json.loads(out.read_text())["configs"][0]
+    assert (config["backend"], config["batch"], set(config["rows"])) == ("onnx", 1, {"teacher", "student"})
