@@ -205,6 +205,9 @@ def tensor_specs(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         for i, spec in enumerate(manifest.get(key) or []):
             yield f"{key}[{i}]", spec
     for i, segment in enumerate(manifest.get("segments") or []):
+        for key in ("inputs", "state"):
+            for k, spec in enumerate((segment.get(key) or []) if isinstance(segment, dict) else []):
+                yield f"segments[{i}].{key}[{k}]", spec
         for j, part in enumerate((segment.get("parts") or []) if isinstance(segment, dict) else []):
             for key in ("inputs", "outputs"):
                 for k, spec in enumerate(part.get(key) or [] if isinstance(part, dict) else []):
@@ -361,6 +364,10 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         expect(isinstance(dims, dict) and all(k in STEP_DIMS and isinstance(v, list) and len(v) == 2
                                               and all(is_int(x, 1) for x in v) and v[0] <= v[1] for k, v in dims.items()),
                f"{here}.dims", "step dim names (batch, frames, height, width) mapped to [min, max] positive ints")
+        if "inputs" in segment:
+            tensor_list(segment["inputs"], f"{here}.inputs")
+        if "state" in segment:
+            tensor_list(segment["state"], f"{here}.state", state=True)
         kind = segment.get("kind", "step")
         if not expect(kind in ("step", "split") if isinstance(kind, str) else False, f"{here}.kind", "step or split"):
             continue
@@ -399,6 +406,10 @@ def check_consistency(path: Path, manifest: dict[str, Any]) -> None:
     if "guidance" in manifest and manifest["guidance"] != any(s["name"].startswith("uncond.") for s in inputs):
         problems.append(f"guidance is {str(manifest['guidance']).lower()} but the inputs "
                         f"{'have no' if manifest['guidance'] else 'have'} uncond.* tensors")
+    for i, segment in enumerate(manifest["segments"]):
+        for key in ("inputs", "state"):
+            if key in segment and [(s["name"], s["dtype"]) for s in segment[key]] != [(s["name"], s["dtype"]) for s in manifest[key]]:
+                problems.append(f"segments[{i}].{key} names other tensors (or dtypes) than the manifest's {key}")
     latent = manifest.get("latent")
     if latent is not None:
         x = inputs[0] if inputs else {"shape": []}

@@ -28,9 +28,12 @@ def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
 
 
 def segment_entry(program: StepProgram, backend, files: list[str], index: int) -> dict[str, Any]:
+    """One shape profile's step. Its own input and state shapes: static profiles differ in their sizes
+    (a cached residual holds frames*height*width/4 tokens, a different number in each profile)."""
     return {"name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
             "files": [f"segments/{f}" for f in files], "dims": {k: list(v) for k, v in program.dims.items()},
-            "passes": list(program.passes)}
+            "passes": list(program.passes), "inputs": [s.to_json() for s in program.inputs],
+            "state": [s.to_json() for s in program.state]}
 
 
 def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int) -> dict[str, Any]:

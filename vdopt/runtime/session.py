@@ -109,9 +109,17 @@ class Session:
     def resolved(self, spec: TensorSpec, sizes: dict[str, int]) -> list[int]:
         return [resolve_size(d, sizes, self.manifest["latent"]["multiples"]) for d in spec.shape]
 
-    def check_cond(self, prefix: str, tensors: dict[str, torch.Tensor], sizes: dict[str, int]) -> list[torch.Tensor]:
+    def segment_inputs(self, segment: dict[str, Any]) -> list[TensorSpec]:
+        """The segment's own input shapes (one per shape profile); older bundles list only the manifest's."""
+        return [TensorSpec.from_json(s) for s in segment["inputs"]] if "inputs" in segment else self.inputs
+
+    def segment_state(self, segment: dict[str, Any]) -> list[StateSpec]:
+        return [StateSpec.from_json(s) for s in segment["state"]] if "state" in segment else self.state_specs
+
+    def check_cond(self, prefix: str, tensors: dict[str, torch.Tensor], sizes: dict[str, int],
+                   inputs: list[TensorSpec]) -> list[torch.Tensor]:
         ordered = []
-        for spec in (s for s in self.inputs if s.name.startswith(prefix + ".")):
+        for spec in (s for s in inputs if s.name.startswith(prefix + ".")):
             key = spec.name.removeprefix(prefix + ".")
             expected = self.resolved(spec, sizes)
             if key not in tensors:
@@ -131,10 +139,10 @@ class Session:
                  for k in range(shape[0])]
         return torch.stack(noise).to(self.device, self.dtype)
 
-    def initial_state(self, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    def initial_state(self, shape: tuple[int, ...], specs: list[StateSpec]) -> list[torch.Tensor]:
         sizes = self.sizes_of(shape)
         states = []
-        for spec in self.state_specs:
+        for spec in specs:
             fill = torch.ones if spec.init == "ones" else torch.zeros
             states.append(fill(self.resolved(spec, sizes), dtype=DTYPES[spec.dtype], device=self.device))
         return states
@@ -187,14 +195,16 @@ class Session:
             frames: int | None = None, height: int | None = None, width: int | None = None,
             progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
         shape = self.latent_shape(self.batch_of(cond), frames, height, width)
-        run_step = self.runner(self.segment_for(shape))
+        segment = self.segment_for(shape)
+        run_step = self.runner(segment)
         sizes = self.sizes_of(shape)
-        conds = self.check_cond("cond", cond, sizes)
+        inputs = self.segment_inputs(segment)
+        conds = self.check_cond("cond", cond, sizes, inputs)
         if self.guidance:
             null = uncond if uncond is not None else descriptor_for(self.manifest["family"]).null_cond(cond)
-            conds += self.check_cond("uncond", null, sizes)
+            conds += self.check_cond("uncond", null, sizes, inputs)
         x = self.initial_noise(seed, shape)
-        state = self.initial_state(shape)
+        state = self.initial_state(shape, self.segment_state(segment))
         for i in tqdm(range(self.num_steps), desc="denoising", unit="step", disable=not progress, leave=False):
             with named_range(f"vdopt/step {i}", payload=i):
                 x, *state = run_step(x, torch.tensor(i, dtype=torch.int64, device=self.device), *conds, *state)
