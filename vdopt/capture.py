@@ -21,9 +21,9 @@ from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
 from vdopt.program import DTYPES, STEP_DIMS, StepProgram, TensorSpec, dtype_name, step_multiples
 from vdopt.recipe import Recipe
-from vdopt.safety import evaluate_shape, load_exported_program, shape_expression
+from vdopt.safety import UnsafeInputError, evaluate_shape, load_exported_program, shape_expression
 from vdopt.sampler import ddim_update, flow_euler_update, gather_step, step_table
-from vdopt.validate import check_capture, check_weights
+from vdopt.validate import check_capture, check_model_config, check_weights
 
 
 class StepModule(nn.Module):
@@ -112,14 +112,86 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def checkpoint_path(path: Path) -> Path:
-    """A weights file, or the single safetensors file inside a folder."""
+MAX_INDEX_BYTES = 64 << 20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards a sharded checkpoint's `*.index.json` maps its tensors to: files beside the index only."""
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise CaptureError(f"{index}: {index.stat().st_size} bytes is far beyond a checkpoint index.")
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CaptureError(f"{index}: not a readable checkpoint index ({type(exc).__name__}).") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CaptureError(f"{index}: a sharded checkpoint's index maps tensor names to shard files under 'weight_map'; "
+                           f"this one does not.")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name or not name.endswith(WEIGHT_SUFFIXES):
+            raise UnsafeInputError(f"{index}: shard {name[:80]!r} is not a weights file beside the index; an index names "
+                                   f"files in its own folder only.")
+        if not (index.parent / name).is_file():
+            raise CaptureError(f"{index}: shard '{name}' is missing from {index.parent}; copy the whole checkpoint folder.")
+        shards.append(index.parent / name)
+    return shards
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weights files of a checkpoint: a file, a sharded checkpoint's `*.index.json`, or a folder holding one of
+    those (a diffusers `save_pretrained` folder, plain or sharded)."""
+    if path.name.endswith(".index.json"):
+        return shard_files(path)
     if not path.is_dir():
-        return path
-    found = sorted(path.glob("*.safetensors"))
-    if len(found) != 1:
-        raise CaptureError(f"{path}: expected one .safetensors file in the folder, found {len(found)}; give the file itself.")
-    return found[0]
+        return [path]
+    indexes = sorted(path.glob("*.index.json"))
+    if len(indexes) == 1:
+        return shard_files(indexes[0])
+    for suffix in WEIGHT_SUFFIXES:
+        found = sorted(path.glob(f"*{suffix}"))
+        if len(found) == 1 and not indexes:
+            return found
+        if found or indexes:
+            shown = ", ".join(p.name for p in (indexes or found)[:4])
+            raise CaptureError(f"{path}: expected one weights file or one *.index.json in the folder, found "
+                               f"{len(indexes or found)} ({shown}{', ...' if len(indexes or found) > 4 else ''}); give the "
+                               f"file itself.")
+    raise CaptureError(f"{path}: no weights in the folder (a {', '.join(WEIGHT_SUFFIXES)} file or a sharded checkpoint's "
+                       f"*.index.json).")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (a file, a folder, or the shards of a sharded one) by name, in its stored dtype."""
+    state: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(path):
+        shard = read_state_dict(file)
+        twice = sorted(set(shard) & set(state))
+        if twice:
+            raise CaptureError(f"{path}: tensor '{twice[0]}' is stored in two shards; the checkpoint is damaged.")
+        state.update(shard)
+    return state
+
+
+def folder_config(path: Path, descriptor: ArchitectureDescriptor) -> dict:
+    """A diffusers folder's config.json, checked to be one of the family's class."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CaptureError(f"{path}: a diffusers folder holds a config.json beside its weights; this one has none.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CaptureError(f"{config_file}: not readable JSON ({type(exc).__name__}).") from None
+    if not isinstance(config, dict):
+        raise CaptureError(f"{config_file}: a model config is a JSON object.")
+    stored = config.get("_class_name")
+    if stored is not None and stored != descriptor.diffusers_class:
+        raise CaptureError(f"{path}: the folder holds a {stored}, but model.family {descriptor.family} is a "
+                           f"{descriptor.diffusers_class}. Set model.family to the folder's family.")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    check_model_config(config, descriptor, str(config_file))
+    return config
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, family: str) -> None:
@@ -172,11 +244,11 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
     if layout == "diffusers":
         if path is None or not path.is_dir():
             raise CaptureError(f"{path}: model.layout diffusers expects a folder with config.json and weights.")
-        model = descriptor.model_class().from_pretrained(str(path))
-        return descriptor.adapter(model), descriptor, dict(model.config)
+        if recipe.model.config is None:
+            config = folder_config(path, descriptor)
     model = descriptor.build(config)
     if path is not None:
-        state = descriptor.checkpoint_state(read_state_dict(checkpoint_path(path)))
+        state = descriptor.checkpoint_state(read_checkpoint(path))
         check_state_dict(model, state, path, descriptor.family)
         check_weights(state, model.state_dict(), path)
         model.load_state_dict(state)
