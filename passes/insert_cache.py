@@ -466,7 +466,7 @@ def export_cached(module: fx.GraphModule, cached: CachedBody, example_inputs: tu
     data-dependent row count (export cannot prove its guards): their body then runs on every row when
     any recomputes, still selecting per row, and the reason is returned."""
     try:
-        return export_step(module, example_inputs, program.dims, program.descriptor, state_shapes), None
+        return export_step(module, example_inputs, program.dims, program.multiples, state_shapes), None
     except Exception as exc:  # noqa: BLE001
         if not cached.gather:
             batch = program.dims["batch"]
@@ -506,7 +506,7 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     params = resolve_params(policy, params)
-    rule = POLICIES[policy](params, program.num_steps, program.descriptor.patch_size[0])
+    rule = POLICIES[policy](params, program.num_steps, program.multiples[0])
     module = editable_module(program)
     module.graph._codegen = fx.graph.CodeGen()
     graph = module.graph

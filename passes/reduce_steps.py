@@ -693,7 +693,7 @@ def reduce_steps(program: StepProgram, weights: str | None = None, lora_scale: f
             keep = [k for k, n in enumerate(names) if not n.startswith("uncond.")]
             names, example = [names[k] for k in keep], tuple(example[k] for k in keep)
         try:
-            ep = export_step(module, example, program.dims, program.descriptor)
+            ep = export_step(module, example, program.dims, program.multiples)
         except PassError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -22,10 +22,25 @@ def call_latte(model, x, t, cond):
     return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
 
 
+def cogvideox_1_5_rotary(config, frames, height, width):
+    """The CogVideoX pipeline's `_prepare_rotary_positional_embeddings` for `patch_size_t` configs (1.5), restated
+    on latent sizes (the pipeline module needs `transformers`)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    p, p_t = config.patch_size, config.patch_size_t
+    return get_3d_rotary_pos_embed(config.attention_head_dim, None, grid_size=(height // p, width // p),
+                                   temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(config.sample_height // p, config.sample_width // p))
+
+
 def call_cogvideox(model, x, t, cond):
+    rotary = None
+    if model.config.use_rotary_positional_embeddings:
+        assert model.config.patch_size_t is not None, "the reference loop restates the 1.5 (patch_size_t) rotary only"
+        rotary = cogvideox_1_5_rotary(model.config, *x.shape[2:])
     # CogVideoX takes [B, F, C, H, W]; the reference loop keeps [B, C, F, H, W]
     out = model(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
-                return_dict=False)[0]
+                image_rotary_emb=rotary, return_dict=False)[0]
     return out.transpose(1, 2)
 
 

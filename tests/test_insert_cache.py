@@ -36,7 +36,7 @@ def cached(program, **params):
 
 def initial_state(program, x) -> list[torch.Tensor]:
     sizes = dict(zip(("frames", "height", "width"), x.shape[2:]))
-    return [torch.zeros([resolve_size(d, sizes, list(program.descriptor.patch_size)) for d in spec.shape], dtype=DTYPES[spec.dtype])
+    return [torch.zeros([resolve_size(d, sizes, list(program.multiples)) for d in spec.shape], dtype=DTYPES[spec.dtype])
             for spec in program.state]
 
 

@@ -62,7 +62,7 @@ def test_a_step_without_a_conditional_is_not_split():
 def run_split(split, program, x, conds, steps):
     """The runtime's split loop, eagerly over the parts' modules."""
     sizes = dict(zip(("frames", "height", "width"), x.shape[2:]))
-    values = {s.name: torch.zeros([resolve_size(d, sizes, list(program.descriptor.patch_size)) for d in s.shape],
+    values = {s.name: torch.zeros([resolve_size(d, sizes, list(program.multiples)) for d in s.shape],
                                   dtype=DTYPES[s.dtype]) for s in program.state}
     values.update(zip([s.name for s in program.inputs[2:2 + len(conds)]], conds))
     modules = {p.name: p.program.ep.module() for p in split.parts}

@@ -81,8 +81,12 @@ class ExportedDenoiser(nn.Module):
 
 # ----- loading ------------------------------------------------------------------------------
 
-def model_config(recipe: Recipe, descriptor: ArchitectureDescriptor) -> dict:
+def model_config(recipe: Recipe, descriptor: ArchitectureDescriptor, model_path: str | Path | None = None) -> dict:
+    """The model's config: the recipe's `model.config`, else a diffusers folder's config.json, else the family's
+    tiny test config."""
     config = recipe.model.config
+    if config is None and recipe.model.layout == "diffusers" and model_path is not None and Path(model_path).is_dir():
+        return folder_config(Path(model_path), descriptor)
     if config is None:
         return dict(descriptor.tiny_config)
     if isinstance(config, str):
@@ -216,7 +220,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
 def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: bool = False) -> tuple[nn.Module, ArchitectureDescriptor, dict]:
     """Returns the denoiser as `(x, t, *cond) -> prediction`, its descriptor and its config."""
     descriptor = descriptor_for(recipe.model.family)
-    config = model_config(recipe, descriptor)
+    config = model_config(recipe, descriptor, model_path)
     layout = recipe.model.layout
     path = Path(model_path) if model_path is not None else None
     if path is not None and not path.exists():
@@ -244,8 +248,6 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
     if layout == "diffusers":
         if path is None or not path.is_dir():
             raise CaptureError(f"{path}: model.layout diffusers expects a folder with config.json and weights.")
-        if recipe.model.config is None:
-            config = folder_config(path, descriptor)
     model = descriptor.build(config)
     if path is not None:
         state = descriptor.checkpoint_state(read_checkpoint(path))
@@ -266,10 +268,10 @@ def latent_dims(recipe: Recipe, profile: dict[str, int] | None) -> dict[str, tup
     return dims
 
 
-def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[str, int]:
+def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], multiples: tuple[int, int, int]) -> dict[str, int]:
     spec = recipe.model.input
     sizes = {}
-    for name, multiple in step_multiples(descriptor.patch_size).items():
+    for name, multiple in step_multiples(multiples).items():
         lo, hi = dims[name]
         dim = getattr(spec, name)
         size = dim.trace_size if lo != hi else lo
@@ -282,11 +284,11 @@ def trace_sizes(recipe: Recipe, dims: dict[str, tuple[int, int]], descriptor: Ar
     return sizes
 
 
-def root_dims(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor) -> dict[int, tuple[Dim, int]]:
+def root_dims(dims: dict[str, tuple[int, int]], multiples: tuple[int, int, int]) -> dict[int, tuple[Dim, int]]:
     """Per dynamic axis of `x` (batch and latent dims): the root `Dim` (in patch units where the patch
     is > 1) and the multiple."""
     roots = {}
-    for axis, (name, multiple) in zip((0, 2, 3, 4), step_multiples(descriptor.patch_size).items()):
+    for axis, (name, multiple) in zip((0, 2, 3, 4), step_multiples(multiples).items()):
         lo, hi = dims[name]
         if lo == hi:
             continue
@@ -313,14 +315,14 @@ def state_dim(size: int | str, roots: dict[str, Dim]):
     return derived + offset if offset else derived
 
 
-def export_dynamic_shapes(dims: dict[str, tuple[int, int]], descriptor: ArchitectureDescriptor, example: tuple[torch.Tensor, ...],
+def export_dynamic_shapes(dims: dict[str, tuple[int, int]], multiples: tuple[int, int, int], example: tuple[torch.Tensor, ...],
                           state_shapes: list[tuple[int | str, ...]] = ()):
     """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
 
     Conditioning tensors share `x`'s batch (dim 0). State tensors (the last inputs, one per entry of
     `state_shapes`, their sizes named in the step dims) follow the step's sizes.
     """
-    roots = root_dims(dims, descriptor)
+    roots = root_dims(dims, multiples)
     x_dims = {axis: dim * multiple if multiple > 1 else dim for axis, (dim, multiple) in roots.items()}
     shapes = torch.export.ShapesCollection()
     if not x_dims:
@@ -377,18 +379,18 @@ def with_suggested_fixes(message: str, shapes: dict, roots: dict[int, tuple[Dim,
 
 
 def export_step(module: nn.Module, example: tuple[torch.Tensor, ...], dims: dict[str, tuple[int, int]],
-                descriptor: ArchitectureDescriptor, state_shapes: list[tuple[int | str, ...]] = ()) -> torch.export.ExportedProgram:
+                multiples: tuple[int, int, int], state_shapes: list[tuple[int | str, ...]] = ()) -> torch.export.ExportedProgram:
     """Exports with the latent's dims dynamic. When a state size turns out to be a linear function of
     a latent dim (a cached residual has 1560 * frames tokens when height and width are static),
     export refuses `Dim.AUTO` and names the relation; the export is retried with it as a derived dim."""
-    shapes = export_dynamic_shapes(dims, descriptor, example, state_shapes).dynamic_shapes(module, example)
+    shapes = export_dynamic_shapes(dims, multiples, example, state_shapes).dynamic_shapes(module, example)
     with torch.no_grad():
         try:
             return torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
         except torch._dynamo.exc.UserError as exc:
             if "Suggested fixes:" not in str(exc) or not isinstance(shapes, dict):
                 raise
-            fixed = with_suggested_fixes(str(exc), shapes, root_dims(dims, descriptor))
+            fixed = with_suggested_fixes(str(exc), shapes, root_dims(dims, multiples))
             return torch.export.export(module, example, dynamic_shapes=fixed, strict=False)
 
 
@@ -447,6 +449,32 @@ def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, in
     return rename
 
 
+def check_export_ranges(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]], multiples: tuple[int, int, int],
+                        family: str) -> None:
+    """torch.export narrows a dynamic dim's range, silently, when the model branches on the size (a broadcast of a
+    size-1 axis, `if frames == 1`); the program then refuses sizes the recipe promised. Said at compile time instead."""
+    x = user_input_nodes(ep)[0].meta["val"]
+    for axis, (name, multiple) in zip((0, 2, 3, 4), step_multiples(multiples).items()):
+        lo, hi = dims[name]
+        if lo == hi:
+            continue
+        size = x.shape[axis]
+        symbols = size.node.expr.free_symbols if isinstance(size, torch.SymInt) else set()
+        ranges = [ep.range_constraints[s] for s in symbols if s in ep.range_constraints]
+        if not ranges:
+            takes = f"only {name} {int(size)}"
+        else:
+            low, high = int(ranges[0].lower) * multiple, int(ranges[0].upper) * multiple
+            if low <= -(-lo // multiple) * multiple and high >= hi - hi % multiple:
+                continue
+            takes = f"{name} {low}..{min(high, hi)} only"
+        raise CaptureError(
+            f"model.input.{name}: the exported {family} step takes {takes}, not the {lo}..{hi} the recipe asks for: the "
+            f"model branches on this size (a size-1 axis broadcast, or a test on the size), and torch.export narrowed the "
+            f"range. Set model.input.{name} to the range it takes and give other sizes as lower.profiles entries "
+            f"(each a static export).")
+
+
 def check_structure(ep: torch.export.ExportedProgram, descriptor: ArchitectureDescriptor, source) -> None:
     """A bare program must show the family's blocks in its metadata, or no pass can find them."""
     from vdopt.inspect import graph_modules, summarize_graph
@@ -473,7 +501,7 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
             f"The {descriptor.family} family exports static frame counts only (its temporal position embedding has a "
             f"fixed length): give lower.profiles with one entry per frame count, or make model.input.frames an int."
         )
-    check_capture(recipe, descriptor, dims, profile, host=fake_mode is None)
+    check_capture(recipe, descriptor, model_config(recipe, descriptor, model_path), dims, profile, host=fake_mode is None)
     guidance = recipe.sampler.uses_guidance
     table = step_table(recipe.sampler)
     dtype = DTYPES[recipe.model.dtype]
@@ -484,9 +512,9 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
             denoiser = denoiser.to(dtype)
         step = StepModule(denoiser, table, recipe.sampler.kind, recipe.sampler.prediction, recipe.sampler.guidance_scale,
                           len(descriptor.cond_inputs), guidance)
-        names, example = example_inputs(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor), guidance)
+        names, example = example_inputs(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor.multiples(config)), guidance)
         try:
-            ep = export_step(step, example, dims, descriptor)
+            ep = export_step(step, example, dims, descriptor.multiples(config))
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - export errors are long; keep the first line and the fix
@@ -497,6 +525,7 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
             ) from exc
     if recipe.model.layout == "exported_program":
         check_structure(ep, descriptor, model_path)
+    check_export_ranges(ep, dims, descriptor.multiples(config), descriptor.family)
     inputs, outputs = io_specs(ep, names, ["x_next"], dims)
     return StepProgram(
         ep=ep, recipe=recipe, descriptor=descriptor, model_config=config, inputs=inputs, outputs=outputs, state=(),

@@ -70,7 +70,7 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "step_table": program.step_table,
         "num_steps": program.num_steps,
         "latent": {"batch": list(program.dims["batch"]), "channels": int(program.example_inputs[0].shape[1]),
-                   "dtype": recipe.model.dtype, "multiples": list(descriptor.patch_size),
+                   "dtype": recipe.model.dtype, "multiples": list(program.multiples),
                    "default_sizes": dict(zip(("frames", "height", "width"), program.example_inputs[0].shape[2:]))},
         "inputs": [s.to_json() for s in program.inputs],
         "outputs": [s.to_json() for s in program.outputs],

@@ -197,7 +197,7 @@ def rewrite_graph(program: StepProgram, rewrite: Callable[[torch.fx.GraphModule]
         module.graph.eliminate_dead_code()
         module.graph.lint()
         module.recompile()
-        return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.descriptor, [s.shape for s in program.state]))
+        return program.replace(ep=export_step(module, program.example_inputs, program.dims, program.multiples, [s.shape for s in program.state]))
 
 
 def readable_graph(program: StepProgram) -> str:

@@ -102,6 +102,11 @@ class StepProgram:
         return self.extras.get("fake_mode") or nullcontext()
 
     @property
+    def multiples(self) -> tuple[int, int, int]:
+        """What frames, height and width must be multiples of (the config's patch sizes)."""
+        return self.descriptor.multiples(self.model_config)
+
+    @property
     def num_steps(self) -> int:
         return len(self.step_table["timesteps"])
 

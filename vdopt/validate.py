@@ -106,9 +106,9 @@ def parameter_count(config: dict, descriptor, source: str = "model.config") -> i
 
 # ----- latent sizes and memory --------------------------------------------------------------
 
-def check_patch_multiples(dims: dict[str, tuple[int, int]], descriptor, profile: dict | None) -> None:
-    """A static size must be a multiple of the family's patch size, or no input could ever run the bundle."""
-    for name, multiple in step_multiples(descriptor.patch_size).items():
+def check_patch_multiples(dims: dict[str, tuple[int, int]], descriptor, config: dict, profile: dict | None) -> None:
+    """A static size must be a multiple of the config's patch size, or no input could ever run the bundle."""
+    for name, multiple in step_multiples(descriptor.multiples(config)).items():
         lo, hi = dims[name]
         if lo == hi and lo % multiple:
             where = f"lower.profiles entry {profile}" if profile else f"model.input.{name}"
@@ -148,25 +148,23 @@ def step_memory(recipe, descriptor, config: dict, sizes: dict[str, int]) -> tupl
     defaults = {k: p.default for k, p in config_parameters(descriptor).items()}
     full = {**defaults, **config}
     hidden = (full.get("num_attention_heads") or 0) * (full.get("attention_head_dim") or 0) or channels
-    tokens = branches * sizes["batch"] * volume // math.prod(descriptor.patch_size)
+    tokens = branches * sizes["batch"] * volume // math.prod(descriptor.multiples(full))
     return data, ACTIVATION_WIDTHS * tokens * hidden * itemsize
 
 
-def check_capture(recipe, descriptor, dims: dict[str, tuple[int, int]], profile: dict | None, host: bool = True) -> None:
+def check_capture(recipe, descriptor, config: dict, dims: dict[str, tuple[int, int]], profile: dict | None,
+                  host: bool = True) -> None:
     """Before a capture allocates anything: static sizes fit the patch, the config is one the family's
     class takes, and the memory a step needs at the largest sizes (and the compile, in this machine's
     memory, at the traced ones) is not absurd. `host=False` (a fake-tensor capture) skips the last."""
-    from vdopt.capture import model_config, trace_sizes
+    from vdopt.capture import trace_sizes
 
-    check_patch_multiples(dims, descriptor, profile)
     source = f"{recipe.model.config}" if isinstance(recipe.model.config, str) else "model.config"
-    count = None  # a diffusers folder's config.json, a .pt2 or a pickle holds its own weights
-    if recipe.model.layout == "diffusers":
-        config = dict(descriptor.tiny_config)  # the folder's config.json is read when it loads; this bounds from below
-    else:
-        config = model_config(recipe, descriptor)
+    count = None  # a .pt2 or a pickle holds its own weights
+    if recipe.model.layout in ("state_dict", "diffusers"):
         check_model_config(config, descriptor, source)
-    if recipe.model.layout == "state_dict":
+    check_patch_multiples(dims, descriptor, config, profile)
+    if recipe.model.layout in ("state_dict", "diffusers"):
         count = parameter_count(config, descriptor, source)
     weights = (count or 0) * DTYPES[recipe.model.dtype].itemsize
     largest = {name: hi for name, (lo, hi) in dims.items()}
@@ -182,7 +180,7 @@ def check_capture(recipe, descriptor, dims: dict[str, tuple[int, int]], profile:
             f"check model.config.")
     available = physical_memory()
     if host and available:
-        traced_data, traced_activations = step_memory(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor))
+        traced_data, traced_activations = step_memory(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor.multiples(config)))
         needed = (count or 0) * 4 + traced_data + traced_activations
         if needed > available:
             raise RecipeError(

@@ -38,7 +38,7 @@ class ArchitectureDescriptor:
     temporal_block_pattern: str | None = None
     residual_stream: str = "hidden_states flowing from one block to the next (the block output)"
     cond_inputs: tuple[CondInput, ...] = ()
-    patch_size: tuple[int, int, int] = (1, 1, 1)  # frames, height, width divisibility of the latent
+    patch_size: tuple[int, int, int] = (1, 1, 1)  # frames, height, width divisibility where the config sets none
     dynamic_frames: bool = True
     tiny_config: dict = field(default_factory=dict)
     full_configs: dict[str, dict] = field(default_factory=dict)
@@ -64,6 +64,20 @@ class ArchitectureDescriptor:
 
     def build(self, config: dict) -> nn.Module:
         return self.model_class()(**config)
+
+    def multiples(self, config: dict) -> tuple[int, int, int]:
+        """What the latent's frames, height and width must be multiples of under `config`: its `patch_size`
+        (an int for height and width, or three ints) and `patch_size_t` where it sets them (CogVideoX 1.5 and
+        LTX configs patchify frames in twos), else the family's default `patch_size`."""
+        frames, height, width = self.patch_size
+        size = config.get("patch_size")
+        if isinstance(size, (list, tuple)) and len(size) == 3:
+            frames, height, width = (int(s) for s in size)
+        elif type(size) is int:
+            height = width = size
+        if type(config.get("patch_size_t")) is int:
+            frames = config["patch_size_t"]
+        return frames, height, width
 
     def in_channels(self, config: dict) -> int:
         return int(config.get("in_channels", 4))

@@ -7,6 +7,8 @@ height and width stay dynamic. The sin-cos table has `max_text_seq_length` text 
 of the video tokens, so the text length must equal `max_text_seq_length` (226 for the published
 models, as the pipeline pads). Rotary-embedding checkpoints (5b, 1.5) get their rotary tables
 computed inside the adapter as the pipeline does (`_prepare_rotary_positional_embeddings`).
+CogVideoX 1.5 patchifies two latent frames at a time (`patch_size_t: 2`), so its frame counts are
+multiples of 2 (`ArchitectureDescriptor.multiples`), as its pipeline pads them.
 """
 
 import torch
@@ -15,16 +17,27 @@ from torch import nn
 from vdopt.families.base import ArchitectureDescriptor, CondInput, register
 
 
+def resize_crop_region(grid: tuple[int, int], base_width: int, base_height: int):
+    """The CogVideoX pipeline's `get_resize_crop_region_for_grid`, restated: importing the pipeline module
+    needs `transformers`, which vdopt does not depend on."""
+    height, width = grid
+    if height / width > base_height / base_width:
+        resize_height, resize_width = base_height, int(round(base_height / height * width))
+    else:
+        resize_height, resize_width = int(round(base_width / width * height)), base_width
+    top, left = int(round((base_height - resize_height) / 2.0)), int(round((base_width - resize_width) / 2.0))
+    return (top, left), (top + resize_height, left + resize_width)
+
+
 def rotary_embeddings(config, frames, height, width, device):
     """CogVideoX pipeline's `_prepare_rotary_positional_embeddings`, on latent (not pixel) sizes."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     p, p_t = config.patch_size, config.patch_size_t
     grid_height, grid_width = height // p, width // p
     base_width, base_height = config.sample_width // p, config.sample_height // p
     if p_t is None:
-        crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+        crops = resize_crop_region((grid_height, grid_width), base_width, base_height)
         return get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid_size=(grid_height, grid_width),
                                        temporal_size=frames, device=device)
     base_frames = (frames + p_t - 1) // p_t

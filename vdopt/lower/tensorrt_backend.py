@@ -34,7 +34,7 @@ class BuildSettings:
 def profile_shapes(program: StepProgram) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min/opt/max shape per input: every manifest shape evaluated at the recipe's smallest and largest
     batch and latent sizes (rounded inwards to the patch multiples); opt is the example the program was traced at."""
-    multiples = list(program.descriptor.patch_size)
+    multiples = list(program.multiples)
     of = step_multiples(multiples)
     low = {name: -(-lo // of[name]) * of[name] for name, (lo, _) in program.dims.items()}
     high = {name: hi - hi % of[name] for name, (_, hi) in program.dims.items()}

@@ -1,0 +1,77 @@
+"""Family configs beyond the tiny test ones: CogVideoX 1.5 (two-frame temporal patches, rotary positions)
+without `transformers`, and the compile-time check of the ranges torch.export actually kept."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+
+from reference_loop import reference_sample
+from vdopt.capture import capture
+from vdopt.compiler import compile_bundle
+from vdopt.errors import CaptureError, RecipeError, RunInputError
+from vdopt.families import descriptor_for
+from vdopt.recipe import parse_recipe
+from vdopt.runtime.session import Session
+
+COGVIDEOX_1_5 = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+                     text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                     patch_size_t=2, patch_bias=False, temporal_compression_ratio=4, max_text_seq_length=7,
+                     use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)
+SAMPLER = {"kind": "ddim", "prediction": "v_prediction", "steps": 3, "guidance_scale": 6.0}
+
+
+def recipe(frames):
+    return parse_recipe({"model": {"family": "cogvideox", "config": COGVIDEOX_1_5,
+                                   "input": {"frames": frames, "height": 8, "width": 8, "text_len": 7}},
+                         "sampler": SAMPLER})
+
+
+@pytest.fixture
+def without_transformers(monkeypatch):
+    """`import transformers` fails, as on a machine without it (vdopt does not depend on it)."""
+    real_import = builtins.__import__
+
+    def refuse(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] == "transformers":
+            raise ModuleNotFoundError("No module named 'transformers'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", refuse)
+
+
+def test_cogvideox_1_5_compiles_with_dynamic_frames_in_twos_and_matches_the_eager_loop(tmp_path, without_transformers):
+    """Regression: the adapter imported the CogVideoX pipeline module (needs transformers), and the frame
+    multiple was taken as 1 instead of the config's patch_size_t 2."""
+    torch.manual_seed(0)
+    model = descriptor_for("cogvideox").build(COGVIDEOX_1_5).eval()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    manifest = compile_bundle(recipe({"min": 4, "max": 8}), tmp_path / "model.safetensors", tmp_path / "bundle")
+    assert manifest["latent"]["multiples"] == [2, 2, 2]
+    assert manifest["inputs"][0]["shape"][2] == "2*frames_units"
+    session = Session(tmp_path / "bundle")
+    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))}
+    uncond = {"encoder_hidden_states": torch.zeros(1, 7, 16)}
+    for frames in (4, 6, 8):
+        got = session.run(cond, uncond, seed=5, frames=frames, progress=False)
+        expected = reference_sample("cogvideox", model, recipe(4).sampler, cond, uncond, 5, (1, 4, frames, 8, 8))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with pytest.raises(RunInputError, match="frames=5 is not a multiple of 2"):
+        session.run(cond, uncond, frames=5, progress=False)
+
+
+def test_a_range_torch_export_narrowed_is_a_compile_error():
+    """The rotary table broadcasts a one-patch frame axis, so export keeps frames >= 4 only: the recipe's 2..8
+    is refused at compile time, not by a `Guard failed` when a user runs 2 frames."""
+    with pytest.raises(CaptureError, match=r"model.input.frames: the exported cogvideox step takes frames 4\.\.8 only, "
+                                           r"not the 2\.\.8"):
+        capture(recipe({"min": 2, "max": 8}), None)
+
+
+def test_an_odd_static_frame_count_is_refused_for_two_frame_patches():
+    with pytest.raises(RecipeError, match="frames 5 is not a multiple of the cogvideox family's patch size 2"):
+        capture(recipe(5), None)
