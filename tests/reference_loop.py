@@ -15,6 +15,13 @@ def call_wan(model, x, t, cond):
     return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
 
 
+def call_wan_i2v(model, x, t, cond):
+    """As WanImageToVideoPipeline calls it (Wan 2.1): the condition concatenated to the latent on channels."""
+    return model(hidden_states=torch.cat([x, cond["condition"]], dim=1), timestep=t,
+                 encoder_hidden_states=cond["encoder_hidden_states"],
+                 encoder_hidden_states_image=cond["encoder_hidden_states_image"], return_dict=False)[0]
+
+
 def call_latte(model, x, t, cond):
     out = model(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
                 enable_temporal_attentions=True, return_dict=False)[0]
@@ -73,7 +80,7 @@ def call_ltx_video(model, x, t, cond):
     return unpack_ltx(out, frames // p_t, height // p, width // p, p, p_t)
 
 
-FAMILY_CALLS = {"wan": call_wan, "latte": call_latte, "cogvideox": call_cogvideox,
+FAMILY_CALLS = {"wan": call_wan, "wan_i2v": call_wan_i2v, "latte": call_latte, "cogvideox": call_cogvideox,
                 "hunyuan_video": call_hunyuan_video, "ltx_video": call_ltx_video}
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from vdopt.cli import main as vdopt_main
 from vdopt.families import descriptor_for
+from vdopt.families.base import KeywordDenoiser
 
 WAN_INPUT = {"frames": {"min": 1, "max": 4}, "height": {"min": 4, "max": 8}, "width": {"min": 4, "max": 8}, "text_len": 7}
 
@@ -190,3 +191,87 @@ def test_bare_program_without_known_structure(tmp_path, capsys):
     message = run_cli(capsys, ["compile", str(recipe), str(program), "-o", str(tmp_path / "out.vdopt")])
     assert "no wan transformer blocks" in message and "Conv3d" in message and "vdopt inspect --graph" in message
     assert_no_bundle_left(tmp_path / "out.vdopt")
+
+
+def exported_wan(tmp_path, batch: int, dynamic: bool) -> Path:
+    descriptor = descriptor_for("wan")
+    denoiser = descriptor.adapter(descriptor.build(dict(descriptor.tiny_config))).eval()
+    example = (torch.randn(batch, 4, 2, 8, 8), torch.full((batch,), 500.0), torch.randn(batch, 7, 16))
+    shapes = None
+    if dynamic:
+        rows = torch.export.Dim("batch", min=1, max=8)
+        shapes = ({0: rows}, {0: rows}, ({0: rows},))  # the adapter takes the conditioning as *cond
+    program = tmp_path / "user.pt2"
+    torch.export.save(torch.export.export(denoiser, example, dynamic_shapes=shapes), str(program))
+    return program
+
+
+def test_a_bare_program_with_a_static_batch_says_to_export_a_dynamic_one(tmp_path, capsys):
+    """Regression: a batch-1 static export failed deep in the trace with `Guard failed: x.size()[0] == 1`."""
+    program = exported_wan(tmp_path, batch=1, dynamic=False)
+    recipe = write_recipe(tmp_path / "r.yaml", model__layout="exported_program",
+                          model__input={"frames": 2, "height": 8, "width": 8, "text_len": 7}, sampler={"steps": 2})
+    message = run_cli(capsys, ["compile", str(recipe), str(program), "-o", str(tmp_path / "out.vdopt")])
+    assert "exported with a static batch of 1" in message and "guidance doubles the rows" in message
+    assert "Dim on dim 0 of x and on dim 0 of t and every conditioning input" in message
+    assert_no_bundle_left(tmp_path / "out.vdopt")
+    dynamic = exported_wan(tmp_path, batch=2, dynamic=True)
+    assert vdopt_main(["compile", str(recipe), str(dynamic), "-o", str(tmp_path / "out.vdopt")]) == 0
+
+
+def test_a_bare_program_taking_other_inputs_names_the_call(tmp_path, capsys):
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x, t):
+            return x * t.reshape(-1, 1, 1, 1, 1)
+
+    program = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(TwoInputs(), (torch.randn(2, 4, 2, 8, 8), torch.ones(2))), str(program))
+    recipe = write_recipe(tmp_path / "r.yaml", model__layout="exported_program",
+                          model__input={"frames": 2, "height": 8, "width": 8, "text_len": 7}, sampler={"steps": 2})
+    message = run_cli(capsys, ["compile", str(recipe), str(program), "-o", str(tmp_path / "out.vdopt")])
+    assert "takes 2 inputs; the wan step calls it as (x, t, encoder_hidden_states)" in message
+
+
+class ModeFromData(torch.nn.Module):
+    """A model whose mode flag is computed from an input tensor: torch.export cannot hold the branch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, encoder_hidden_states):
+        if encoder_hidden_states.abs().sum() > 0:  # the data-dependent branch
+            return self.model(x, t, encoder_hidden_states)
+        return x
+
+
+def test_a_data_dependent_branch_points_to_the_guide(tmp_path, capsys, monkeypatch):
+    """Regression: a model branching on data failed with torch.export's message alone, no way forward."""
+    descriptor = descriptor_for("wan")
+    monkeypatch.setattr(type(descriptor), "adapter", lambda self, model: ModeFromData(KeywordDenoiser(model, ("encoder_hidden_states",))))
+    recipe = write_recipe(tmp_path / "r.yaml", model__input={"frames": 2, "height": 8, "width": 8, "text_len": 7},
+                          sampler={"steps": 2})
+    message = run_cli(capsys, ["compile", str(recipe), "-o", str(tmp_path / "out.vdopt")])
+    assert "branches on the value of a tensor at test_errors.py:" in message
+    assert "docs/export_troubleshooting.md" in message
+    assert (Path(__file__).parents[1] / "docs" / "export_troubleshooting.md").is_file()
+
+
+def test_inspect_graph_names_families_whose_time_embedding_is_missing(tmp_path, capsys):
+    """Regression: families were suggested by the block regex alone, and teacache then failed on them."""
+    class NoTimeEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    program = tmp_path / "p.pt2"
+    torch.export.save(torch.export.export(NoTimeEmbedding(), (torch.randn(2, 8),)), str(program))
+    assert vdopt_main(["inspect", str(program), "--graph"]) == 0
+    out = capsys.readouterr().out
+    assert "matching families: none" in out
+    assert "wan: no time embedding matching 'condition_embedder\\.time_embedder' (teacache needs it)" in out

@@ -75,3 +75,41 @@ def test_a_range_torch_export_narrowed_is_a_compile_error():
 def test_an_odd_static_frame_count_is_refused_for_two_frame_patches():
     with pytest.raises(RecipeError, match="frames 5 is not a multiple of the cogvideox family's patch size 2"):
         capture(recipe(5), None)
+
+
+def test_wan_image_to_video_takes_a_latent_shaped_condition_and_matches_the_eager_loop(tmp_path, wan_i2v_checkpoint):
+    """Latent-shaped conditioning: the first-frame condition has the latent's frames, height and width (dynamic with
+    them); both guidance branches see the same image (null rule `same`, from the manifest)."""
+    checkpoint, model = wan_i2v_checkpoint
+    recipe = parse_recipe({"model": {"family": "wan_i2v", "input": {"frames": {"min": 1, "max": 5}, "height": {"min": 4, "max": 8},
+                                                                     "width": 4, "text_len": 4}},
+                           "sampler": {"kind": "flow_euler", "steps": 3, "shift": 3.0, "guidance_scale": 5.0}})
+    manifest = compile_bundle(recipe, checkpoint, tmp_path / "bundle")
+    condition = next(s for s in manifest["inputs"] if s["name"] == "cond.condition")
+    assert condition["shape"] == [1, 4, "frames", "2*height_units", 4]
+    assert manifest["null_cond"] == {"encoder_hidden_states": "zeros", "condition": "same",
+                                     "encoder_hidden_states_image": "same"}
+    session = Session(tmp_path / "bundle")
+    descriptor = descriptor_for("wan_i2v")
+    for frames, height in ((2, 4), (5, 8)):
+        cond = descriptor.example_cond(descriptor.tiny_config, 1, 4, torch.Generator().manual_seed(frames),
+                                       latent=(frames, height, 4))
+        got = session.run(cond, seed=2, frames=frames, height=height, progress=False)
+        uncond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+        expected = reference_sample("wan_i2v", model, recipe.sampler, cond, uncond, 2, (1, 4, frames, height, 4))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    wrong = {**cond, "condition": cond["condition"][:, :, :1]}
+    with pytest.raises(RunInputError, match="'cond.condition' has shape"):
+        session.run(wrong, frames=5, height=8, progress=False)
+
+
+@pytest.fixture
+def wan_i2v_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    descriptor = descriptor_for("wan_i2v")
+    torch.manual_seed(0)
+    model = descriptor.build(dict(descriptor.tiny_config)).eval()
+    path = tmp_path / "wan_i2v.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, model

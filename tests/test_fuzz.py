@@ -651,9 +651,25 @@ FOUND_MANIFEST_EDITS = {
     "a list where a dtype goes": (lambda m: m["outputs"][0].update(dtype=["float32"]), "dtype should be"),
     "an object where latent.dtype goes": (lambda m: m["latent"].update(dtype={"a": 1}), "latent.dtype"),
 }
+# The segment lists its own inputs and state; the edits above change the manifest's and the segment's alike.
+SEGMENT_EDITS = {
+    "a segment state other than the manifest's": (lambda m: m["segments"][0]["state"].append(
+        {"name": "s", "shape": [1], "dtype": "float32"}), "segments[0].state names other tensors"),
+    "a segment input dtype other than the manifest's": (lambda m: m["segments"][0]["inputs"][2].update(dtype="int64"),
+                                                        "segments[0].inputs names other tensors (or dtypes)"),
+}
 
 
-@pytest.mark.parametrize("edit, message", list(FOUND_MANIFEST_EDITS.values()), ids=list(FOUND_MANIFEST_EDITS))
+def edited_alike(edit):
+    def apply(manifest):
+        edit(manifest)
+        for key in ("inputs", "state"):
+            manifest["segments"][0][key] = manifest[key]
+    return apply
+
+
+@pytest.mark.parametrize("edit, message", [(edited_alike(edit), message) for edit, message in FOUND_MANIFEST_EDITS.values()]
+                         + list(SEGMENT_EDITS.values()), ids=[*FOUND_MANIFEST_EDITS, *SEGMENT_EDITS])
 def test_found_manifest_edits_are_one_paragraph(bundle, scratch, edit, message):
     manifest = json.loads((bundle / MANIFEST).read_text())
     edit(manifest)

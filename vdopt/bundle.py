@@ -307,6 +307,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
 def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     """The fields the runtime reads have the types it expects (extra keys are allowed), so an edited
     manifest is a one-paragraph error here rather than a KeyError or TypeError deep in a run."""
+    from vdopt.families.base import NULL_FILLS
     from vdopt.program import DTYPES, STEP_DIMS
 
     problems: list[str] = []
@@ -336,6 +337,9 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
         tensor_list(manifest.get(key), key)
     tensor_list(manifest.get("state"), "state", state=True)
     expect(isinstance(manifest.get("family"), str), "family", "a string")
+    rules = manifest.get("null_cond", {})
+    expect(isinstance(rules, dict) and all(one_of(rule, NULL_FILLS) for rule in rules.values()), "null_cond",
+           f"conditioning names mapped to one of {', '.join(NULL_FILLS)}")
     latent = manifest.get("latent")
     if "latent" in manifest and expect(isinstance(latent, dict), "latent", "an object"):
         batch = latent.get("batch")
@@ -406,6 +410,9 @@ def check_consistency(path: Path, manifest: dict[str, Any]) -> None:
     if "guidance" in manifest and manifest["guidance"] != any(s["name"].startswith("uncond.") for s in inputs):
         problems.append(f"guidance is {str(manifest['guidance']).lower()} but the inputs "
                         f"{'have no' if manifest['guidance'] else 'have'} uncond.* tensors")
+    conds = sorted(s["name"].removeprefix("cond.") for s in inputs if s["name"].startswith("cond."))
+    if "null_cond" in manifest and sorted(manifest["null_cond"]) != conds:
+        problems.append(f"null_cond names {sorted(manifest['null_cond'])} but the conditioning inputs are {conds}")
     for i, segment in enumerate(manifest["segments"]):
         for key in ("inputs", "state"):
             if key in segment and [(s["name"], s["dtype"]) for s in segment[key]] != [(s["name"], s["dtype"]) for s in manifest[key]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class ExportedDenoiser(nn.Module):
 
     def __init__(self, program: torch.export.ExportedProgram):
         super().__init__()
+        self.signature = [n.meta.get("val") for n in user_input_nodes(program)]
         self.program = program.module()
 
     def train(self, mode: bool = True) -> "ExportedDenoiser":
@@ -319,7 +321,8 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], multiples: tuple[int
                           state_shapes: list[tuple[int | str, ...]] = ()):
     """Dynamic sizes of the latent `x` (the first input), keyed by tensor so any call structure fits.
 
-    Conditioning tensors share `x`'s batch (dim 0). State tensors (the last inputs, one per entry of
+    Conditioning tensors share `x`'s batch (dim 0); a latent-shaped one (rank 5, with `x`'s frames, height and
+    width at the traced sizes: a first-frame latent, a control video, a mask) shares those dims too. State tensors (the last inputs, one per entry of
     `state_shapes`, their sizes named in the step dims) follow the step's sizes.
     """
     roots = root_dims(dims, multiples)
@@ -329,9 +332,11 @@ def export_dynamic_shapes(dims: dict[str, tuple[int, int]], multiples: tuple[int
         return shapes
     shapes[example[0]] = x_dims
     num_state = len(state_shapes)
-    if 0 in x_dims:
-        for cond in example[2: len(example) - num_state]:
-            shapes[cond] = {0: x_dims[0]}
+    for cond in example[2: len(example) - num_state]:
+        latent_shaped = cond.dim() == 5 and cond.shape[2:] == example[0].shape[2:]
+        cond_dims = {axis: dim for axis, dim in x_dims.items() if axis == 0 or latent_shaped}
+        if cond_dims:
+            shapes[cond] = cond_dims
     by_name = {dim.__name__: dim for dim, _ in roots.values()}
     for state, shape in zip(example[len(example) - num_state:], state_shapes):
         state_dims = {d: state_dim(size, by_name) for d, size in enumerate(shape)}
@@ -399,7 +404,8 @@ def example_inputs(recipe: Recipe, descriptor: ArchitectureDescriptor, config: d
     dtype = DTYPES[recipe.model.dtype]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(sizes["batch"], descriptor.in_channels(config), sizes["frames"], sizes["height"], sizes["width"], generator=generator).to(dtype)
-    cond = descriptor.example_cond(config, sizes["batch"], spec.text_len, generator)
+    cond = descriptor.example_cond(config, sizes["batch"], spec.text_len, generator,
+                                   latent=(sizes["frames"], sizes["height"], sizes["width"]))
     cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
     tensors = [x, torch.tensor(0, dtype=torch.int64), *cond.values()]
     names = ["x", "i", *(f"cond.{k}" for k in cond)]
@@ -447,6 +453,55 @@ def symbol_names(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, in
         return re.sub(r"\b[a-z]+\d+\b", lambda m: mapping.get(m.group(0), m.group(0)), str(size)).replace(" ", "")
 
     return rename
+
+
+DATA_DEPENDENT = ("data-dependent", "data dependent", "GuardOnDataDependentSymNode", "DataDependentOutputException")
+
+
+def is_data_dependent(exc: BaseException) -> bool:
+    """An export failure caused by a branch or size that depends on a tensor's values."""
+    while exc is not None:
+        if any(mark in f"{type(exc).__name__}: {exc}" for mark in DATA_DEPENDENT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def user_frame(exc: BaseException) -> str:
+    """` at file.py:123` for the innermost traceback frame outside torch and vdopt: the model's line that asked
+    for a value."""
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        parts = Path(frame.filename).parts
+        if "torch" not in parts and "vdopt" not in parts and "sympy" not in parts and "<" not in frame.filename:
+            frames.append(frame)
+    return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+
+
+def check_exported_signature(denoiser: ExportedDenoiser, descriptor: ArchitectureDescriptor, dims: dict[str, tuple[int, int]],
+                             guidance: bool, source) -> None:
+    """A bare program must take what the step passes it: `(x, t, *cond)`, a dynamic batch when guidance doubles the
+    rows or the recipe's batch is a range, and every latent dim the recipe makes dynamic. Said before tracing, with
+    the fix (docs/adding_a_family.md), rather than as a guard failure inside it."""
+    names = ["x", "t", *(c.name for c in descriptor.cond_inputs)]
+    values = denoiser.signature
+    fix = "Export it again (docs/adding_a_family.md, 'Checking a program against a descriptor')"
+    if len(values) != len(names) or not all(isinstance(v, torch.Tensor) for v in values):
+        raise CaptureError(f"{source}: the program takes {len(values)} inputs; the {descriptor.family} step calls it as "
+                           f"({', '.join(names)}), all tensors. {fix}.")
+    x = values[0]
+    if x.dim() != 5:
+        raise CaptureError(f"{source}: the program's first input has {x.dim()} dims; the step passes the latent x as "
+                           f"[batch, channels, frames, height, width]. {fix}.")
+    wanted = [("batch", 0, "guidance doubles the rows (conditional and unconditional together)" if guidance
+               else "model.input.batch is a range")] if guidance or dims["batch"][0] != dims["batch"][1] else []
+    wanted += [(name, axis, f"model.input.{name} is a range") for axis, name in ((2, "frames"), (3, "height"), (4, "width"))
+               if dims[name][0] != dims[name][1]]
+    for name, axis, why in wanted:
+        if not isinstance(x.shape[axis], torch.SymInt):
+            raise CaptureError(f"{source}: the program was exported with a static {name} of {x.shape[axis]} (x dim "
+                               f"{axis}), but {why}. {fix} with a Dim on dim {axis} of x"
+                               f"{' and on dim 0 of t and every conditioning input' if axis == 0 else ''}.")
 
 
 def check_export_ranges(ep: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]], multiples: tuple[int, int, int],
@@ -507,6 +562,8 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
     dtype = DTYPES[recipe.model.dtype]
     with fake_mode or nullcontext():
         denoiser, descriptor, config = load_denoiser(recipe, model_path, trust_pickle)
+        if isinstance(denoiser, ExportedDenoiser):
+            check_exported_signature(denoiser, descriptor, dims, guidance, model_path)
         denoiser = denoiser.eval().requires_grad_(False)
         if any(p.dtype != dtype for p in denoiser.parameters()):
             denoiser = denoiser.to(dtype)
@@ -519,6 +576,12 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
             raise
         except Exception as exc:  # noqa: BLE001 - export errors are long; keep the first line and the fix
             first = first_line(exc)
+            if is_data_dependent(exc):
+                raise CaptureError(
+                    f"the {descriptor.family} model branches on the value of a tensor{user_frame(exc)} (torch.export: "
+                    f"{first[:160]}), which one exported graph cannot hold. docs/export_troubleshooting.md shows the "
+                    f"rewrites that fix it: a constant mode flag, torch.where / torch.cond, a mask instead of a "
+                    f"boolean index.") from exc
             raise CaptureError(
                 f"torch.export could not capture the {descriptor.family} step program for latent sizes {dims}: "
                 f"{type(exc).__name__}: {first}. Narrow model.input ranges or give lower.profiles with static sizes."

@@ -16,7 +16,7 @@ from vdopt.errors import VdoptError
 def cmd_compile(args: argparse.Namespace) -> int:
     from vdopt.compiler import compile_bundle
 
-    manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle,
+    manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                               dump_ir=args.dump_ir, force=args.force, verify=args.verify, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
     seconds = sum(p["seconds"] for s in manifest["segments"] for p in s["passes"])
     print(f"wrote {args.output}: {len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vdopt.video import load_cond, save_output
 
     check_run_args(args)
-    session = Session(args.bundle, device=args.device)
+    session = Session(args.bundle, device=args.device, trust_code=args.trust_code)
     cond, uncond = load_cond(session, args.cond, args.prompt)
     trace = CacheTrace(session.manifest) if args.trace else None
     video = session.run(cond, uncond, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
@@ -61,7 +61,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     check_output_path(out / "profile.json", "-o", (".json",))
     if args.threads:
         torch.set_num_threads(args.threads)
-    session = Session(args.bundle, device=args.device, profile=True)
+    session = Session(args.bundle, device=args.device, profile=True, trust_code=args.trust_code)
     cond, uncond = load_cond(session, args.cond, args.prompt)
     out.mkdir(parents=True, exist_ok=True)
     profile = profile_bundle(session, cond, uncond, seed=args.seed, chrome_trace=out / "trace.json",
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle directory to write, e.g. out.vdopt")
     p.add_argument("--trust-pickle", action="store_true", help="allow running code from the model file: a pickled nn.Module, or a .pt2 whose pickles, "
                         "size strings or guards are not plain data (only for files you trust)")
+    p.add_argument("--trust-code", action="store_true", help="allow a model.family given as module.path:ATTRIBUTE: importing "
+                                                            "it runs that module's code (installed vdopt.families entry "
+                                                            "points need no flag)")
     p.add_argument("--dump-ir", metavar="DIR", help="write a readable graph after every pass")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the bundle against the unoptimised program on the recipe's verify.prompts and refuse to "
@@ -131,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-code", action="store_true", help="allow loading a family given as module.path:ATTRIBUTE "
+                                                            "(only needed for its prompt encoder)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--trace", metavar="FILE.json", help="record cache decisions per step and row (and a .png plot beside it)")
     p.add_argument("-o", "--output", required=True, help="out.pt | out.safetensors | out.gif | out.mp4")
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--trust-code", action="store_true", help="as for run")
     p.add_argument("--depth", type=int, help="group module paths by their first N names (default: full paths)")
     p.add_argument("--top", type=int, default=15, help="modules listed in the table")
     p.add_argument("--per-block", action="store_true", help="a row per block (default: the same module of every block is one row)")

@@ -11,6 +11,7 @@ import torch
 import vdopt
 from vdopt.bundle import staged_bundle, write_manifest
 from vdopt.capture import capture
+from vdopt.families import family_origin, load_family
 from vdopt.lower import get_backend
 from vdopt.lower.split_conditional import SplitStep, split_conditional
 from vdopt.pass_manager import PassManager
@@ -61,7 +62,9 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "vdopt_version": vdopt.__version__,
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "family": descriptor.family,
+        "family": recipe.model.family,
+        "family_origin": family_origin(recipe.model.family),
+        "null_cond": descriptor.null_rules(),
         "recipe": recipe.model_dump(mode="json"),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in program.model_config.items()},
         "parameters": sum(t.numel() for t in program.ep.state_dict.values()),
@@ -105,14 +108,17 @@ def write_bundle(program: StepProgram, recipe: Recipe, output: str | Path, model
 
 
 def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, output: str | Path, *,
-                   trust_pickle: bool = False, dump_ir: str | Path | None = None, force: bool = True,
-                   verify: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   trust_pickle: bool = False, trust_code: bool = False, dump_ir: str | Path | None = None,
+                   force: bool = True, verify: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compiles `recipe` into a bundle at `output`.
+
+    `trust_code`: a `model.family` given as a module.path:ATTRIBUTE reference may be imported (vdopt.families).
 
     `verify`: measure the bundle against the unoptimised program (contract 8) and refuse to write it when
     it misses the recipe's `verify:` budget. None (default): verify when the recipe states a budget.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    load_family(recipe.model.family, trust_code=trust_code)
     log = log or (lambda message: None)
     backend = get_backend(recipe.lower.backend)
     profiles = profiles_of(recipe)

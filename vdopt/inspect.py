@@ -88,8 +88,22 @@ def summarize_modules(ops: int, found: Counter, limit: int = 25) -> str:
     lines = [f"{ops} ops; module classes: " + ", ".join(f"{cls} x{count}" for cls, count in classes.most_common(limit))]
     shallow = sorted({fqn for fqn, _ in found if fqn.count(".") <= 2})
     lines.append("module paths (depth <= 3): " + ", ".join(shallow[:limit]) + (" ..." if len(shallow) > limit else ""))
-    matches = [d.family for d in registry().values() if d.matches_class(set(classes)) or any(d.is_block(f) for f, _ in found)]
+    matches, partial = [], []
+    for name, descriptor in sorted(registry().items()):
+        blocks = {f for f, _ in found if descriptor.is_block(f)}
+        time_embedding = sorted(f for f, _ in found if descriptor.is_time_embedding(f))
+        if not blocks and not descriptor.matches_class(set(classes)):
+            continue
+        if blocks and time_embedding:
+            matches.append(f"{name} ({len(blocks)} blocks, time embedding {time_embedding[0]})")
+        else:
+            missing = [] if blocks else [f"no blocks matching '{descriptor.block_pattern}'"]
+            missing += [] if time_embedding else [f"no time embedding matching '{descriptor.time_embedding_pattern}' "
+                                                  f"(teacache needs it)"]
+            partial.append(f"{name}: {'; '.join(missing)}")
     lines.append(f"matching families: {', '.join(matches) or 'none'}")
+    if partial:
+        lines.append("not matching: " + " | ".join(partial) + ". A family of your own: docs/adding_a_family.md")
     return "\n".join(lines)
 
 

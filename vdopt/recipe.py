@@ -7,6 +7,7 @@ so editors can complete and check recipes as they are typed.
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vdopt.errors import RecipeError, first_line
 from vdopt.measure import Budget
 
-FAMILIES = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "reference")
 
 
 def _takes_numbers(annotation: Any) -> bool:
@@ -100,7 +100,9 @@ class InputSpec(Strict):
 
 
 class ModelSection(Strict):
-    family: Literal[FAMILIES]  # type: ignore[valid-type]
+    family: str = Field(description="A built-in family (wan, latte, cogvideox, hunyuan_video, ltx_video, reference), an "
+                                    "installed 'vdopt.families' entry point, or a module.path:ATTRIBUTE reference to an "
+                                    "ArchitectureDescriptor (loaded only with --trust-code; docs/adding_a_family.md).")
     config: dict[str, Any] | str | None = Field(
         None, description="diffusers config kwargs, or a path to a config.json; omitted: the family's tiny test config."
     )
@@ -110,6 +112,18 @@ class ModelSection(Strict):
     )
     input: InputSpec
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from vdopt.families import is_code_reference, known_families
+
+        if value not in known_families() and not is_code_reference(value):
+            close = difflib.get_close_matches(value, known_families(), n=1)
+            raise ValueError(f"'{value}' is not a known family{f' (did you mean {close[0]!r}?)' if close else ''}; known: "
+                             f"{', '.join(known_families())}, or a module.path:ATTRIBUTE reference to a descriptor of "
+                             f"your own")
+        return value
 
 
 class SamplerSection(Strict):

@@ -140,7 +140,8 @@ def step_memory(recipe, descriptor, config: dict, sizes: dict[str, int]) -> tupl
     volume = sizes["frames"] * sizes["height"] * sizes["width"]
     try:
         channels = descriptor.in_channels(config)
-        cond = sum(math.prod(c.shape(config, sizes["batch"], spec.text_len)) for c in descriptor.cond_inputs)
+        latent = (sizes["frames"], sizes["height"], sizes["width"])
+        cond = sum(math.prod(c.shape_at(config, sizes["batch"], spec.text_len, latent)) for c in descriptor.cond_inputs)
     except (KeyError, TypeError) as exc:
         raise RecipeError(f"model.config: the {descriptor.family} family needs {exc} to size its inputs; give it in "
                           f"model.config.") from None

@@ -18,15 +18,39 @@ from torch import nn
 
 @dataclass(frozen=True)
 class CondInput:
-    """One conditioning tensor of the step program (text embeddings, masks, pooled vectors).
+    """One conditioning tensor of the step program.
 
-    `shape` is a function of (config, batch, text_len); `null` builds the unconditional value.
+    Text-shaped (embeddings, masks, pooled vectors): `shape` is a function of (config, batch, text_len).
+    Latent-shaped (an image-to-video first-frame latent, a control video, a mask): `latent_channels` is a function
+    of the config, and the tensor is [batch, channels, frames, height, width] with the latent's own sizes, dynamic
+    where the latent's are. `null` is what the unconditional branch gets when no uncond is given (NULL_FILLS).
     """
 
     name: str
-    shape: Callable[[dict, int, int], tuple[int, ...]]
+    shape: Callable[[dict, int, int], tuple[int, ...]] | None = None
     dtype: torch.dtype = torch.float32
-    null: str = "zeros"  # "zeros" | "ones": what the unconditional branch gets when no uncond is given
+    null: str = "zeros"
+    latent_channels: Callable[[dict], int] | None = None
+
+    def shape_at(self, config: dict, batch: int, text_len: int, latent: tuple[int, int, int] | None) -> tuple[int, ...]:
+        """The shape for `batch` samples; `latent` (frames, height, width) sizes a latent-shaped input."""
+        if self.latent_channels is None:
+            return self.shape(config, batch, text_len)
+        if latent is None:
+            raise ValueError(f"conditioning input '{self.name}' is latent-shaped: its shape needs the latent sizes")
+        return (batch, self.latent_channels(config), *latent)
+
+
+class KeywordDenoiser(nn.Module):
+    """A diffusers video transformer that takes [B, C, F, H, W] latents, `timestep` and its conditioning by keyword."""
+
+    def __init__(self, model: nn.Module, cond_names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.cond_names = cond_names
+
+    def forward(self, x, t, *cond):
+        return self.model(hidden_states=x, timestep=t, **dict(zip(self.cond_names, cond)), return_dict=False)[0]
 
 
 @dataclass(frozen=True)
@@ -83,8 +107,9 @@ class ArchitectureDescriptor:
         return int(config.get("in_channels", 4))
 
     def adapter(self, model: nn.Module) -> nn.Module:
-        """Wrap `model` as `forward(x[B,C,F,H,W], t[B], *cond) -> prediction[B,C,F,H,W]`."""
-        raise NotImplementedError
+        """Wrap `model` as `forward(x[B,C,F,H,W], t[B], *cond) -> prediction[B,C,F,H,W]`. The default calls it
+        the diffusers way, `model(hidden_states=x, timestep=t, <cond name>=..., return_dict=False)[0]`."""
+        return KeywordDenoiser(model, tuple(c.name for c in self.cond_inputs))
 
     def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's own tensors out of a checkpoint file that may hold more (e.g. an encoder)."""
@@ -98,25 +123,42 @@ class ArchitectureDescriptor:
         None for families without one."""
         return None
 
-    def example_cond(self, config: dict, batch: int, text_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def example_cond(self, config: dict, batch: int, text_len: int, generator: torch.Generator,
+                     latent: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for c in self.cond_inputs:
-            shape = c.shape(config, batch, text_len)
+            shape = c.shape_at(config, batch, text_len, latent)
             if c.dtype.is_floating_point:
                 out[c.name] = torch.randn(shape, generator=generator, dtype=c.dtype)
             else:
                 out[c.name] = torch.ones(shape, dtype=c.dtype)
         return out
 
+    def null_rules(self) -> dict[str, str]:
+        """What the unconditional branch gets per conditioning input; written into the manifest, so a bundle runs
+        without its descriptor."""
+        return {c.name: c.null for c in self.cond_inputs}
+
     def null_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {c.name: (torch.ones_like if c.null == "ones" else torch.zeros_like)(cond[c.name]) for c in self.cond_inputs}
+        return null_cond(self.null_rules(), cond)
+
+
+NULL_FILLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "zeros": torch.zeros_like, "ones": torch.ones_like, "same": torch.clone}
+
+
+def null_cond(rules: dict[str, str], cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unconditional inputs from the conditional ones: zeros (empty text), ones (an all-valid mask), or the same
+    tensor (an image-to-video first frame, which both branches see)."""
+    return {name: NULL_FILLS[rule](cond[name]) for name, rule in rules.items()}
 
 
 _REGISTRY: dict[str, ArchitectureDescriptor] = {}
 
 
-def register(descriptor: ArchitectureDescriptor) -> ArchitectureDescriptor:
-    _REGISTRY[descriptor.family] = descriptor
+def register(descriptor: ArchitectureDescriptor, name: str | None = None) -> ArchitectureDescriptor:
+    """Makes `descriptor` the family `name` (default: its own `family`) for recipes and bundles in this process."""
+    _REGISTRY[name or descriptor.family] = descriptor
     return descriptor
 
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from vdopt.bundle import bundle_file, check_onnx_external_data, read_manifest
 from vdopt.errors import BundleError, RunInputError
-from vdopt.families import descriptor_for
+from vdopt.families import load_family
+from vdopt.families.base import null_cond
 from vdopt.lower import get_backend
 from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
 from vdopt.ranges import named_range
@@ -37,10 +38,12 @@ def check_device(name: str) -> None:
 
 
 class Session:
-    def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True, profile: bool = False):
+    def __init__(self, bundle: str | Path, device: str = "cpu", verify: bool = True, profile: bool = False,
+                 trust_code: bool = False):
         # Verified before anything is loaded: manifest checksum, confined paths, file checksums, shapes
         # (ARCHITECTURE contract 7, trust model). verify=False skips only hashing the files' contents.
         # profile: load runners whose work `vdopt profile` can attribute to modules (Backend.load).
+        # trust_code: the family may be a module.path:ATTRIBUTE reference, imported for its prompt encoder only.
         self.path = Path(bundle)
         check_device(device)
         self.manifest = read_manifest(self.path, verify=verify)
@@ -50,6 +53,7 @@ class Session:
                               f"by another tool or version. Recompile the bundle.")
         self.device = device
         self.profile = profile
+        self.trust_code = trust_code
         self.inputs = [TensorSpec.from_json(s) for s in self.manifest["inputs"]]
         self.state_specs = [StateSpec.from_json(s) for s in self.manifest["state"]]
         self.dtype = DTYPES[self.manifest["latent"]["dtype"]]
@@ -70,7 +74,7 @@ class Session:
 
     def prompt_encoder(self) -> Callable[[str | list[str]], tuple[dict, dict | None]] | None:
         """The bundle's own prompt encoder, if its family ships one (the reference model does)."""
-        return descriptor_for(self.manifest["family"]).prompt_encoder(self.path, self.manifest)
+        return load_family(self.manifest["family"], trust_code=self.trust_code).prompt_encoder(self.path, self.manifest)
 
     # ----- inputs --------------------------------------------------------------------------------
     def latent_shape(self, batch: int, frames: int | None, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -108,6 +112,12 @@ class Session:
 
     def resolved(self, spec: TensorSpec, sizes: dict[str, int]) -> list[int]:
         return [resolve_size(d, sizes, self.manifest["latent"]["multiples"]) for d in spec.shape]
+
+    def null_cond(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional inputs by the manifest's rules (older bundles: by the family's descriptor)."""
+        if "null_cond" in self.manifest:
+            return null_cond(self.manifest["null_cond"], cond)
+        return load_family(self.manifest["family"], trust_code=self.trust_code).null_cond(cond)
 
     def segment_inputs(self, segment: dict[str, Any]) -> list[TensorSpec]:
         """The segment's own input shapes (one per shape profile); older bundles list only the manifest's."""
@@ -201,7 +211,7 @@ class Session:
         inputs = self.segment_inputs(segment)
         conds = self.check_cond("cond", cond, sizes, inputs)
         if self.guidance:
-            null = uncond if uncond is not None else descriptor_for(self.manifest["family"]).null_cond(cond)
+            null = uncond if uncond is not None else self.null_cond(cond)
             conds += self.check_cond("uncond", null, sizes, inputs)
         x = self.initial_noise(seed, shape)
         state = self.initial_state(shape, self.segment_state(segment))
