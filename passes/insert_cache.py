@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import partial
 
 import sympy
 import torch
@@ -252,6 +251,16 @@ class CachedBody(nn.Module):
     def num_tensor_inputs(self) -> int:
         return sum(self.is_tensor)
 
+    def reading_sizes(self, branch):
+        """`branch(scalars, mask, *tensors)` as a torch.cond branch whose last operands carry the scalar sizes."""
+        count = len(self.is_tensor) - self.num_tensor_inputs
+
+        def call(mask, *tensors):
+            tensors, carriers = tensors[: len(tensors) - count], tensors[len(tensors) - count:]
+            return branch([carrier.shape[1] for carrier in carriers], mask, *tensors)
+
+        return call
+
     def with_scalars(self, tensors, scalars) -> list:
         tensors, scalars = iter(tensors), iter(scalars)
         return [next(tensors) if is_tensor else next(scalars) for is_tensor in self.is_tensor]
@@ -330,7 +339,10 @@ class CachedBody(nn.Module):
         samples = x.shape[0] * self.copies
         due, distance, update = self.policy.decide(i, x, probes, policy_state, samples)
         mask = due | self.forced(i, reuse_run)
-        scalars = [v for v in inputs if not isinstance(v, torch.Tensor)]  # sizes: closed over, not operands
+        # Sizes the body reads (SymInts) ride into the branches as the width of empty tensors: torch.cond takes
+        # tensor operands only, and its tracer cannot lift every closed-over size expression (HunyuanVideo's
+        # product of two latent dims fails with a LazyProxy error).
+        carriers = [x.new_empty((0, v)) for v in inputs if not isinstance(v, torch.Tensor)]
         tensor_inputs = [v for v in inputs if isinstance(v, torch.Tensor)]
         forecast_state, bases = (), ()
         if self.forecast:
@@ -339,8 +351,8 @@ class CachedBody(nn.Module):
             recomputed_again = mask & (computed > 0)
             forecast_state = (*(torch.where(row_mask(mask, cache), cache, prev) for cache, prev in zip(caches, previous)),
                               torch.where(recomputed_again, (reuse_run + 1).float(), gap))
-        results = torch.cond(mask.any(), partial(self.compute, scalars), partial(self.reuse, scalars),
-                             (mask, *tensor_inputs, *caches, *bases))
+        results = torch.cond(mask.any(), self.reading_sizes(self.compute), self.reading_sizes(self.reuse),
+                             (mask, *tensor_inputs, *caches, *bases, *carriers))
         results = [r.reshape(cache.shape) for r, cache in zip(results, (*caches, *caches))]
         reuse_run = torch.where(mask, torch.zeros_like(reuse_run), reuse_run + 1)
         return (*results, *forecast_state, *update(mask), reuse_run, computed + mask.to(computed.dtype), distance)

@@ -113,3 +113,44 @@ def wan_i2v_checkpoint(tmp_path):
     path = tmp_path / "wan_i2v.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path, model
+
+
+@pytest.fixture(scope="module")
+def hunyuan_checkpoint(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    descriptor = descriptor_for("hunyuan_video")
+    torch.manual_seed(0)
+    model = descriptor.build(dict(descriptor.tiny_config)).eval()
+    path = tmp_path_factory.mktemp("hunyuan") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("backend, split", [("onnx", "always"), ("aoti", "never"), ("torch", "always")])
+def test_hunyuan_cached_with_a_dynamic_batch_gathers_rows_on_every_backend(hunyuan_checkpoint, tmp_path, backend, split):
+    """Regression: HunyuanVideo's body reads a size that is a product of two latent dims; closed over by torch.cond's
+    branches it failed export (LazyProxy), so a dynamic batch could not be cached. On AOTInductor, its probe state came
+    back as a transposed view and was read in the wrong order the next step (distance 1.47 where torch had 0.3); a
+    split step could not name the batch; the torch backend's signature check failed on an unbounded size."""
+    descriptor = descriptor_for("hunyuan_video")
+    dims = {"frames": {"min": 1, "max": 8}, "height": {"min": 4, "max": 16}, "width": {"min": 4, "max": 16}}
+    outputs = {}
+    for name, options in (("reference", {"backend": "torch", "split_conditionals": "never"}),
+                          (backend, {"backend": backend, "split_conditionals": split})):
+        recipe = parse_recipe({"model": {"family": "hunyuan_video", "input": {**dims, "batch": {"min": 1, "max": 2},
+                                                                               "text_len": 7}},
+                               "sampler": {"steps": 6},
+                               "passes": [{"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.3}}],
+                               "lower": options})
+        manifest = compile_bundle(recipe, hunyuan_checkpoint, tmp_path / name)
+        assert manifest["cache"]["gather_rows"] is True
+        cond = descriptor.example_cond(descriptor.tiny_config, 2, 7, torch.Generator().manual_seed(1))
+        computed = []
+        latent = Session(tmp_path / name).run(cond, seed=0, frames=3, height=8, width=6, progress=False,
+                                              on_step=lambda i, state: computed.append(state[-2].tolist()))
+        outputs[name] = latent, computed
+    (reference, reference_computed), (got, got_computed) = outputs["reference"], outputs[backend]
+    assert got_computed == reference_computed
+    assert len(set(reference_computed[-1])) > 1 and min(reference_computed[-1]) < 6, "rows decided differently"
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)

@@ -215,7 +215,9 @@ class AotiBackend:
                               f"manifest's backend was edited. Recompile the bundle.") from None
 
         def run(*inputs):
+            # The compiled code reads each input with the strides it was traced with (contiguous); a state the
+            # previous step returned as a transposed view would be read in the wrong order.
             with torch.no_grad():
-                return runner(*inputs)
+                return runner(*(t.contiguous() for t in inputs))
 
         return run

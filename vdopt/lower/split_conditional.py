@@ -120,7 +120,7 @@ def branch_part(root: fx.GraphModule, branch: fx.Node, operands: list[fx.Node]) 
     return fx.GraphModule(attributes, graph)
 
 
-SIZE_SYMBOLS = {name: sympy.Symbol(name) for dim in LATENT_DIMS for name in (dim, f"{dim}_units")}
+SIZE_SYMBOLS = {"batch": sympy.Symbol("batch"), **{name: sympy.Symbol(name) for dim in LATENT_DIMS for name in (dim, f"{dim}_units")}}
 
 
 def manifest_size(spec: TensorSpec, size: int | str) -> sympy.Expr | int:

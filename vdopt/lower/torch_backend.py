@@ -14,6 +14,14 @@ from vdopt.program import StepProgram, dtype_name
 from vdopt.safety import load_exported_program
 
 
+def finite(bound) -> int | None:
+    """A range bound as an int; None for torch's integer infinity (`int_oo`, whose `is_finite` is not False)."""
+    try:
+        return int(bound)
+    except (OverflowError, TypeError, AttributeError):
+        return None
+
+
 def input_signature(ep: torch.export.ExportedProgram) -> list[tuple[torch.dtype, list[tuple[int, int | None]]]]:
     """(dtype, [(min, max) per dim]) of each user input of `ep`, from its traced values and range constraints."""
     user = set(ep.graph_signature.user_inputs)
@@ -28,8 +36,8 @@ def input_signature(ep: torch.export.ExportedProgram) -> list[tuple[torch.dtype,
                 dims.append((size, size))
                 continue
             bounds = ep.range_constraints.get(size.node.expr)
-            low = int(bounds.lower) if bounds is not None and bounds.lower.is_finite else 0
-            dims.append((low, int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None))
+            low = finite(bounds.lower) if bounds is not None else None
+            dims.append((low or 0, finite(bounds.upper) if bounds is not None else None))
         signature.append((value.dtype, dims))
     return signature
 
