@@ -40,11 +40,28 @@ def cogvideox_1_5_rotary(config, frames, height, width):
                                    max_size=(config.sample_height // p, config.sample_width // p))
 
 
+def cogvideox_1_0_rotary(config, frames, height, width):
+    """The pipeline's rotary table for CogVideoX 1.0 (5b) configs: diffusers' own function at the latent sizes, with
+    the pipeline's `get_resize_crop_region_for_grid` restated."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    grid_height, grid_width = height // config.patch_size, width // config.patch_size
+    base_height, base_width = config.sample_height // config.patch_size, config.sample_width // config.patch_size
+    if grid_height / grid_width > base_height / base_width:
+        resize_height, resize_width = base_height, int(round(base_height / grid_height * grid_width))
+    else:
+        resize_height, resize_width = int(round(base_width / grid_width * grid_height)), base_width
+    top, left = int(round((base_height - resize_height) / 2.0)), int(round((base_width - resize_width) / 2.0))
+    crops = ((top, left), (top + resize_height, left + resize_width))
+    return get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid_size=(grid_height, grid_width),
+                                   temporal_size=frames)
+
+
 def call_cogvideox(model, x, t, cond):
     rotary = None
     if model.config.use_rotary_positional_embeddings:
-        assert model.config.patch_size_t is not None, "the reference loop restates the 1.5 (patch_size_t) rotary only"
-        rotary = cogvideox_1_5_rotary(model.config, *x.shape[2:])
+        rotary_table = cogvideox_1_5_rotary if model.config.patch_size_t is not None else cogvideox_1_0_rotary
+        rotary = rotary_table(model.config, *x.shape[2:])
     # CogVideoX takes [B, F, C, H, W]; the reference loop keeps [B, C, F, H, W]
     out = model(hidden_states=x.transpose(1, 2), encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
                 image_rotary_emb=rotary, return_dict=False)[0]

@@ -64,6 +64,29 @@ def test_cogvideox_1_5_compiles_with_dynamic_frames_in_twos_and_matches_the_eage
         session.run(cond, uncond, frames=5, progress=False)
 
 
+def test_cogvideox_1_0_rotary_keeps_frames_dynamic_and_matches_the_eager_loop(tmp_path):
+    """Regression: diffusers' rotary frame grid `linspace(0, T * (T - 1) / T, T)` made export fix the frame count
+    (CogVideoX-5b could not take dynamic frames)."""
+    config = {**COGVIDEOX_1_5, "patch_size_t": None, "patch_bias": True}
+    torch.manual_seed(0)
+    model = descriptor_for("cogvideox").build(config).eval()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    recipe = parse_recipe({"model": {"family": "cogvideox", "config": config,
+                                     "input": {"frames": {"min": 1, "max": 6}, "height": 8, "width": 8, "text_len": 7}},
+                           "sampler": SAMPLER})
+    manifest = compile_bundle(recipe, tmp_path / "model.safetensors", tmp_path / "bundle")
+    assert manifest["inputs"][0]["shape"][2] == "frames"
+    session = Session(tmp_path / "bundle")
+    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))}
+    uncond = {"encoder_hidden_states": torch.zeros(1, 7, 16)}
+    for frames in (1, 3, 6):
+        got = session.run(cond, uncond, seed=5, frames=frames, progress=False)
+        expected = reference_sample("cogvideox", model, recipe.sampler, cond, uncond, 5, (1, 4, frames, 8, 8))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
 def test_a_range_torch_export_narrowed_is_a_compile_error():
     """The rotary table broadcasts a one-patch frame axis, so export keeps frames >= 4 only: the recipe's 2..8
     is refused at compile time, not by a `Guard failed` when a user runs 2 frames."""

@@ -29,6 +29,23 @@ def resize_crop_region(grid: tuple[int, int], base_width: int, base_height: int)
     return (top, left), (top + resize_height, left + resize_width)
 
 
+def with_frames(one_frame: tuple[torch.Tensor, torch.Tensor], head_dim: int, frames) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CogVideoX 1.0 rotary table for `frames` frames from the one-frame table: the same values as diffusers'
+    `get_3d_rotary_pos_embed(..., temporal_size=frames)`, whose frame grid `linspace(0, T * (T - 1) / T, T)` (exactly
+    0..T-1) would make torch.export fix the frame count; here the grid is `arange(T)`."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    time_dim = head_dim // 4
+    grid = torch.arange(frames, device=one_frame[0].device, dtype=torch.float32)
+    per_frame = get_1d_rotary_pos_embed(time_dim, grid, use_real=True)
+    tables = []
+    for spatial, temporal in zip(one_frame, per_frame):
+        tokens = spatial.shape[0]
+        tables.append(torch.cat([temporal[:, None, :].expand(-1, tokens, -1),
+                                 spatial[None, :, time_dim:].expand(frames, -1, -1)], dim=-1).flatten(0, 1))
+    return tables[0], tables[1]
+
+
 def rotary_embeddings(config, frames, height, width, device):
     """CogVideoX pipeline's `_prepare_rotary_positional_embeddings`, on latent (not pixel) sizes."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -38,8 +55,8 @@ def rotary_embeddings(config, frames, height, width, device):
     base_width, base_height = config.sample_width // p, config.sample_height // p
     if p_t is None:
         crops = resize_crop_region((grid_height, grid_width), base_width, base_height)
-        return get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid_size=(grid_height, grid_width),
-                                       temporal_size=frames, device=device)
+        return with_frames(get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid_size=(grid_height, grid_width),
+                                                   temporal_size=1, device=device), config.attention_head_dim, frames)
     base_frames = (frames + p_t - 1) // p_t
     return get_3d_rotary_pos_embed(config.attention_head_dim, None, grid_size=(grid_height, grid_width),
                                    temporal_size=base_frames, grid_type="slice",
@@ -122,5 +139,12 @@ COGVIDEOX = register(CogVideoXDescriptor(
                              activation_fn="gelu-approximate", timestep_activation_fn="silu",
                              norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
                              temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=False),
+        "CogVideoX-5b": dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                             flip_sin_to_cos=True, freq_shift=0, time_embed_dim=512, text_embed_dim=4096,
+                             num_layers=42, dropout=0.0, attention_bias=True, sample_width=90, sample_height=60,
+                             sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
+                             activation_fn="gelu-approximate", timestep_activation_fn="silu",
+                             norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
+                             temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True),
     },
 ))
