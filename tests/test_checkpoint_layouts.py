@@ -1,4 +1,4 @@
-"""Checkpoints as users have them: diffusers `save_pretrained` folders (plain, sharded, bf16), an index
+"""Checkpoints as users have them: diffusers `save_pretrained` folders (plain, sharded, bf16, fp16), an index
 given as the file, and the damaged or hostile variants of each, all without a traceback."""
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ CASES = {
                   {"kind": "ddim", "prediction": "v_prediction", "steps": 3, "guidance_scale": 6.0}, (3, 8, 8)),
 }
 LAYOUTS = {"plain": ({}, torch.float32), "sharded": ({"max_shard_size": "4KB"}, torch.float32),
-           "bf16": ({}, torch.bfloat16)}
+           "bf16": ({}, torch.bfloat16), "fp16": ({}, torch.float16)}
 
 
 def saved_model(family: str, directory, layout: str):
-    """The tiny model saved as `layout`; returns it in float32 with the stored (bf16-rounded) weights."""
+    """The tiny model saved as `layout`; returns it in float32 with the stored (bf16- or fp16-rounded) weights."""
     descriptor = descriptor_for(family)
     torch.manual_seed(0)
     model = descriptor.build(dict(descriptor.tiny_config)).eval()

@@ -4,9 +4,11 @@ without `transformers`, and the compile-time check of the ranges torch.export ac
 from __future__ import annotations
 
 import builtins
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from reference_loop import reference_sample
 from vdopt.capture import capture
@@ -21,6 +23,32 @@ COGVIDEOX_1_5 = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4
                      patch_size_t=2, patch_bias=False, temporal_compression_ratio=4, max_text_seq_length=7,
                      use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)
 SAMPLER = {"kind": "ddim", "prediction": "v_prediction", "steps": 3, "guidance_scale": 6.0}
+COND = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))}
+UNCOND = {"encoder_hidden_states": torch.zeros(1, 7, 16)}
+
+
+def saved_model(family: str, config: dict, directory: Path) -> tuple[Path, torch.nn.Module]:
+    """A seeded random-weight model of `config` and its safetensors file."""
+    torch.manual_seed(0)
+    model = descriptor_for(family).build(config).eval()
+    path = directory / f"{family}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, model
+
+
+def check_cogvideox_frames(config: dict, frames_range: dict, frame_counts: tuple[int, ...], directory: Path) -> Session:
+    """Compiles `config` with dynamic frames and checks each frame count against the eager loop."""
+    checkpoint, model = saved_model("cogvideox", config, directory)
+    recipe = parse_recipe({"model": {"family": "cogvideox", "config": config,
+                                     "input": {"frames": frames_range, "height": 8, "width": 8, "text_len": 7}},
+                           "sampler": SAMPLER})
+    compile_bundle(recipe, checkpoint, directory / "bundle")
+    session = Session(directory / "bundle")
+    for frames in frame_counts:
+        got = session.run(COND, UNCOND, seed=5, frames=frames, progress=False)
+        expected = reference_sample("cogvideox", model, recipe.sampler, COND, UNCOND, 5, (1, 4, frames, 8, 8))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    return session
 
 
 def recipe(frames):
@@ -45,46 +73,19 @@ def without_transformers(monkeypatch):
 def test_cogvideox_1_5_compiles_with_dynamic_frames_in_twos_and_matches_the_eager_loop(tmp_path, without_transformers):
     """Regression: the adapter imported the CogVideoX pipeline module (needs transformers), and the frame
     multiple was taken as 1 instead of the config's patch_size_t 2."""
-    torch.manual_seed(0)
-    model = descriptor_for("cogvideox").build(COGVIDEOX_1_5).eval()
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    manifest = compile_bundle(recipe({"min": 4, "max": 8}), tmp_path / "model.safetensors", tmp_path / "bundle")
-    assert manifest["latent"]["multiples"] == [2, 2, 2]
-    assert manifest["inputs"][0]["shape"][2] == "2*frames_units"
-    session = Session(tmp_path / "bundle")
-    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))}
-    uncond = {"encoder_hidden_states": torch.zeros(1, 7, 16)}
-    for frames in (4, 6, 8):
-        got = session.run(cond, uncond, seed=5, frames=frames, progress=False)
-        expected = reference_sample("cogvideox", model, recipe(4).sampler, cond, uncond, 5, (1, 4, frames, 8, 8))
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    session = check_cogvideox_frames(COGVIDEOX_1_5, {"min": 4, "max": 8}, (4, 6, 8), tmp_path)
+    assert session.manifest["latent"]["multiples"] == [2, 2, 2]
+    assert session.manifest["inputs"][0]["shape"][2] == "2*frames_units"
     with pytest.raises(RunInputError, match="frames=5 is not a multiple of 2"):
-        session.run(cond, uncond, frames=5, progress=False)
+        session.run(COND, UNCOND, frames=5, progress=False)
 
 
 def test_cogvideox_1_0_rotary_keeps_frames_dynamic_and_matches_the_eager_loop(tmp_path):
     """Regression: diffusers' rotary frame grid `linspace(0, T * (T - 1) / T, T)` made export fix the frame count
     (CogVideoX-5b could not take dynamic frames)."""
-    config = {**COGVIDEOX_1_5, "patch_size_t": None, "patch_bias": True}
-    torch.manual_seed(0)
-    model = descriptor_for("cogvideox").build(config).eval()
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    recipe = parse_recipe({"model": {"family": "cogvideox", "config": config,
-                                     "input": {"frames": {"min": 1, "max": 6}, "height": 8, "width": 8, "text_len": 7}},
-                           "sampler": SAMPLER})
-    manifest = compile_bundle(recipe, tmp_path / "model.safetensors", tmp_path / "bundle")
-    assert manifest["inputs"][0]["shape"][2] == "frames"
-    session = Session(tmp_path / "bundle")
-    cond = {"encoder_hidden_states": torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(1))}
-    uncond = {"encoder_hidden_states": torch.zeros(1, 7, 16)}
-    for frames in (1, 3, 6):
-        got = session.run(cond, uncond, seed=5, frames=frames, progress=False)
-        expected = reference_sample("cogvideox", model, recipe.sampler, cond, uncond, 5, (1, 4, frames, 8, 8))
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    session = check_cogvideox_frames({**COGVIDEOX_1_5, "patch_size_t": None, "patch_bias": True}, {"min": 1, "max": 6},
+                                     (1, 3, 6), tmp_path)
+    assert session.manifest["inputs"][0]["shape"][2] == "frames"
 
 
 def test_a_range_torch_export_narrowed_is_a_compile_error():
@@ -128,26 +129,12 @@ def test_wan_image_to_video_takes_a_latent_shaped_condition_and_matches_the_eage
 
 @pytest.fixture
 def wan_i2v_checkpoint(tmp_path):
-    from safetensors.torch import save_file
-
-    descriptor = descriptor_for("wan_i2v")
-    torch.manual_seed(0)
-    model = descriptor.build(dict(descriptor.tiny_config)).eval()
-    path = tmp_path / "wan_i2v.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, model
+    return saved_model("wan_i2v", dict(descriptor_for("wan_i2v").tiny_config), tmp_path)
 
 
 @pytest.fixture(scope="module")
 def hunyuan_checkpoint(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    descriptor = descriptor_for("hunyuan_video")
-    torch.manual_seed(0)
-    model = descriptor.build(dict(descriptor.tiny_config)).eval()
-    path = tmp_path_factory.mktemp("hunyuan") / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return saved_model("hunyuan_video", dict(descriptor_for("hunyuan_video").tiny_config), tmp_path_factory.mktemp("hunyuan"))[0]
 
 
 @pytest.mark.parametrize("backend, split", [("onnx", "always"), ("aoti", "never"), ("torch", "always")])

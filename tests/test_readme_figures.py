@@ -360,8 +360,8 @@ SPECS = [
 # README (then drop it here), so the list stays current. Empty: every table of figures is in SPECS.
 NOT_BACKED: dict[tuple[str, ...], str] = {}
 
-# Tables with decimals that are settings, not measurements.
-NOT_FIGURES = {("policy", "decision per (sample, branch) row")}
+# Tables with decimals that are settings or model versions, not measurements.
+NOT_FIGURES = {("policy", "decision per (sample, branch) row"), ("family", "diffusers class")}
 
 
 def matches(header: list[str], words: tuple[str, ...]) -> bool:

@@ -114,6 +114,15 @@ class CogVideoXDenoiser(nn.Module):
         return out.permute(0, 2, 1, 3, 4)
 
 
+COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True,
+                    freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=30, dropout=0.0,
+                    attention_bias=True, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+                    temporal_compression_ratio=4, max_text_seq_length=226, activation_fn="gelu-approximate",
+                    timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5,
+                    spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
+                    use_rotary_positional_embeddings=False)
+
+
 class CogVideoXDescriptor(ArchitectureDescriptor):
     def adapter(self, model: nn.Module) -> nn.Module:
         return CogVideoXDenoiser(model)
@@ -132,19 +141,8 @@ COGVIDEOX = register(CogVideoXDescriptor(
                      temporal_compression_ratio=4, max_text_seq_length=7, spatial_interpolation_scale=1.875,
                      temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=False),
     full_configs={
-        "CogVideoX-2b": dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
-                             flip_sin_to_cos=True, freq_shift=0, time_embed_dim=512, text_embed_dim=4096,
-                             num_layers=30, dropout=0.0, attention_bias=True, sample_width=90, sample_height=60,
-                             sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
-                             activation_fn="gelu-approximate", timestep_activation_fn="silu",
-                             norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
-                             temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=False),
-        "CogVideoX-5b": dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
-                             flip_sin_to_cos=True, freq_shift=0, time_embed_dim=512, text_embed_dim=4096,
-                             num_layers=42, dropout=0.0, attention_bias=True, sample_width=90, sample_height=60,
-                             sample_frames=49, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
-                             activation_fn="gelu-approximate", timestep_activation_fn="silu",
-                             norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
-                             temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True),
+        "CogVideoX-2b": COGVIDEOX_2B,
+        "CogVideoX-5b": {**COGVIDEOX_2B, "num_attention_heads": 48, "num_layers": 42,
+                         "use_rotary_positional_embeddings": True},
     },
 ))
