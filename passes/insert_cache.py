@@ -23,7 +23,7 @@ Gathering needs a body whose shapes follow its rows: capture with a dynamic batc
 the gathered subset. A body traced at a static batch bakes it into reshapes (Latte does), and a few
 models' shape arithmetic defeats export on a data-dependent row count; such a body runs on all rows
 whenever any row recomputes, still selecting per row (`gather_rows` in the manifest says which, and
-`gather_rows_failed` why, when export refused).
+`gather_rows_failed` why not).
 Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
 and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
 A step holds one cache: inserting a second is an error, not a no-op (it would cache the cached body).
@@ -437,7 +437,9 @@ def probe_nodes(policy: Policy, graph: fx.Graph, program: StepProgram, first: in
     if not policy.probes:
         return []
     if policy.probes == ("time_embedding",):
-        return [time_embedding_output(graph, program, region.nodes[0])]
+        # export hoists a block's size reads (sym_size) far ahead of it: the body starts at its first tensor op
+        start = next(n for n in region.nodes if isinstance(n.meta.get("val"), torch.Tensor))
+        return [time_embedding_output(graph, program, start)]
     if first < 1:
         raise PassError(f"insert_cache: {policy.name} needs first >= 1: the first blocks' residual is the probe.")
     stream = find_region(graph, program.descriptor, 0, first).main_stream()
@@ -545,9 +547,11 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     row_scalars = [rows_scalar(n, samples) for n in region.inputs if not isinstance(n.meta.get("val"), torch.Tensor)]
     row_counts = {c for c in [*(shape_of(n)[0] for n in region.outputs),
                               *(shape_of(n)[0] for n, rows in zip(region.inputs, input_rows) if rows)] if isinstance(c, int)}
-    gather = None not in row_scalars and not has_literal_rows(body, row_counts)
+    not_gathered = ("a size the body reads depends on the batch other than per sample" if None in row_scalars else
+                    "the body names a batch size as a literal (a static model.input.batch, or a model that bakes it "
+                    "into a reshape)" if has_literal_rows(body, row_counts) else None)
     cached = CachedBody(body, region, input_rows, output_rows, [r or 0 for r in row_scalars], rule, len(policy_state),
-                        copies, gather)
+                        copies, not_gathered is None)
     module.add_submodule("vdopt_cache", cached)
 
     state_values = [(f"cache.{k}", shape_of(o), o.meta["val"].dtype) for k, o in enumerate(region.outputs)]
@@ -580,7 +584,8 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     example_inputs = (*program.example_inputs, *examples)
     rename = symbol_names(program.ep, program.dims)
     state_shapes = [*(s.shape for s in program.state), *(named_shape(shape, rename) for _, shape, _ in state_values)]
-    ep, why_not_gathered = export_cached(module, cached, example_inputs, program, state_shapes)
+    ep, export_refused = export_cached(module, cached, example_inputs, program, state_shapes)
+    why_not_gathered = not_gathered or export_refused
     state = tuple(StateSpec(f"state.{name}", shape, dtype_name(dtype))
                   for (name, _, dtype), shape in zip(state_values, state_shapes[len(program.state):]))
     check_named(state)

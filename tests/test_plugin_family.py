@@ -182,3 +182,21 @@ def test_a_bad_module_path_is_one_message(family, message):
 def test_an_unknown_family_is_refused_by_the_recipe(family, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe({"model": {"family": family, "input": INPUT}})
+
+
+@pytest.mark.parametrize("policy", ["teacache", "adacache"])
+def test_the_guide_descriptor_takes_every_cache_policy(plugin, policy):
+    """Regression: teacache looked for the time embedding only ahead of the body's first node, which export hoists
+    (a size read of block 0 far ahead of the time embedding), so the guide's descriptor was refused."""
+    from vdopt.compiler import compile_program
+
+    sys.path.insert(0, str(plugin))
+    try:
+        load_family("my_families:SANA_VIDEO", trust_code=True)
+    finally:
+        sys.path.remove(str(plugin))
+    recipe = parse_recipe({"model": {"family": "my_families:SANA_VIDEO", "input": INPUT}, "sampler": {"steps": 3},
+                           "passes": [{"name": "insert_cache", "params": {"policy": policy}}]})
+    cached = compile_program(recipe, None)
+    assert cached.extras["cache"]["policy"] == policy and cached.state
+    assert cached.extras["cache"]["gather_rows"] or "gather_rows_failed" in cached.extras["cache"]
