@@ -9,9 +9,10 @@ computes, so `vdopt profile` can attribute kernel time to modules.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import re
-import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,27 +62,43 @@ INDUCTOR_CONFIGS = {"cpp.enable_kernel_profile": True}
 SQRT_2_OVER_PI = 0.7978845608028654
 
 
-def tanh_gelu_as_sigmoid(x: torch.Tensor, approximate: str = "none"):
+def tanh_gelu_as_sigmoid(graph: fx.Graph, gelu: fx.Node) -> None:
     """0.5·x·(1 + tanh(u)) is x·sigmoid(2u): the same function, and Inductor's vectorised sigmoid (an exp)
     costs a fraction of its tanh on CPU. `vdopt profile` showed tanh-GELU as a fifth of the teacher's
     AOTInductor step; rewritten, the step ran 1.19x faster (1e-7 apart)."""
-    if approximate != "tanh":
-        return NotImplemented
-    return x * torch.sigmoid(2 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    aten = torch.ops.aten
+    with graph.inserting_before(gelu):
+        x = gelu.args[0]
+        nodes = [graph.call_function(aten.mul.Tensor, (x, x))]
+        nodes.append(graph.call_function(aten.mul.Tensor, (nodes[-1], x)))
+        nodes.append(graph.call_function(aten.mul.Tensor, (nodes[-1], 0.044715)))
+        nodes.append(graph.call_function(aten.add.Tensor, (x, nodes[-1])))
+        nodes.append(graph.call_function(aten.mul.Tensor, (nodes[-1], 2 * SQRT_2_OVER_PI)))
+        nodes.append(graph.call_function(aten.sigmoid.default, (nodes[-1],)))
+        nodes.append(graph.call_function(aten.mul.Tensor, (x, nodes[-1])))
+    for node in nodes:  # elementwise: each has the GELU's shape, dtype and module stack
+        node.meta = dict(gelu.meta)
+    gelu.replace_all_uses_with(nodes[-1])
+    graph.erase_node(gelu)
 
 
 def for_inductor(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """A new program with the rewrites that make Inductor's code faster (the input stays as it was). They
-    only speed things up, so a program they cannot be applied to is compiled as it is, with a warning."""
-    gelus = [n for gm in ep.graph_module.modules() if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes
-             if n.target is torch.ops.aten.gelu.default and n.kwargs.get("approximate") == "tanh"]
-    if not gelus:
+    """A new program with the rewrites that make Inductor's code faster (the input stays as it was), edited in
+    its graph: re-tracing (`run_decompositions`) would also turn every reshape into a view, and Inductor then
+    lays out a concatenation of permuted tensors so that the view is impossible (Latte, CogVideoX)."""
+    def tanh_gelus(program):
+        return [(gm, n) for gm in program.graph_module.modules() if isinstance(gm, fx.GraphModule) for n in gm.graph.nodes
+                if n.target is torch.ops.aten.gelu.default and n.kwargs.get("approximate") == "tanh"]
+
+    if not tanh_gelus(ep):
         return ep
-    try:
-        return ep.run_decompositions({torch.ops.aten.gelu.default: tanh_gelu_as_sigmoid})
-    except Exception as exc:  # noqa: BLE001 - re-tracing can fail in many ways; the unrewritten program is still right
-        warnings.warn(f"aoti: tanh-GELU kept as it is ({first_line(exc)})", stacklevel=2)
-        return ep
+    rewritten = copy.deepcopy(ep)
+    for gm, gelu in tanh_gelus(rewritten):
+        tanh_gelu_as_sigmoid(gm.graph, gelu)
+    for gm in {gm for gm in rewritten.graph_module.modules() if isinstance(gm, fx.GraphModule)}:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
 
 
 MODULE_MAP_SUFFIX = ".modules.json"
