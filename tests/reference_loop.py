@@ -102,10 +102,12 @@ FAMILY_CALLS = {"wan": call_wan, "wan_i2v": call_wan_i2v, "latte": call_latte, "
 
 
 @torch.no_grad()
-def reference_sample(family: str, model, sampler, cond: dict, uncond: dict | None, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+def reference_sample(family: str, model, sampler, cond: dict, uncond: dict | None, seed: int, shape: tuple[int, ...],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dtype` is the latent's, as a pipeline holds it for a model loaded with that `torch_dtype`."""
     scheduler = diffusers_scheduler(sampler)
     call = FAMILY_CALLS[family]
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
     for t in scheduler.timesteps:
         if uncond is None:
             prediction = call(model, x, t.expand(x.shape[0]), cond)

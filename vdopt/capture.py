@@ -31,9 +31,10 @@ class StepModule(nn.Module):
     """`step(x, i, *cond, *uncond) -> (x_next,)`: denoiser + guidance + sampler update."""
 
     def __init__(self, denoiser: nn.Module, table: dict[str, torch.Tensor], sampler_kind: str, prediction: str,
-                 guidance_scale: float, num_cond: int, guidance: bool):
+                 guidance_scale: float, num_cond: int, guidance: bool, timestep_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.denoiser = denoiser
+        self.timestep_dtype = timestep_dtype
         for name, values in table.items():
             self.register_buffer(name, values.clone())
         self.sampler_kind = sampler_kind
@@ -53,12 +54,14 @@ class StepModule(nn.Module):
 
     def forward(self, x: torch.Tensor, i: torch.Tensor, *conds: torch.Tensor):
         cond, uncond = conds[: self.num_cond], conds[self.num_cond:]
-        t = gather_step(self.timesteps, i)
-        prediction = self.predict(x, t.to(x.dtype), cond, uncond).to(x.dtype)
+        t = gather_step(self.timesteps, i).to(self.timestep_dtype)
+        # as diffusers' pipelines and schedulers: the timestep in float32 (a bf16 999 is 1000), the update in
+        # float32, the latent back in the model's dtype
+        prediction, latent = self.predict(x, t, cond, uncond).float(), x.float()
         if self.sampler_kind == "flow_euler":
-            x_next = flow_euler_update(x, prediction, gather_step(self.sigmas, i), gather_step(self.sigmas, i, 1))
+            x_next = flow_euler_update(latent, prediction, gather_step(self.sigmas, i), gather_step(self.sigmas, i, 1))
         else:
-            x_next = ddim_update(x, prediction, gather_step(self.alpha, i), gather_step(self.alpha_prev, i), self.prediction)
+            x_next = ddim_update(latent, prediction, gather_step(self.alpha, i), gather_step(self.alpha_prev, i), self.prediction)
         return (x_next.to(x.dtype),)
 
 
@@ -257,6 +260,21 @@ def load_denoiser(recipe: Recipe, model_path: str | Path | None, trust_pickle: b
         check_weights(state, model.state_dict(), path)
         model.load_state_dict(state)
     return descriptor.adapter(model), descriptor, config
+
+
+def cast_weights(denoiser: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The floating weights in the recipe's dtype, except in the modules the model's class keeps in float32
+    (diffusers' `_keep_in_fp32_modules`, matched on whole path components as `from_pretrained` matches them):
+    the model's forward casts around those (Wan's time embedder and norms), so a bf16 bundle computes what
+    `from_pretrained(torch_dtype=torch.bfloat16)` gives."""
+    keep = {name for module in denoiser.modules() for name in getattr(type(module), "_keep_in_fp32_modules", None) or ()}
+    for module_path, module in denoiser.named_modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                wanted = torch.float32 if keep & {*module_path.split("."), name} else dtype
+                if tensor.dtype != wanted:
+                    tensor.data = tensor.data.to(wanted)
+    return denoiser
 
 
 # ----- exporting ----------------------------------------------------------------------------
@@ -564,11 +582,10 @@ def capture(recipe: Recipe, model_path: str | Path | None, *, trust_pickle: bool
         denoiser, descriptor, config = load_denoiser(recipe, model_path, trust_pickle)
         if isinstance(denoiser, ExportedDenoiser):
             check_exported_signature(denoiser, descriptor, dims, guidance, model_path)
-        denoiser = denoiser.eval().requires_grad_(False)
-        if any(p.dtype != dtype for p in denoiser.parameters()):
-            denoiser = denoiser.to(dtype)
+        denoiser = cast_weights(denoiser.eval().requires_grad_(False), dtype)
         step = StepModule(denoiser, table, recipe.sampler.kind, recipe.sampler.prediction, recipe.sampler.guidance_scale,
-                          len(descriptor.cond_inputs), guidance)
+                          len(descriptor.cond_inputs), guidance,
+                          denoiser.signature[1].dtype if isinstance(denoiser, ExportedDenoiser) else torch.float32)
         names, example = example_inputs(recipe, descriptor, config, trace_sizes(recipe, dims, descriptor.multiples(config)), guidance)
         try:
             ep = export_step(step, example, dims, descriptor.multiples(config))
