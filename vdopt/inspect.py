@@ -47,9 +47,10 @@ def split_stack_entry(entry: str) -> list[str]:
     return out
 
 
-def archive_graph(path: Path) -> tuple[int, Counter]:
-    """(op count, module Counter as `graph_modules`) read from the JSON graph of a torch.export archive,
-    without deserialising the program: nothing in the file is unpickled or run."""
+def archive_graph(path: Path) -> tuple[int, Counter, list[tuple[str, list[int | None]]]]:
+    """(op count, module Counter as `graph_modules`, user inputs as (name, sizes with None for a dynamic size)) read
+    from the JSON graph of a torch.export archive, without deserialising the program: nothing in the file is
+    unpickled or run."""
     names = check_zip_members(path, "torch.export archive")
     models = [n for n in names if n.endswith(".json") and n.split("/")[-2:-1] == ["models"]]
     if not models:
@@ -60,16 +61,16 @@ def archive_graph(path: Path) -> tuple[int, Counter]:
             info = archive.getinfo(sorted(models)[0])
             if info.file_size > MAX_GRAPH_JSON:
                 raise VdoptError(f"{path}: the graph JSON is {info.file_size} bytes; refusing to read it.")
-            graph = json.loads(archive.read(info))["graph_module"]["graph"]
+            program = json.loads(archive.read(info))["graph_module"]
         ops, found = 0, Counter()
-        for node in graph["nodes"]:
+        for node in program["graph"]["nodes"]:
             ops += 1
             stack = (node.get("metadata") or {}).get("nn_module_stack") or ""
             for item in stack.split(";") if stack else []:
                 parts = split_stack_entry(item)
                 if len(parts) == 3:
                     found[(parts[1], parts[2].rsplit(".", 1)[-1])] += 1
-        return ops, found
+        return ops, found, archive_inputs(program)
     except VdoptError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError, zipfile.BadZipFile, OSError) as exc:
@@ -77,15 +78,56 @@ def archive_graph(path: Path) -> tuple[int, Counter]:
                          f"give a file written by torch.export.save.") from None
 
 
+def archive_inputs(program: dict) -> list[tuple[str, list[int | None]]]:
+    """The user inputs of a serialized program: name and sizes (None where the size is symbolic). A non-tensor
+    input has no sizes (an empty name tells it apart)."""
+    values = program["graph"]["tensor_values"]
+    inputs = []
+    for spec in program["signature"]["input_specs"]:
+        argument = spec.get("user_input", {}).get("arg") if "user_input" in spec else None
+        if argument is None:
+            continue
+        name = (argument.get("as_tensor") or {}).get("name", "")
+        sizes = [size.get("as_int") for size in values[name]["sizes"]] if name else []
+        inputs.append((name, sizes))
+    return inputs
+
+
+def signature_findings(inputs: list[tuple[str, list[int | None]]], descriptor) -> list[str]:
+    """What a bare program must change to be called as the descriptor's step calls it (`(x, t, *cond)`, x rank 5,
+    one dynamic batch for guidance), in words; empty when nothing."""
+    call = ["x", "t", *(c.name for c in descriptor.cond_inputs)]
+    if len(inputs) != len(call) or not all(name for name, _ in inputs):
+        return [f"takes {len(inputs)} inputs, the step calls ({', '.join(call)}), all tensors"]
+    x = inputs[0][1]
+    if len(x) != 5:
+        return [f"x has {len(x)} dims, the step passes [batch, channels, frames, height, width]"]
+    findings = []
+    if any(sizes and sizes[0] is not None for _, sizes in inputs):
+        findings.append("a static batch: guidance doubles the rows, so export dim 0 of x, t and every conditioning "
+                        "input with one Dim")
+    static = [name for name, size in zip(("frames", "height", "width"), x[2:]) if size is not None]
+    if static:
+        findings.append(f"static {', '.join(static)} ({', '.join(str(size) for size in x[2:] if size is not None)}): a "
+                        f"recipe range on {'it' if len(static) == 1 else 'them'} is refused")
+    return findings
+
+
 def summarize_graph(ep: torch.export.ExportedProgram, limit: int = 25) -> str:
-    return summarize_modules(sum(1 for n in ep.graph.nodes if n.op == "call_function"), graph_modules(ep), limit)
+    return summarize_modules(sum(1 for n in ep.graph.nodes if n.op == "call_function"), graph_modules(ep), limit=limit)
 
 
-def summarize_modules(ops: int, found: Counter, limit: int = 25) -> str:
+def summarize_modules(ops: int, found: Counter, inputs: list[tuple[str, list[int | None]]] | None = None,
+                      limit: int = 25) -> str:
+    """The module structure, and for each family whose blocks it shows: whether the time embedding is there too and,
+    given the program's `inputs`, what its signature lacks for that family's step."""
     from vdopt.families import registry
 
     classes = Counter(cls for (_, cls) in found)
     lines = [f"{ops} ops; module classes: " + ", ".join(f"{cls} x{count}" for cls, count in classes.most_common(limit))]
+    if inputs is not None:
+        lines.append("inputs: " + ", ".join(f"{name or '(not a tensor)'} [{', '.join('dyn' if size is None else str(size) for size in sizes)}]"
+                                            for name, sizes in inputs))
     shallow = sorted({fqn for fqn, _ in found if fqn.count(".") <= 2})
     lines.append("module paths (depth <= 3): " + ", ".join(shallow[:limit]) + (" ..." if len(shallow) > limit else ""))
     matches, partial = [], []
@@ -95,7 +137,9 @@ def summarize_modules(ops: int, found: Counter, limit: int = 25) -> str:
         if not blocks and not descriptor.matches_class(set(classes)):
             continue
         if blocks and time_embedding:
-            matches.append(f"{name} ({len(blocks)} blocks, time embedding {time_embedding[0]})")
+            findings = signature_findings(inputs, descriptor) if inputs is not None else []
+            matches.append(f"{name} ({len(blocks)} blocks, time embedding {time_embedding[0]}"
+                           f"{'; to change: ' + '; '.join(findings) if findings else ''})")
         else:
             missing = [] if blocks else [f"no blocks matching '{descriptor.block_pattern}'"]
             missing += [] if time_embedding else [f"no time embedding matching '{descriptor.time_embedding_pattern}' "
@@ -180,7 +224,8 @@ def describe(path: Path, graph: bool = False) -> str:
             segment = next((s for s in manifest["segments"] if s.get("backend") == "torch" and s.get("files")), None)
             if segment is None:
                 return text + "\n(--graph needs a torch-backend segment; AOTI and ONNX segments hold no module metadata)"
-            text += "\n" + summarize_modules(*archive_graph(bundle_file(path, segment["files"][0], manifest)))
+            ops, found, _ = archive_graph(bundle_file(path, segment["files"][0], manifest))  # a step, not a denoiser
+            text += "\n" + summarize_modules(ops, found)
         return text
     if path.suffix == ".pt2" and path.is_file():
         return summarize_modules(*archive_graph(path))
