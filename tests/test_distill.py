@@ -111,7 +111,6 @@ def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     program = compile_program(load_recipe(out / "recipe.yaml"), workdir / "teacher.safetensors")
     assert program.num_steps == 2 and not program.guidance
     # the program's loop equals the student's plain loop with the exported weights
-    from vdopt.reference.model import PromptConditioner  # noqa: F401
     from vdopt.distill.common import load_teacher
 
     recipe, _, _ = load_distill_recipe(workdir / "recipe.yaml")

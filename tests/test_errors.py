@@ -10,9 +10,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from vdopt.capture import with_suggested_fixes
 from vdopt.cli import main as vdopt_main
+from vdopt.compiler import compile_bundle
 from vdopt.families import descriptor_for
 from vdopt.families.base import KeywordDenoiser
+from vdopt.recipe import parse_recipe
+from vdopt.runtime.session import Session
 
 WAN_INPUT = {"frames": {"min": 1, "max": 4}, "height": {"min": 4, "max": 8}, "width": {"min": 4, "max": 8}, "text_len": 7}
 
@@ -219,6 +223,50 @@ def test_a_bare_program_with_a_static_batch_says_to_export_a_dynamic_one(tmp_pat
     assert vdopt_main(["compile", str(recipe), str(dynamic), "-o", str(tmp_path / "out.vdopt")]) == 0
 
 
+def test_a_bare_program_exported_with_every_dim_dynamic_is_cached_like_its_checkpoint(tmp_path):
+    """Regression: a user's program exported with `Dim.AUTO` on every dim (text length too, a symbol the step
+    does not name) gave cached state sizes the manifest could not express (`size 's53' names ['s53'], which are
+    not latent dims`). CogVideoX attends over text and video tokens jointly, so its cached residual spans both."""
+    descriptor = descriptor_for("cogvideox")
+    config = dict(descriptor.tiny_config)
+    torch.manual_seed(0)
+    model = descriptor.build(config).eval()
+    checkpoint = tmp_path / "cogvideox.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    example = (torch.randn(2, 4, 3, 8, 8), torch.full((2,), 500.0), torch.randn(2, 7, 16))
+    every_dim = tuple({axis: torch.export.Dim.AUTO for axis in range(value.dim())} for value in example)
+    program = tmp_path / "user.pt2"
+    torch.export.save(torch.export.export(descriptor.adapter(model), example, dynamic_shapes=every_dim), str(program))
+    sizes = {"batch": {"min": 1, "max": 3}, "frames": 3, "height": {"min": 8, "max": 16}, "width": 8, "text_len": 7}
+    cache = [{"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.05}}]
+    base = {"model": {"family": "cogvideox", "input": sizes}, "sampler": {"steps": 4}, "passes": cache}
+    compile_bundle(parse_recipe(base), checkpoint, tmp_path / "from_checkpoint")
+    compile_bundle(parse_recipe({**base, "model": {**base["model"], "layout": "exported_program"}}), program,
+                   tmp_path / "from_program")
+    manifest = json.loads((tmp_path / "from_program" / "manifest.json").read_text())
+    state = {spec["name"]: spec["shape"] for spec in manifest["inputs"] if spec["name"].startswith("state.")}
+    assert state["state.cache.0"] == ["2*batch", "12*height_units", 16], state
+    cond = {"encoder_hidden_states": torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))}
+    for height in (8, 16):
+        expected = Session(tmp_path / "from_checkpoint").run(cond, seed=1, height=height, progress=False)
+        got = Session(tmp_path / "from_program").run(cond, seed=1, height=height, progress=False)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_export_retry_keeps_the_conditioning_specs_of_a_step_taking_conds():
+    """Regression: the retry with export's suggested relations crashed on the step's `*conds` argument (a tuple of
+    specs) with `TypeError: cannot convert dictionary update sequence element #0 to a sequence`, hiding the real
+    export error."""
+    frames = torch.export.Dim("frames", min=1, max=4)
+    conds = ({0: torch.export.Dim.AUTO},)
+    shapes = {"x": {2: frames}, "i": None, "conds": conds, "state_cache_0": {1: torch.export.Dim.AUTO}}
+    message = "Constraints violated\nSuggested fixes:\n  L['state_cache_0'].size()[1] = 16*frames\n  L['i'].size()[0] = 3"
+    fixed = with_suggested_fixes(message, shapes, {2: (frames, 1)})
+    assert fixed["conds"] == conds and fixed["i"] is None and fixed["x"] == {2: frames}
+    assert str(fixed["state_cache_0"][1]) == str(frames * 16)
+    assert shapes["state_cache_0"] == {1: torch.export.Dim.AUTO}, "the caller's specs are not edited"
+
+
 def test_a_bare_program_taking_other_inputs_names_the_call(tmp_path, capsys):
     class TwoInputs(torch.nn.Module):
         def forward(self, x, t):
@@ -275,3 +323,21 @@ def test_inspect_graph_names_families_whose_time_embedding_is_missing(tmp_path, 
     out = capsys.readouterr().out
     assert "matching families: none" in out
     assert "wan: no time embedding matching 'condition_embedder\\.time_embedder' (teacache needs it)" in out
+
+
+def test_inspect_graph_says_what_a_program_must_change_for_each_matching_family(tmp_path, capsys):
+    """`vdopt inspect --graph` checks a bare program against each matching family's step call: inputs, a dynamic
+    batch, static latent dims."""
+    static = exported_wan(tmp_path, batch=1, dynamic=False)
+    assert vdopt_main(["inspect", str(static), "--graph"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs: x [1, 4, 2, 8, 8], t [1], cond_0 [1, 7, 16]" in out
+    assert ("wan (2 blocks, time embedding model.condition_embedder.time_embedder; to change: a static batch: guidance "
+            "doubles the rows") in out
+    assert "static frames, height, width (2, 8, 8)" in out
+    assert "wan_i2v (2 blocks, time embedding model.condition_embedder.time_embedder; to change: takes 3 inputs, the step calls (x, t, encoder_hidden_states, condition, encoder_hidden_states_image)" in out
+    dynamic = exported_wan(tmp_path, batch=2, dynamic=True)
+    assert vdopt_main(["inspect", str(dynamic), "--graph"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs: x [dyn, 4, 2, 8, 8]" in out and "to change: static frames, height, width (2, 8, 8)" in out
+    assert "a static batch" not in out
