@@ -599,4 +599,5 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     )
 
 
-PASS = Pass(name="insert_cache", run=insert_cache, doc=__doc__, requires=("blocks_found", "uncached"), guarantees=("cached",))
+PASS = Pass(name="insert_cache", run=insert_cache, doc=__doc__, requires=("blocks_found", "uncached"), guarantees=("cached",),
+            invalidates=("uncached",))

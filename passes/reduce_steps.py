@@ -26,7 +26,8 @@ captured step program:
    mixes the two branches (a reduction over the batch), is an error that names the node.
 
 It must run before `fold_guidance_batch` (a lowering-prep pass, which runs after the recipe's
-passes anyway) and before `insert_cache` (a cache is built for the schedule and the rows it sees).
+passes anyway), before `insert_cache` (a cache is built for the schedule and the rows it sees) and
+before `prune_temporal` (a weights file is for the whole network).
 Applying it twice with the same parameters changes nothing: a merged weights file is recorded by its
 digest and not merged again. The input program is never written: the merged weights are new tensors
 of the output, so one capture can take a LoRA twice (calibration reuses one capture for every trial).
@@ -718,6 +719,6 @@ PASS = Pass(
     name="reduce_steps",
     run=reduce_steps,
     doc=__doc__,
-    requires=("uncached",),
+    requires=("uncached", "unpruned"),
     guarantees=("step_table_in_graph", "guidance_matches_sampler"),
 )

@@ -97,7 +97,14 @@ def call_ltx_video(model, x, t, cond):
     return unpack_ltx(out, frames // p_t, height // p, width // p, p, p_t)
 
 
-FAMILY_CALLS = {"wan": call_wan, "wan_i2v": call_wan_i2v, "latte": call_latte, "cogvideox": call_cogvideox,
+def call_reference(model, x, t, cond):
+    """The reference teacher's own flow wrapper (prompt layout channels, x-prediction to velocity)."""
+    from vdopt.reference.model import ReferenceDenoiser
+
+    return ReferenceDenoiser(model)(x, t, cond["encoder_hidden_states"])
+
+
+FAMILY_CALLS = {"reference": call_reference, "wan": call_wan, "wan_i2v": call_wan_i2v, "latte": call_latte, "cogvideox": call_cogvideox,
                 "hunyuan_video": call_hunyuan_video, "ltx_video": call_ltx_video}
 
 

@@ -12,7 +12,7 @@ from vdopt.families import descriptor_for
 from vdopt.lower.split_conditional import PART_NAMES, conditionals, split_conditional
 from vdopt.lower.tensorrt_backend import build_settings
 from vdopt.pass_manager import PassManager
-from vdopt.passes import pipeline
+from vdopt.passes import load_pass, pipeline
 from vdopt.recipe import parse_recipe
 
 WAN_13B_RECIPE = {
@@ -109,3 +109,29 @@ def test_wan_1_3b_cache_inserted_and_split_under_fake_tensors(wan_1_3b, policy):
         for low, opt, high in profiles.values():
             assert all(lo <= o <= hi for lo, o, hi in zip(low, opt, high))
     print(f"Wan2.1-T2V-1.3B insert_cache({policy}) + split under fake tensors: {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.slow
+def test_full_size_latte_pruned_under_fake_tensors():
+    """Issue 18: Latte-1 (28 spatial + 28 temporal blocks, 16 frames of 32x32 latents) captured, half its temporal
+    blocks pruned, then cached, within 2 minutes (printed); the pruned blocks' parameters leave the program."""
+    recipe = parse_recipe({"model": {"family": "latte", "config": descriptor_for("latte").full_configs["Latte-1"],
+                                     "input": {"frames": 16, "height": 32, "width": 32, "text_len": 120}},
+                           "sampler": {"kind": "ddim", "prediction": "epsilon", "steps": 50, "guidance_scale": 7.5}})
+    start = time.perf_counter()
+    program = capture(recipe, None, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+    captured = time.perf_counter() - start
+    pruned = PassManager([(load_pass("prune_temporal"), {"blocks": list(range(1, 28, 2))})]).run(program)
+    cached = PassManager(pipeline([("insert_cache", {"policy": "first_blocks"})])).run(pruned)
+    seconds = time.perf_counter() - start
+    assert [r["name"] for r in cached.passes][:2] == ["prune_temporal", "insert_cache"]
+    temporal = "denoiser.model.temporal_transformer_blocks."
+    removed = {f"{temporal}{k}" for k in range(1, 28, 2)}
+    before = {n: t.numel() for n, t in program.ep.state_dict.items()}
+    after = {n: t.numel() for n, t in pruned.ep.state_dict.items()}
+    prefixes = tuple(f"{block}." for block in removed)
+    assert after == {n: c for n, c in before.items() if not n.startswith(prefixes)}
+    assert sum(before.values()) > sum(after.values())
+    print(f"Latte-1: fake capture {captured:.1f} s, prune 14 of 28 temporal blocks + insert_cache + lowering prep "
+          f"{seconds - captured:.1f} s, {seconds:.1f} s in all; parameters {sum(before.values()) / 1e6:.0f} M -> "
+          f"{sum(after.values()) / 1e6:.0f} M")

@@ -92,6 +92,9 @@ PURITY_CASES: dict[str, dict[str, PurityCase]] = {
         "lora_no_guidance": PurityCase("wan", {"lora_scale": 0.7, "timesteps": [1000, 500]}, weights="lora"),
         "full_weights_keep_guidance": PurityCase("wan", {"steps": 3, "keep_guidance": True}, weights="student"),
     },
+    "prune_temporal": {
+        "whole_block": PurityCase("wan", {"blocks": [1], "what": "blocks"}),
+    },
     "insert_cache": {
         "first_blocks_forecast": PurityCase("wan", {"policy": "first_blocks", "forecast": 0.5}),
     },
@@ -100,7 +103,7 @@ PURITY_CASES: dict[str, dict[str, PurityCase]] = {
         "cached": PurityCase("cached_wan", {}),
     },
 }
-ALL_PASSES = OPTIMIZATION_PASSES + LOWERING_PREP_PASSES
+ALL_PASSES = [*OPTIMIZATION_PASSES, *LOWERING_PREP_PASSES]
 
 
 @dataclass
@@ -176,7 +179,7 @@ def test_passes_work_on_a_fake_tensor_capture(weight_files):
 def test_every_fact_a_pass_names_has_a_predicate():
     for name in ALL_PASSES:
         spec = load_pass(name)
-        assert set(spec.requires) | set(spec.guarantees) <= set(FACTS), name
+        assert set(spec.requires) | set(spec.guarantees) | set(spec.invalidates) <= set(FACTS), name
 
 
 def test_a_pass_naming_a_fact_without_a_predicate_is_refused():
@@ -187,6 +190,12 @@ def test_a_pass_naming_a_fact_without_a_predicate_is_refused():
 def test_a_pass_that_lies_about_a_guarantee_is_caught(wan):
     liar = Pass("pretend_cache", lambda program: program, "claims a cache it never inserts", guarantees=("cached",))
     with pytest.raises(PassError, match=r"pass 'pretend_cache' guarantees cached .* does not hold of its output"):
+        PassManager([(liar, {})]).run(wan)
+
+
+def test_a_pass_that_lies_about_what_it_ends_is_caught(wan):
+    liar = Pass("pretend_prune", lambda program: program, "claims to prune", invalidates=("unpruned",))
+    with pytest.raises(PassError, match=r"pass 'pretend_prune' declares that it ends unpruned, which still holds"):
         PassManager([(liar, {})]).run(wan)
 
 
@@ -224,7 +233,7 @@ def test_a_type_error_inside_a_pass_is_a_bug_not_bad_parameters(wan):
 def test_reduce_steps_after_insert_cache_is_refused(cached_wan):
     with pytest.raises(PassError, match=r"pass 'reduce_steps' requires uncached"):
         PassManager([(load_pass("reduce_steps"), {"steps": 3})]).run(cached_wan)
-    with pytest.raises(PassError, match="must keep this order: reduce_steps, insert_cache"):
+    with pytest.raises(PassError, match="reduce_steps must come before insert_cache: it requires uncached, which insert_cache ends"):
         pipeline([("insert_cache", {}), ("reduce_steps", {})])
 
 

@@ -133,11 +133,10 @@ class Calibration:
 
 def split_passes(recipe, policy: str, params: dict) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """The recipe's optimisation passes without any insert_cache, split around where insert_cache goes."""
-    from vdopt.passes import OPTIMIZATION_PASSES
+    from vdopt.passes import must_precede
 
-    rank = OPTIMIZATION_PASSES.index("insert_cache")
     others = [(p.name, dict(p.params)) for p in recipe.passes if p.name != "insert_cache"]
-    before = [p for p in others if p[0] in OPTIMIZATION_PASSES and OPTIMIZATION_PASSES.index(p[0]) < rank]
+    before = [p for p in others if must_precede(p[0], "insert_cache")]
     after = [p for p in others if p not in before]
     return before, after
 
@@ -298,14 +297,13 @@ def calibrate(recipe_path: str | Path, model_path: str | Path | None, budget: Bu
 
 def write_recipe(recipe_path: Path, cache: dict[str, Any], out: str | Path, result: Calibration) -> Path:
     """The input recipe (as written, other keys kept) with its insert_cache entry replaced by `cache`."""
-    from vdopt.passes import OPTIMIZATION_PASSES
+    from vdopt.passes import must_precede
     from vdopt.recipe import parse_recipe
 
     data = yaml.safe_load(Path(recipe_path).read_text())
     passes = [p for p in data.get("passes") or [] if (p if isinstance(p, str) else p.get("name")) != "insert_cache"]
-    rank = OPTIMIZATION_PASSES.index("insert_cache")
-    position = next((k for k, p in enumerate(passes) if (p if isinstance(p, str) else p.get("name")) in OPTIMIZATION_PASSES
-                     and OPTIMIZATION_PASSES.index(p if isinstance(p, str) else p["name"]) > rank), len(passes))
+    names = [p if isinstance(p, str) else p.get("name") for p in passes]
+    position = next((k for k, name in enumerate(names) if not must_precede(name, "insert_cache")), len(passes))
     passes.insert(position, {"name": "insert_cache", "params": cache})
     data["passes"] = passes
     data.setdefault("verify", {})

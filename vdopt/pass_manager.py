@@ -123,6 +123,16 @@ def cached(program: StepProgram) -> bool:
         and "cache" in program.extras
 
 
+def pruned_paths(program: StepProgram) -> list[str]:
+    """The module paths of the blocks `prune_temporal` removed."""
+    return [fqn for paths in program.extras.get("pruned", {}).values() for fqn in paths]
+
+
+@register_fact("unpruned", "no block is pruned (a weights file for the whole network fits the program)")
+def unpruned(program: StepProgram) -> bool:
+    return not pruned_paths(program)
+
+
 # ----- passes ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -132,10 +142,11 @@ class Pass:
     doc: str
     requires: tuple[str, ...] = ()
     guarantees: tuple[str, ...] = ()
+    invalidates: tuple[str, ...] = ()  # facts that stop holding: a later pass requiring one must run before this one
     optional: bool = False  # lowering prep: skipped (not an error) when its requirements do not hold
 
     def __post_init__(self) -> None:
-        unknown = [name for name in (*self.requires, *self.guarantees) if name not in FACTS]
+        unknown = [name for name in (*self.requires, *self.guarantees, *self.invalidates) if name not in FACTS]
         if unknown:
             raise ValueError(f"pass '{self.name}' names {', '.join(unknown)}, which no predicate defines; register "
                              f"one with @register_fact before defining the pass (known facts: {', '.join(sorted(FACTS))}).")
@@ -241,6 +252,10 @@ class PassManager:
             if broken:
                 raise PassError(f"pass '{spec.name}' guarantees {described(broken)}, which does not hold of its output: "
                                 f"a bug in the pass.")
+            kept = [name for name in spec.invalidates if FACTS[name].holds(result)]
+            if kept:
+                raise PassError(f"pass '{spec.name}' declares that it ends {', '.join(kept)}, which still holds of its "
+                                f"output: a bug in the pass (the recipe order is checked against what it declares).")
             record = {"name": spec.name, "params": params, "seconds": round(seconds, 4),
                       "nodes_before": nodes_before, "nodes_after": call_function_count(result)}
             result = result.replace(passes=(*result.passes, record))
