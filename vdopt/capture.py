@@ -269,11 +269,14 @@ def cast_weights(denoiser: nn.Module, dtype: torch.dtype) -> nn.Module:
     `from_pretrained(torch_dtype=torch.bfloat16)` gives."""
     keep = {name for module in denoiser.modules() for name in getattr(type(module), "_keep_in_fp32_modules", None) or ()}
     for module_path, module in denoiser.named_modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor.is_floating_point():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    continue  # float64 tables (position embeddings) stay as the model made them
                 wanted = torch.float32 if keep & {*module_path.split("."), name} else dtype
                 if tensor.dtype != wanted:
-                    tensor.data = tensor.data.to(wanted)
+                    cast = tensor.detach().to(wanted)
+                    table[name] = nn.Parameter(cast, requires_grad=False) if table is module._parameters else cast
     return denoiser
 
 

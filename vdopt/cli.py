@@ -1,4 +1,4 @@
-"""The `vdopt` command line: compile, run, inspect, schema (and eval, calibrate, distill as they land).
+"""The `vdopt` command line: compile, run, inspect, schema, eval, calibrate, prune, distill.
 
 Errors a user can cause are `VdoptError`s: printed as one paragraph, exit status 2, no traceback.
 """
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vdopt.calibrate import register as register_calibrate
 
     register_calibrate(sub)
+    from vdopt.prune import register as register_prune
+
+    register_prune(sub)
     return parser
 
 

@@ -201,6 +201,10 @@ class Recipe(Strict):
     passes: list[PassSpec] = Field(default_factory=list)
     lower: LowerSection = Field(default_factory=LowerSection)
     verify: VerifySection = Field(default_factory=VerifySection)
+    measured: dict[str, Any] = Field(
+        default_factory=dict, description="What a vdopt tool measured to write this recipe (`vdopt prune`: the latency and "
+        "sensitivity tables behind prune_temporal's blocks, under `prune`). Compile does not act on it; it travels into "
+        "the bundle's manifest with the recipe.")
 
     @field_validator("passes", mode="before")
     @classmethod
