@@ -126,6 +126,57 @@ def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_prunes_them(workdir, full_run, tmp_path):
+    """distill.prune: the student is trained with the blocks bypassed, starting from `init_weights`; the export is a
+    whole model (the bypassed blocks keep their starting weights) and a recipe that prunes them after reduce_steps;
+    the compiled program equals the eager student with those blocks bypassed."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from vdopt.compiler import compile_program
+    from vdopt.distill.common import Bypassed, load_teacher
+    from vdopt.recipe import load_recipe
+
+    out, _ = full_run
+    recipe = write_recipe(tmp_path / "pruned.yaml", prune={"blocks": [1]}, init_weights=str(out / "student.safetensors"),
+                          adv_weight=0.0)
+    pruned = tmp_path / "pruned"
+    shutil.copytree(out / "trajectories", pruned / "trajectories")  # the same teacher solves serve every student
+    summary = distill(recipe, workdir / "teacher.safetensors", pruned, progress=False, threads=1)
+    assert summary["iterations"] == 4 and set(summary["last"]) == {"iteration", "traj"}
+    start, exported = load_file(out / "student.safetensors"), load_file(pruned / "student.safetensors")
+    assert exported.keys() == start.keys()
+    bypassed = [k for k in start if ".temporal_transformer_blocks.1." in k]
+    assert bypassed and all(torch.equal(exported[k], start[k]) for k in bypassed)
+    assert any(not torch.equal(exported[k], start[k]) for k in start if ".temporal_transformer_blocks.0." in k)
+    compile_recipe = load_recipe(pruned / "recipe.yaml")
+    assert [(p.name, p.params.get("blocks")) for p in compile_recipe.passes] == [("reduce_steps", None), ("prune_temporal", [1])]
+    program = compile_program(compile_recipe, workdir / "teacher.safetensors")
+    assert not any(k.startswith("denoiser.model.temporal_transformer_blocks.1.") for k in program.ep.state_dict)
+    student = load_teacher(load_distill_recipe(recipe)[0], pruned / "student.safetensors")
+    student.model.temporal_transformer_blocks[1] = Bypassed()
+    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
+    expected, sigmas = x, [t / 1000 for t in program.step_table["timesteps"]] + [0.0]
+    module = program.ep.module()
+    with torch.no_grad():
+        for i, t in enumerate(program.step_table["timesteps"]):
+            expected = expected + (sigmas[i + 1] - sigmas[i]) * student.denoiser(expected, torch.tensor([t]), cond)
+            x = module(x, torch.tensor(i), cond)[0]
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [[5], ["transformer_blocks.0"]])
+def test_a_prune_spec_naming_no_temporal_block_is_refused(workdir, tmp_path, blocks):
+    from vdopt.distill.common import DistillError, build_student, load_teacher
+
+    recipe, section, _ = load_distill_recipe(write_recipe(tmp_path / "bad.yaml", prune={"blocks": blocks}))
+    with pytest.raises(DistillError, match=r"distill.prune: .* names no single temporal block; the model's are "
+                                           r"temporal_transformer_blocks.0, temporal_transformer_blocks.1"):
+        build_student(load_teacher(recipe, workdir / "teacher.safetensors"), section)
+
+
 def test_ema_warm_up_forgets_the_teacher_it_starts_from():
     from vdopt.distill.train import ema_decay_at
 

@@ -75,7 +75,8 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
             if trainer.iteration < section.iterations:
                 log(f"export skipped: training stopped at {trainer.iteration}/{section.iterations} iterations")
             else:
-                weights, recipe_file = export_student(out, teacher, section, schedule, trainer.ema, compile_recipe, trainer.iteration)
+                weights, recipe_file = export_student(out, teacher, section, schedule, trainer.ema, compile_recipe, trainer.iteration,
+                                                      trainer.bypassed)
                 summary.update(weights=str(weights), recipe=str(recipe_file))
                 log(f"export: {weights} and {recipe_file}")
     dist.barrier()

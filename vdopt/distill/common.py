@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vdopt.capture import check_state_dict, model_config, read_state_dict
-from vdopt.distill.config import DistillSection
+from vdopt.distill.config import DistillSection, PruneSpec
 from vdopt.errors import VdoptError
 from vdopt.families import descriptor_for
 from vdopt.families.base import ArchitectureDescriptor
@@ -86,6 +86,50 @@ class Teacher:
         model = self.descriptor.build(self.config)
         model.load_state_dict(self.model.state_dict())
         return model, self.descriptor.adapter(model)
+
+
+class Bypassed(nn.Module):
+    """A removed block: hands its hidden states on unchanged, as prune_temporal's rerouted graph does."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def bypass_blocks(model: nn.Module, descriptor: ArchitectureDescriptor, spec: PruneSpec) -> dict[str, torch.Tensor]:
+    """Replaces the blocks `spec` names with `Bypassed`; returns their weights (the export keeps them, so the weights
+    file stays a whole model that reduce_steps loads before prune_temporal removes them)."""
+    if spec.what == "temporal" and descriptor.temporal_block_pattern is None:
+        raise DistillError(f"distill.prune: the {descriptor.family} family has no separate temporal blocks; use what: blocks.")
+    matches = descriptor.is_temporal_block if spec.what == "temporal" else descriptor.is_block
+    paths = [name for name, _ in model.named_modules() if name and matches(name)]
+    chosen = []
+    for block in spec.blocks:
+        named = [paths[block]] if isinstance(block, int) and 0 <= block < len(paths) else \
+            [p for p in paths if isinstance(block, str) and (p == block or block.endswith(f".{p}"))]
+        if len(named) != 1:
+            raise DistillError(f"distill.prune: {block!r} names no single {spec.what} block; the model's are {', '.join(paths)}.")
+        chosen.append(named[0])
+    removed = {}
+    for path in dict.fromkeys(chosen):
+        parent, _, name = path.rpartition(".")
+        removed |= {f"{path}.{k}": v.detach().clone() for k, v in model.get_submodule(path).state_dict().items()}
+        model.get_submodule(parent).add_module(name, Bypassed())
+    return removed
+
+
+def build_student(teacher: "Teacher", distill: DistillSection) -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
+    """The student's starting point: the teacher's weights or `init_weights`, with `prune`'s blocks bypassed;
+    (model, denoiser, the bypassed blocks' weights)."""
+    model, denoiser = teacher.build_copy()
+    if distill.init_weights is not None:
+        path = Path(distill.init_weights)
+        if not path.is_file():
+            raise DistillError(f"distill.init_weights: {path} not found.")
+        state = teacher.descriptor.checkpoint_state(read_state_dict(path))
+        check_state_dict(model, state, path, teacher.descriptor.family)
+        model.load_state_dict(state)
+    removed = bypass_blocks(model, teacher.descriptor, distill.prune) if distill.prune is not None else {}
+    return model, denoiser, removed
 
 
 def load_teacher(recipe: Recipe, path: str | Path) -> Teacher:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
 from vdopt.errors import RecipeError
 from vdopt.recipe import Recipe, Strict, key_path, parse_recipe, read_yaml
+
+
+class PruneSpec(Strict):
+    blocks: list[int | str] = Field(min_length=1, description="Block indices (among the model's blocks of kind `what`) or module paths, as prune_temporal takes them.")
+    what: Literal["temporal", "blocks"] = "temporal"
 
 
 class DistillSection(Strict):
@@ -39,6 +44,11 @@ class DistillSection(Strict):
     disc_blocks: int | list[int] = Field(3, description="How many teacher blocks (evenly spaced) feed discriminator heads, or their indices.")
     head_dim: int = Field(64, ge=4)
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay, reached after a warm-up: min(ema_decay, (1 + n) / (10 + n)) after iteration n.")
+    # --- recovery of a pruned network (SnapGen-V) ---
+    prune: PruneSpec | None = Field(None, description="Train the student with these blocks removed (identity), as "
+                                    "prune_temporal removes them from the compiled program; the exported recipe prunes them.")
+    init_weights: str | None = Field(None, description="Start the student from this weights file (a distilled student) "
+                                     "instead of the teacher's weights.")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = Field(0, ge=0, lt=2**31, description="Seed of the prompts, the noise and the data order.")

@@ -34,9 +34,11 @@ def schedule_metadata(teacher: Teacher, distill: DistillSection, schedule: Sched
 
 
 def export_student(out: Path, teacher: Teacher, distill: DistillSection, schedule: Schedule, ema: dict[str, torch.Tensor],
-                   compile_recipe: dict[str, Any], iterations: int) -> tuple[Path, Path]:
+                   compile_recipe: dict[str, Any], iterations: int, bypassed: dict[str, torch.Tensor] | None = None) -> tuple[Path, Path]:
+    """`bypassed`: the weights of blocks the student was trained without (distill.prune), kept so the file is a whole
+    model; the recipe's prune_temporal removes them after reduce_steps loads it."""
     prefixed = any(k.startswith("transformer.") for k in teacher.state)
-    tensors = {("transformer." if prefixed else "") + k: v.detach().contiguous() for k, v in ema.items()}
+    tensors = {("transformer." if prefixed else "") + k: v.detach().contiguous() for k, v in {**(bypassed or {}), **ema}.items()}
     tensors.update({k: v.contiguous() for k, v in teacher.state.items() if k.startswith("conditioner.")})
     meta = schedule_metadata(teacher, distill, schedule)
     weights = out / WEIGHTS
@@ -45,10 +47,13 @@ def export_student(out: Path, teacher: Teacher, distill: DistillSection, schedul
     os.replace(tmp, weights)
     recipe = dict(compile_recipe)
     recipe["sampler"] = {**recipe.get("sampler", {}), "kind": "flow_euler", "steps": distill.student_steps, "guidance_scale": 1.0}
-    recipe["passes"] = [{"name": "reduce_steps", "params": {"weights": str(weights.resolve()), "timesteps": schedule.timesteps}}] \
-        + [p for p in recipe.get("passes", []) if (p if isinstance(p, str) else p.get("name")) != "reduce_steps"]
+    prune = [{"name": "prune_temporal", "params": distill.prune.model_dump(mode="json")}] if distill.prune is not None else []
+    recipe["passes"] = [{"name": "reduce_steps", "params": {"weights": str(weights.resolve()), "timesteps": schedule.timesteps}},
+                        *prune] + [p for p in recipe.get("passes", []) if (p if isinstance(p, str) else p.get("name")) not in
+                                   ("reduce_steps", "prune_temporal")]
     header = (f"# Few-step student distilled by `vdopt distill` ({iterations} iterations) from {teacher.path}.\n"
-              f"# {distill.student_steps} steps at timesteps {schedule.timesteps}, no guidance (distilled in).\n"
+              f"# {distill.student_steps} steps at timesteps {schedule.timesteps}, no guidance (distilled in)"
+              f"{f', trained without {distill.prune.what} blocks {distill.prune.blocks}' if distill.prune else ''}.\n"
               f"#   vdopt compile {out / RECIPE} {teacher.path} -o student.vdopt\n")
     recipe_path = out / RECIPE
     recipe_path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vdopt.distill.common import Dist, DistillError, Schedule, Teacher, atomic_save
+from vdopt.distill.common import Dist, DistillError, Schedule, Teacher, atomic_save, build_student
 from vdopt.distill.config import DistillSection
 from vdopt.sampler import flow_euler_update
 
@@ -163,7 +163,7 @@ class Trainer:
         self.samples = data["latents"].shape[0]
         self.steps = len(schedule.key_indices) - 1
         torch.manual_seed(distill.seed)
-        self.model, self.student = teacher.build_copy()
+        self.model, self.student, self.bypassed = build_student(teacher, distill)
         self.model.train().requires_grad_(True)
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.disc = FeatureDiscriminator(teacher, distill)
