@@ -122,7 +122,7 @@ def test_cli_eval_teacher_end_to_end(tmp_path, capsys):
 
 def test_cached_teacher_clips_are_keyed_by_the_weights(tmp_path, monkeypatch):
     """A retrained teacher must not reuse the clips its predecessor left in --cache."""
-    from vdopt.eval.cli import _generator
+    from vdopt.eval.cli import generator_for
     from vdopt.reference import model as RM
 
     tiny = dict(RM.TEACHER_CONFIG, num_layers=1, num_attention_heads=1, attention_head_dim=16, cross_attention_dim=16,
@@ -132,6 +132,6 @@ def test_cached_teacher_clips_are_keyed_by_the_weights(tmp_path, monkeypatch):
         torch.manual_seed(seed)
         RM.save_reference(RM.build_teacher(tiny), RM.PromptConditioner(dim=8), tmp_path / str(seed))
         monkeypatch.setattr(RM, "WEIGHTS_DIR", tmp_path / str(seed))
-        _, label, cache_label = _generator("teacher", 50, None, "cpu")
+        _, label, cache_label = generator_for("teacher", 50, None, "cpu")
         labels.append((label, cache_label))
     assert labels[0][0] == labels[1][0] and labels[0][1] != labels[1][1]

@@ -189,7 +189,7 @@ def search(rows: list[Row], full_ms: float, target: Target, quality_of: Callable
         quality = quality_of(blocks)
         predicted = full_ms - sum(costs[b] for b in blocks)
         trials.append({"blocks": blocks, "predicted_ms": round(predicted, 3), **quality.to_json()})
-        log(f"  {', '.join(b.rsplit('.', 2)[-2] + '.' + b.rsplit('.', 1)[-1] for b in blocks)}: predicted "
+        log(f"  {', '.join('.'.join(b.split('.')[-2:]) for b in blocks)}: predicted "
             f"{predicted:.2f} ms/step, {quality.psnr}")
         return Choice(blocks, predicted, quality)
 

@@ -80,7 +80,7 @@ def file_digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
-def _generator(name: str | None, steps: int, guidance: float | None, device: str):
+def generator_for(name: str | None, steps: int, guidance: float | None, device: str):
     """(generate_fn, label, cache label) for a bundle path or the teacher. The cache label names the
     weights (or the bundle's manifest) by content, so retrained weights never reuse stale clips."""
     if name in (None, TEACHER):
@@ -125,14 +125,14 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(("--json", args.json_path), ("--sheet", args.sheet_path))
     n = args.prompts or (suite.QUICK_N if args.quick else suite.FULL_N)
     main_steps = args.naive_steps or args.steps
-    gen, label, cache_label = _generator(args.bundle, main_steps, args.guidance, args.device)
+    gen, label, cache_label = generator_for(args.bundle, main_steps, args.guidance, args.device)
     gen = cached(gen, cache_label, args.cache)
     ref_fn, ref_label = None, "real"
     against = args.against
     if against is None and (args.bundle not in (None, TEACHER) or args.naive_steps):
         against = TEACHER
     if against is not None:
-        ref_fn, ref_label, ref_cache_label = _generator(against, args.steps, args.guidance, args.device)
+        ref_fn, ref_label, ref_cache_label = generator_for(against, args.steps, args.guidance, args.device)
         ref_fn = cached(ref_fn, ref_cache_label, args.cache)
     result = suite.evaluate(gen, n, args.seed, reference_fn=ref_fn, batch=args.batch, json_path=args.json_path,
                             sheet_path=args.sheet_path, label=label, reference_label=ref_label)
