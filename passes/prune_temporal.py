@@ -52,9 +52,7 @@ def resolve_blocks(program: StepProgram, blocks: list[int | str], what: str) -> 
     """Module paths for `blocks`, given as indices among the original blocks of kind `what` or as module paths
     (the model's own, `temporal_transformer_blocks.2`, or the step graph's). Blocks pruned before are kept in the
     list (pruning them again changes nothing); a block the model never had is an error."""
-    pruned = program.extras.get("pruned", {})
-    present = prunable_blocks(program, what)
-    original = sorted([*present, *pruned.get(what, [])], key=block_number)
+    original = original_blocks(program, what)
     resolved = []
     for block in blocks:
         if isinstance(block, bool) or not isinstance(block, (int, str)):
@@ -73,10 +71,9 @@ def resolve_blocks(program: StepProgram, blocks: list[int | str], what: str) -> 
     return list(dict.fromkeys(resolved))
 
 
-def block_number(fqn: str) -> tuple[str, int]:
-    """Sorts `x.blocks.10` after `x.blocks.9`."""
-    prefix, _, number = fqn.rpartition(".")
-    return prefix, int(number) if number.isdigit() else -1
+def original_blocks(program: StepProgram, what: str) -> list[str]:
+    """The model's blocks of kind `what` in execution order, as they were before any was pruned."""
+    return program.extras.get("prunable", {}).get(what) or prunable_blocks(program, what)
 
 
 def remove_block(module: fx.GraphModule, program: StepProgram, fqn: str) -> None:
@@ -125,9 +122,11 @@ def prune_temporal(program: StepProgram, blocks: list[int | str], what: str = "t
                 remove_block(module, program, fqn)
             return True
 
+        original = original_blocks(program, what)
         result = rewrite_graph(program, rewrite)
-        kept = {**pruned, what: sorted([*pruned.get(what, []), *todo], key=block_number)}
-        return result.replace(extras={**result.extras, "pruned": kept})
+        removed = {*pruned.get(what, []), *todo}
+        return result.replace(extras={**result.extras, "pruned": {**pruned, what: [b for b in original if b in removed]},
+                                      "prunable": {**program.extras.get("prunable", {}), what: original}})
 
 
 @register_fact("pruned_blocks_absent", "every pruned block is gone from the graph's metadata and its parameters "

@@ -80,6 +80,7 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "state": [s.to_json() for s in program.state],
         "passes": list(program.passes),
         "cache": program.extras.get("cache"),
+        "pruned": program.extras.get("pruned"),
     }
 
 
