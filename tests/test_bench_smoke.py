@@ -58,3 +58,21 @@ def test_steps_bench(tmp_path):
     bench("steps.py", "--configs", "onnx:1", "--rounds", "1", "--warmup", "0", "--json", str(out))
     config = json.loads(out.read_text())["configs"][0]
     assert (config["backend"], config["batch"], set(config["rows"])) == ("onnx", 1, {"teacher", "student"})
+
+
+def test_prune_bench(tmp_path):
+    out = tmp_path / "prune.json"
+    bench("prune.py", "--backend", "torch", "--prompts", "4", "--rounds", "1", "--cache", str(tmp_path / "cache"),
+          "--json", str(out))
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"student", "pruned, no recovery", "pruned + recovery (shipped)"}
+    assert record["rows"]["student"]["parameters"] > record["rows"]["pruned + recovery (shipped)"]["parameters"]
+
+
+def test_e2e_bench(tmp_path):
+    out = tmp_path / "e2e.json"
+    bench("e2e.py", "--backends", "torch", "--prompts", "4", "--rounds", "1", "--cache", str(tmp_path / "cache"),
+          "--json", str(out))
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"eager teacher, 50 steps, g=3", "student_reference on torch",
+                                   "pruned_student_reference on torch"}
