@@ -66,7 +66,7 @@ def test_pass_requirements_are_enforced(program):
 
 def test_schema_lists_sections(tmp_path, capsys):
     schema = recipe_schema()
-    assert set(schema["properties"]) == {"model", "sampler", "passes", "lower", "verify"}
+    assert set(schema["properties"]) == {"model", "sampler", "passes", "lower", "verify", "measured"}
     assert vdopt_main(["schema", "-o", str(tmp_path / "schema.json")]) == 0
     assert json.loads((tmp_path / "schema.json").read_text())["title"] == "Recipe"
 

@@ -113,7 +113,7 @@ def test_the_guidance_batch_and_combination_are_gone_and_nothing_else(teacher, r
 
 def test_registered_doc_and_facts():
     assert "guidance" in PASS.doc and PASS.name == "reduce_steps"
-    assert PASS.requires == ("uncached",) and PASS.guarantees == ("step_table_in_graph", "guidance_matches_sampler")
+    assert PASS.requires == ("uncached", "unpruned") and PASS.guarantees == ("step_table_in_graph", "guidance_matches_sampler")
 
 
 # ----- numerics -------------------------------------------------------------------------------

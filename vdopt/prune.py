@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -258,6 +259,7 @@ def prune(recipe_path: str | Path, model_path, target: Target, *, what: str = "t
     if any(p.name == "prune_temporal" for p in recipe.passes):
         raise PruneError(f"{recipe_path} already prunes blocks; give the recipe without its prune_temporal pass.")
     backend = recipe.lower.backend
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vdopt-prune-") as tmp:
         variants = Variants(recipe, model_path, Path(tmp), log)
         shape = [int(size) for size in variants.program.example_inputs[0].shape]
@@ -307,7 +309,7 @@ def prune(recipe_path: str | Path, model_path, target: Target, *, what: str = "t
                    "measured_ms": round(choice.measured_ms, 3), "unpruned_ms_same_run": round(choice.unpruned_ms, 3),
                    "speedup_median": round(choice.unpruned_ms / choice.measured_ms, 3),
                    "speedup_worst_round": round(min(ratios), 3)},
-        "trials": choice.trials,
+        "trials": choice.trials, "load_average": {"start": load_start, "end": os.getloadavg()},
     }
 
 
