@@ -262,11 +262,26 @@ def forecast_psnr(weight: float) -> Getter:
     return get_psnr
 
 
+def prune_block_row(data: dict, cells: list[str]) -> dict | None:
+    """A `vdopt prune` table row: the unpruned program, or a block named by the last two parts of its path."""
+    name, unpruned = cells[0].strip("`* "), data["unpruned"]
+    if name == "(unpruned)":
+        return {"unpruned": True, **unpruned}
+    row = next((r for r in data["latency_and_sensitivity"] if r["block"].endswith(f".{name}")), None)
+    return {**row, "share": 100 * row["cost_ms"] / unpruned["ms_per_step"]} if row else None
+
+
+def unless_unpruned(get: Getter) -> Getter:
+    return lambda r: [] if r.get("unpruned") else get(r)
+
+
 EVAL_COLUMNS = {
     "shape": pct("all.accuracy.shape"),
     "colour": pct("all.accuracy.colour"),
     "direction": pct("all.accuracy.direction"),
 }
+
+EVAL_COLUMNS_FLAT = {"shape": pct("accuracy.shape"), "colour": pct("accuracy.colour"), "direction": pct("accuracy.direction")}
 
 SPECS = [
     Spec("backend clip time", ("config", "clip s"), "bench/results/backends.json", backends_row, {
@@ -349,6 +364,31 @@ SPECS = [
              "PSNR vs teacher": psnr_vs_reference,
              "wall clock (aoti)": wall_clock,
          }, also=(EVAL_NAIVE, EVAL_STUDENT, STEPS_QUIET)),
+    Spec("pruning tables", ("block", "cost ms / step"), "bench/results/prune_teacher.json", prune_block_row, {
+        "cost ms / step": lambda r: [r["ms_per_step"]] if r.get("unpruned") else [r["cost_ms"]],
+        "share of step": unless_unpruned(lambda r: [r["share"]]),
+        "PSNR vs unpruned": unless_unpruned(lambda r: [r["psnr_mean"]]),
+        "worst clip": unless_unpruned(lambda r: [r["psnr_worst"]]),
+        "shape / direction / track direction": lambda r: [r["accuracy"]["shape"], r["accuracy"]["direction"], r["track_direction"]],
+    }),
+    Spec("pruned student", ("program", "parameters"), "bench/results/prune.json",
+         lambda data, cells: data["rows"].get(cells[0].strip("`* ")), {
+             "parameters": lambda r: [r["parameters"]],
+             "ms / step: median": lambda r: [r["ms_per_step_median"]],
+             "worst round": lambda r: [r["ms_per_step_worst"]],
+             **EVAL_COLUMNS_FLAT,
+             "FVD-MS": lambda r: [r["fvd_ms"]],
+             "PSNR vs teacher": lambda r: [r["vs_reference"]["psnr_db"]],
+         }),
+    Spec("end to end", ("program", "clips / s"), "bench/results/e2e.json",
+         lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), {
+             "clips / s": lambda r: [r["clips_per_second"]],
+             "× eager: median": lambda r: [r.get("speedup_median", 1.0)],
+             "worst round": lambda r: [r["speedup_worst_round"]] if "speedup_worst_round" in r else [],
+             "shape": pct("accuracy.shape"),
+             "direction": pct("accuracy.direction"),
+             "FVD-MS": lambda r: [r["fvd_ms"]],
+         }),
     Spec("forecast weight", ("forecast weight", "0 (reuse)"), "bench/results/forecast_static.json", forecast_row, {
         "0 (reuse)": forecast_psnr(0), "0.4": forecast_psnr(0.4), "0.5": forecast_psnr(0.5), "0.6": forecast_psnr(0.6),
         "0.75": forecast_psnr(0.75), "1": forecast_psnr(1),
