@@ -15,17 +15,13 @@ shape accuracy is within 3 points of the teacher's; the project's target is >= 5
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from results_file import write_results
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
@@ -126,14 +122,8 @@ def main() -> None:
         met = rows[best]["speedup_median"] >= TARGET
         print(f"best: {best}, {rows[best]['speedup_median']:.1f}x the eager teacher (worst round "
               f"{rows[best]['speedup_worst_round']:.1f}x): the {TARGET:g}x target is {'met' if met else 'NOT met'}")
-    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "batch": args.batch, "rounds": args.rounds,
-              "prompts": args.prompts, "seed": args.seed, "rows": rows, "best": best, "target": TARGET,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "load_average_start": load_start, "load_average_end": load_end}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.json}")
-
+    write_results(args.json, {"batch": args.batch, "rounds": args.rounds, "prompts": args.prompts, "seed": args.seed,
+                              "rows": rows, "best": best, "target": TARGET}, load_start, load_end)
 
 if __name__ == "__main__":
     main()

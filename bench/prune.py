@@ -13,18 +13,15 @@ the issue's bars, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
+from results_file import write_results
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
@@ -116,17 +113,10 @@ def main() -> None:
     print(f"student / pruned step time: {speedup:.2f}x (ratio of medians; worst round {min(per_round):.2f}x)")
     for bar, ok in bars.items():
         print(f"  {'met' if ok else 'MISSED'}: {bar}")
-    record = {"command": " ".join([sys.executable.rsplit('/', 1)[-1], *sys.argv]), "backend": args.backend,
-              "prompts": args.prompts, "seed": args.seed, "rounds": args.rounds, "rows": rows,
-              "speedup_median": round(speedup, 3), "speedup_worst_round": round(min(per_round), 3),
-              "speedup_per_round": [round(v, 3) for v in per_round], "bars": bars,
-              "pruned_recipe": yaml.safe_load(PRUNED.read_text()).get("passes"),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "load_average_start": load_start, "load_average_end": load_end}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.json}")
-
+    write_results(args.json, {"backend": args.backend, "prompts": args.prompts, "seed": args.seed, "rounds": args.rounds,
+                              "rows": rows, "speedup_median": round(speedup, 3), "speedup_worst_round": round(min(per_round), 3),
+                              "speedup_per_round": [round(v, 3) for v in per_round], "bars": bars,
+                              "pruned_recipe": yaml.safe_load(PRUNED.read_text()).get("passes")}, load_start, load_end)
 
 if __name__ == "__main__":
     main()

@@ -103,6 +103,19 @@ def test_training_logs_both_losses_and_exports_a_student(workdir, full_run):
     assert max((student[k] - teacher[k]).abs().max().item() for k in teacher if k.startswith("transformer.")) > 0
 
 
+def assert_program_is_the_students_loop(program, student) -> None:
+    """The compiled few-step program's loop equals the student's plain Euler loop over its timesteps."""
+    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
+    expected, sigmas = x, [t / 1000 for t in program.step_table["timesteps"]] + [0.0]
+    module = program.ep.module()
+    with torch.no_grad():
+        for i, t in enumerate(program.step_table["timesteps"]):
+            expected = expected + (sigmas[i + 1] - sigmas[i]) * student.denoiser(expected, torch.tensor([t]), cond)
+            x = module(x, torch.tensor(i), cond)[0]
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     from vdopt.compiler import compile_program
     from vdopt.recipe import load_recipe
@@ -115,15 +128,7 @@ def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
 
     recipe, _, _ = load_distill_recipe(workdir / "recipe.yaml")
     student = load_teacher(recipe, out / "student.safetensors")
-    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-    cond = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
-    expected, sigmas = x, [t / 1000 for t in program.step_table["timesteps"]] + [0.0]
-    module = program.ep.module()
-    with torch.no_grad():
-        for i, t in enumerate(program.step_table["timesteps"]):
-            expected = expected + (sigmas[i + 1] - sigmas[i]) * student.denoiser(expected, torch.tensor([t]), cond)
-            x = module(x, torch.tensor(i), cond)[0]
-    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    assert_program_is_the_students_loop(program, student)
 
 
 def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_prunes_them(workdir, full_run, tmp_path):
@@ -156,15 +161,7 @@ def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_p
     assert not any(k.startswith("denoiser.model.temporal_transformer_blocks.1.") for k in program.ep.state_dict)
     student = load_teacher(load_distill_recipe(recipe)[0], pruned / "student.safetensors")
     student.model.temporal_transformer_blocks[1] = Bypassed()
-    x = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-    cond = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
-    expected, sigmas = x, [t / 1000 for t in program.step_table["timesteps"]] + [0.0]
-    module = program.ep.module()
-    with torch.no_grad():
-        for i, t in enumerate(program.step_table["timesteps"]):
-            expected = expected + (sigmas[i + 1] - sigmas[i]) * student.denoiser(expected, torch.tensor([t]), cond)
-            x = module(x, torch.tensor(i), cond)[0]
-    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    assert_program_is_the_students_loop(program, student)
 
 
 @pytest.mark.parametrize("blocks", [[5], ["transformer_blocks.0"]])
