@@ -38,8 +38,9 @@ SHAPE_POINTS = 3.0
 
 
 def with_batch(recipe, batch: int):
+    """The recipe taking 1..`batch` prompts per call: timed at `batch`, evaluated one clip at a time."""
     data = recipe.model_dump(mode="json")
-    data["model"]["input"]["batch"] = batch
+    data["model"]["input"]["batch"] = {"min": 1, "max": max(batch, 2)}
     return parse_recipe(data, "<derived recipe>")
 
 
@@ -78,7 +79,7 @@ def main() -> None:
             if name == EAGER:
                 sample(transformer, conditioner, chunk, seed=int(seeds[k]))
             else:
-                cond, _ = encoders[name](" | ".join(chunk))
+                cond, _ = encoders[name](chunk)
                 sessions[name].run(cond, seed=int(seeds[k]), progress=False)
             return time.perf_counter() - start
 
