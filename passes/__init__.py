@@ -31,17 +31,22 @@ def load_pass(name: str) -> Pass:
     return PASSES[name]
 
 
+def ended_facts(first: str, then: str) -> set[str]:
+    """The facts pass `first` requires that pass `then` ends."""
+    return set(load_pass(then).invalidates) & set(load_pass(first).requires)
+
+
 def must_precede(first: str, then: str) -> bool:
     """Whether pass `first` must run before pass `then`: `then` ends a fact `first` requires."""
-    return bool(set(load_pass(then).invalidates) & set(load_pass(first).requires))
+    return bool(ended_facts(first, then))
 
 
 def check_order(names: list[str]) -> None:
     """Refuses a pass listed after one that ends a fact it requires, naming the fact."""
     for position, name in enumerate(names):
         for earlier in names[:position]:
-            if must_precede(name, earlier):
-                ended = set(load_pass(earlier).invalidates) & set(load_pass(name).requires)
+            ended = ended_facts(name, earlier)
+            if ended:
                 raise PassError(f"recipe passes: {name} must come before {earlier}: it requires {', '.join(sorted(ended))}, "
                                 f"which {earlier} ends.")
 

@@ -87,10 +87,9 @@ def remove_block(module: fx.GraphModule, program: StepProgram, fqn: str) -> None
     if unmatched:
         raise PassError(f"prune_temporal: {fqn} hands on {', '.join(unmatched)}, which continue no input of the same "
                         f"shape, so the block cannot be replaced by identity.")
-    for k, out in enumerate(region.outputs):
-        out.replace_all_uses_with(region.inputs[region.streams[k]],
-                                  delete_user_cb=lambda user: user not in set(region.nodes))
     members = set(region.nodes)
+    for k, out in enumerate(region.outputs):
+        out.replace_all_uses_with(region.inputs[region.streams[k]], delete_user_cb=lambda user: user not in members)
     for node in reversed(region.nodes):
         if any(user not in members for user in node.users):
             raise PassError(f"prune_temporal: '{node.name}' of {fqn} is read outside the block.")
@@ -110,11 +109,13 @@ def prune_temporal(program: StepProgram, blocks: list[int | str], what: str = "t
         raise PassError("prune_temporal: blocks must be a non-empty list of block indices or module paths.")
     with program.tracing():
         names = resolve_blocks(program, blocks, what)
+        original = original_blocks(program, what)
         pruned = program.extras.get("pruned", {})
         todo = [fqn for fqn in names if fqn not in pruned.get(what, [])]
         if not todo:
             return program
-        if len(todo) == len(prunable_blocks(program, what)) and what == "blocks":
+        removed = {*pruned.get(what, []), *todo}
+        if len(removed) == len(original) and what == "blocks":
             raise PassError("prune_temporal: that would remove every block of the model.")
 
         def rewrite(module: fx.GraphModule) -> bool:
@@ -122,9 +123,7 @@ def prune_temporal(program: StepProgram, blocks: list[int | str], what: str = "t
                 remove_block(module, program, fqn)
             return True
 
-        original = original_blocks(program, what)
         result = rewrite_graph(program, rewrite)
-        removed = {*pruned.get(what, []), *todo}
         return result.replace(extras={**result.extras, "pruned": {**pruned, what: [b for b in original if b in removed]},
                                       "prunable": {**program.extras.get("prunable", {}), what: original}})
 

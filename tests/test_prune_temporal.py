@@ -207,3 +207,12 @@ def test_the_pruned_reference_teacher_matches_its_eager_loop_with_identity_block
     got = Session(tmp_path / "bundle").run(cond, uncond, seed=4, progress=False)
     expected = reference_sample("reference", transformer, recipe.sampler, cond, uncond, 4, (1, 3, 8, 32, 32))
     torch.testing.assert_close(got, expected, atol=TEACHER_TOLERANCE[backend], rtol=0)
+
+
+def test_pruning_the_last_remaining_block_in_a_second_call_is_refused():
+    """The every-block refusal counts the blocks pruned by earlier calls too."""
+    wan = capture(parse_recipe({"model": {"family": "wan", "input": {"frames": 2, "height": 4, "width": 4, "text_len": 4}},
+                                "sampler": {"steps": 2}}), None)
+    once = PRUNE.run(wan, blocks=[0], what="blocks")
+    with pytest.raises(PassError, match="every block"):
+        PRUNE.run(once, blocks=[1], what="blocks")
