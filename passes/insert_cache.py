@@ -51,6 +51,7 @@ from vdopt.bundle import SHAPE_NAMES
 from vdopt.capture import export_step, named_shape, symbol_names
 from vdopt.errors import PassError, first_line
 from vdopt.module_stack import module_stack
+from vdopt.ops import decompositions, library_path
 from vdopt.pass_manager import Pass, editable_module, uncached
 from vdopt.program import StateSpec, StepProgram, TensorSpec, dtype_name
 from vdopt.regions import Region, block_count, extract_region, find_region, shape_of
@@ -77,12 +78,6 @@ def row_mask(mask: torch.Tensor, tensor: torch.Tensor, per_sample: int | None = 
     return mask.repeat_interleave(per_sample).reshape(-1, *[1] * (tensor.dim() - 1))
 
 
-def relative_l1(now: torch.Tensor, before: torch.Tensor, samples: int) -> torch.Tensor:
-    change = (now - before).abs().reshape(samples, -1).mean(1)
-    return change / before.abs().reshape(samples, -1).mean(1).clamp(min=1e-12)
-
-
-
 ADACACHE_CODEBOOKS = {  # distance upper bound -> steps until the next recompute (AdaCache-DiT configs)
     "fast": [(0.08, 6), (0.16, 5), (0.24, 4), (0.32, 3), (0.40, 2), (1.0, 1)],   # 30-step schedules
     "slow": [(0.08, 3), (0.16, 2), (0.24, 1), (1.0, 1)],
@@ -93,7 +88,8 @@ MOREG_WINDOW = (0.1, 0.9)  # fraction of the schedule where MoReg applies (AdaCa
 
 
 class Policy:
-    """A skip rule. `probes` names the graph values it reads; `state` the tensors it carries."""
+    """A skip rule. `probes` names the graph values it reads; `state` the tensors it carries. The decision
+    is `vdopt::cache_decision` (`ops: fused`) or its aten decomposition (`ops: aten`, the reference)."""
 
     name = ""
     defaults: dict = {}
@@ -105,19 +101,26 @@ class Policy:
     def state(self, probe_shapes: list[tuple], probe_dtype: torch.dtype, samples) -> list[tuple[str, tuple, torch.dtype]]:
         return []
 
-    def decide(self, i, x, probes, state, samples):
-        """-> (due mask [samples], distance [samples], update(mask) -> new state). `samples` is the number of
-        rows, (sample, guidance branch) pairs: symbolic when the batch is."""
+    def decide(self, i, x, probes, state, samples, forced):
+        """-> (mask [samples], any(mask), distance [samples], update(mask) -> new state): a row recomputes when
+        the rule says so or it is `forced`. `samples` is the number of rows, (sample, guidance branch) pairs:
+        symbolic when the batch is."""
         raise NotImplementedError
+
+    def cache_decision(self, probe, prev, accumulated, forced, coefficients=(1.0, 0.0), threshold=math.inf):
+        """The fused decision over the probe (see `vdopt.ops.decompositions.cache_decision`); the default
+        polynomial is the distance itself and the default threshold leaves the mask to `forced`."""
+        op = torch.ops.vdopt.cache_decision if self.params["ops"] == "fused" else decompositions.cache_decision
+        return op(probe, prev, accumulated, forced, torch.tensor(coefficients, dtype=torch.float32), float(threshold))
 
 
 class StaticPolicy(Policy):
     name = "static"
     defaults = {"first": 1, "interval": 2}
 
-    def decide(self, i, x, probes, state, samples):
-        due = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(samples)
-        return due, torch.zeros(samples, device=i.device), lambda mask: ()
+    def decide(self, i, x, probes, state, samples, forced):
+        mask = ((i - self.params["warmup"]) % self.params["interval"] == 0).expand(samples) | forced
+        return mask, mask.any(), torch.zeros(samples, device=i.device), lambda mask: ()
 
 
 class FirstBlocksPolicy(Policy):
@@ -128,10 +131,11 @@ class FirstBlocksPolicy(Policy):
     def state(self, probe_shapes, probe_dtype, samples):
         return [("prev_probe", probe_shapes[0], probe_dtype)]
 
-    def decide(self, i, x, probes, state, samples):
+    def decide(self, i, x, probes, state, samples, forced):
         probe, (prev,) = probes[0] - probes[1], state
-        distance = relative_l1(probe, prev, samples).float()
-        return distance >= self.params["threshold"], distance, lambda mask: (torch.where(row_mask(mask, probe), probe, prev),)
+        mask, flag, distance, _, prev_next = self.cache_decision(probe, prev, torch.zeros_like(forced, dtype=torch.float32),
+                                                                 forced, threshold=self.params["threshold"])
+        return mask, flag, distance, lambda mask: (prev_next,)
 
 
 class AdaCachePolicy(Policy):
@@ -169,10 +173,11 @@ class AdaCachePolicy(Policy):
         size = 2 * per_frame.abs().sum((1, 2)) - first.abs().sum(1) - last.abs().sum(1)
         return (change / size.clamp(min=1e-12) / MOREG_NORM) ** MOREG_POWER
 
-    def decide(self, i, x, probes, state, samples):
+    def decide(self, i, x, probes, state, samples, forced):
         probe = probes[0] - probes[1]
         prev, next_step, rate, prev_motion = state
-        distance = relative_l1(probe, prev, samples).float() / rate.clamp(min=1.0)
+        mask, flag, distance, _, prev_next = self.cache_decision(probe, prev, torch.zeros_like(rate), (i >= next_step) | forced)
+        distance = distance / rate.clamp(min=1.0)
         motion = prev_motion
         if self.params["moreg"]:
             lo, hi = (int(f * self.num_steps) for f in MOREG_WINDOW)
@@ -184,14 +189,12 @@ class AdaCachePolicy(Policy):
         bounds = torch.tensor([b for b, _ in book], device=distance.device)
         rates = torch.tensor([r for _, r in book], device=distance.device, dtype=torch.int64)
         new_rate = rates[torch.bucketize(distance, bounds).clamp(max=len(book) - 1)]
-        due = i >= next_step
 
         def update(mask):
-            keep = row_mask(mask, probe)
-            return (torch.where(keep, probe, prev), torch.where(mask, i + new_rate, next_step),
-                    torch.where(mask, new_rate.float(), rate), torch.where(mask, motion, prev_motion))
+            return (prev_next, torch.where(mask, i + new_rate, next_step), torch.where(mask, new_rate.float(), rate),
+                    torch.where(mask, motion, prev_motion))
 
-        return due, distance, update
+        return mask, flag, distance, update
 
 
 class TeaCachePolicy(Policy):
@@ -206,18 +209,15 @@ class TeaCachePolicy(Policy):
     def state(self, probe_shapes, probe_dtype, samples):
         return [("prev_probe", probe_shapes[0], probe_dtype), ("accumulated", (samples,), torch.float32)]
 
-    def decide(self, i, x, probes, state, samples):
+    def decide(self, i, x, probes, state, samples, forced):
         (embedding,), (prev, accumulated) = probes, state
-        change = relative_l1(embedding, prev, samples).float()
-        rescaled = torch.zeros_like(change)
-        for coefficient in self.params["coefficients"]:
-            rescaled = rescaled * change + coefficient
-        total = accumulated + rescaled
-        return total >= self.params["threshold"], total, lambda mask: (embedding, torch.where(mask, torch.zeros_like(total), total))
+        mask, flag, total, accumulated_next, _ = self.cache_decision(embedding, prev, accumulated, forced,
+                                                                     self.params["coefficients"], self.params["threshold"])
+        return mask, flag, total, lambda mask: (embedding, accumulated_next)
 
 
 POLICIES = {p.name: p for p in (StaticPolicy, FirstBlocksPolicy, AdaCachePolicy, TeaCachePolicy)}
-COMMON_DEFAULTS = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0, "forecast": 0}
+COMMON_DEFAULTS = {"warmup": 1, "final": 1, "max_reuse": 4, "last": 0, "forecast": 0, "ops": "aten"}
 
 
 class CachedBody(nn.Module):
@@ -324,8 +324,8 @@ class CachedBody(nn.Module):
         step, extrapolating at most one gap ahead (plain reuse for rows that have computed only once)."""
         steps_ahead = ((reuse_run + 1).float() / gap.clamp(min=1.0)).clamp(max=1.0)
         weight = torch.where(gap > 0, self.forecast * steps_ahead, torch.zeros_like(gap))
-        return [cache + (cache - prev) * row_mask(weight, cache).to(cache.dtype)
-                for cache, prev in zip(caches, previous)]
+        op = torch.ops.vdopt.taylor_forecast if self.policy.params["ops"] == "fused" else decompositions.taylor_forecast
+        return [op(cache, prev, weight) for cache, prev in zip(caches, previous)]
 
     def forward(self, i, x, *tensors):
         probes = tensors[: len(self.policy.probes)]
@@ -337,8 +337,7 @@ class CachedBody(nn.Module):
         policy_state = rest[caches_end + len(forecast_in): len(rest) - 3]
         reuse_run, computed, _ = rest[len(rest) - 3:]
         samples = x.shape[0] * self.copies
-        due, distance, update = self.policy.decide(i, x, probes, policy_state, samples)
-        mask = due | self.forced(i, reuse_run)
+        mask, any_due, distance, update = self.policy.decide(i, x, probes, policy_state, samples, self.forced(i, reuse_run))
         # Sizes the body reads (SymInts) ride into the branches as the width of empty tensors: torch.cond takes
         # tensor operands only, and its tracer cannot lift every closed-over size expression (HunyuanVideo's
         # product of two latent dims fails with a LazyProxy error).
@@ -351,7 +350,7 @@ class CachedBody(nn.Module):
             recomputed_again = mask & (computed > 0)
             forecast_state = (*(torch.where(row_mask(mask, cache), cache, prev) for cache, prev in zip(caches, previous)),
                               torch.where(recomputed_again, (reuse_run + 1).float(), gap))
-        results = torch.cond(mask.any(), self.reading_sizes(self.compute), self.reading_sizes(self.reuse),
+        results = torch.cond(any_due, self.reading_sizes(self.compute), self.reading_sizes(self.reuse),
                              (mask, *tensor_inputs, *caches, *bases, *carriers))
         results = [r.reshape(cache.shape) for r, cache in zip(results, (*caches, *caches))]
         reuse_run = torch.where(mask, torch.zeros_like(reuse_run), reuse_run + 1)
@@ -403,6 +402,8 @@ PARAM_CHECKS = {
     "codebook_scale": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
     "moreg": (lambda v: isinstance(v, bool), "true or false"),
     "coefficients": (lambda v: isinstance(v, list) and bool(v) and all(is_number(c) for c in v), "a non-empty list of finite numbers"),
+    "ops": (lambda v: v in ("aten", "fused"), "aten (the decision and forecast as aten ops, the reference) or fused "
+                                              "(vdopt's custom ops: one node each, a CPU/CUDA kernel and a TensorRT plugin)"),
     "codebook": (is_codebook, f"one of {sorted(ADACACHE_CODEBOOKS)} or a list of [distance bound > 0, steps >= 1] pairs"),
 }
 
@@ -520,6 +521,8 @@ def insert_cache_traced(program: StepProgram, policy: str, **params) -> StepProg
     if policy not in POLICIES:
         raise PassError(f"insert_cache: policy '{policy}' is not one of {', '.join(POLICIES)}.")
     params = resolve_params(policy, params)
+    if params["ops"] == "fused":
+        library_path()  # the op library, built on first use
     rule = POLICIES[policy](params, program.num_steps, program.multiples[0])
     module = editable_module(program)
     module.graph._codegen = fx.graph.CodeGen()

@@ -46,7 +46,7 @@ def test_profiles_cover_the_recipe_ranges(wan_program):
     assert opt == tuple(wan_program.example_inputs[0].shape)
     assert settings.profiles["i"] == ((), (), ())
     assert settings.profiles["cond.encoder_hidden_states"] == ((1, 7, 16),) * 3
-    assert settings.precision == "fp32" and settings.detailed_profiling
+    assert settings.strongly_typed and settings.detailed_profiling and settings.timing_cache.name == "timing.cache"
 
 
 def test_onnx_inputs_are_the_profile_names(wan_program, tmp_path):

@@ -192,6 +192,9 @@ def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(part, dict):
                 for name in part.get("files") or []:
                     yield f"segments[{i}].parts[{j}].files", name
+    for k, library in enumerate(manifest.get("op_libraries") or []):
+        if isinstance(library, dict):
+            yield f"op_libraries[{k}].file", library.get("file")
     extras = manifest.get("extras")
     items = extras.items() if isinstance(extras, dict) else enumerate(extras) if isinstance(extras, list) else ()
     for key, value in items:
@@ -358,6 +361,12 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     expect(isinstance(manifest["step_table"], dict), "step_table", "an object")
     if "guidance" in manifest:
         expect(isinstance(manifest["guidance"], bool), "guidance", "true or false")
+    libraries = manifest.get("op_libraries", [])
+    if expect(isinstance(libraries, list), "op_libraries", "a list"):
+        for k, library in enumerate(libraries):
+            expect(isinstance(library, dict) and isinstance(library.get("file"), str)
+                   and isinstance(library.get("ops"), list) and all(isinstance(op, str) for op in library["ops"]),
+                   f"op_libraries[{k}]", "an object with a file name and the list of ops it defines")
     for i, segment in enumerate(manifest["segments"]):
         here = f"segments[{i}]"
         expect(isinstance(segment.get("name"), str), f"{here}.name", "a string")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import shutil
+import sysconfig
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +16,7 @@ from vdopt.capture import capture
 from vdopt.families import family_origin, load_family
 from vdopt.lower import get_backend
 from vdopt.lower.split_conditional import SplitStep, split_conditional
+from vdopt.ops import custom_ops, library_path
 from vdopt.pass_manager import PassManager
 from vdopt.passes import pipeline
 from vdopt.program import StepProgram
@@ -31,10 +34,11 @@ def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
 def segment_entry(program: StepProgram, backend, files: list[str], index: int) -> dict[str, Any]:
     """One shape profile's step. Its own input and state shapes: static profiles differ in their sizes
     (a cached residual holds frames*height*width/4 tokens, a different number in each profile)."""
+    build = {"build": backend.build_info()} if hasattr(backend, "build_info") else {}  # what an engine is tied to
     return {"name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
             "files": [f"segments/{f}" for f in files], "dims": {k: list(v) for k, v in program.dims.items()},
             "passes": list(program.passes), "inputs": [s.to_json() for s in program.inputs],
-            "state": [s.to_json() for s in program.state]}
+            "state": [s.to_json() for s in program.state], **build}
 
 
 def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int) -> dict[str, Any]:
@@ -54,6 +58,23 @@ def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path
     if split is not None:
         return split_segment(program, split, backend, directory, index)
     return segment_entry(program, backend, backend.lower(program, directory, f"step_{index}"), index)
+
+
+OP_LIBRARY = "ops/vdopt_ops.so"
+
+
+def ship_op_library(program: StepProgram, backend, stage: Path) -> dict[str, Any]:
+    """The manifest's `custom_ops` (the vdopt ops the step calls) and, for backends that run them through the
+    dispatcher, the op library copied into the bundle (`op_libraries`), loaded by whoever opens it."""
+    used = custom_ops(program.ep)
+    if not used:
+        return {}
+    if not backend.needs_op_library:
+        return {"custom_ops": used}
+    (stage / OP_LIBRARY).parent.mkdir(exist_ok=True)
+    shutil.copyfile(library_path(), stage / OP_LIBRARY)
+    return {"custom_ops": used, "op_libraries": [{"file": OP_LIBRARY, "ops": used, "platform": sysconfig.get_platform(),
+                                                  "torch_version": torch.__version__}]}
 
 
 def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
@@ -102,9 +123,11 @@ def write_bundle(program: StepProgram, recipe: Recipe, output: str | Path, model
     """A one-profile bundle of an already transformed program, lowered with the recipe's backend."""
     with staged_bundle(output, overwrite=True) as stage:
         (stage / "segments").mkdir()
-        segment = lower_segment(program, recipe, get_backend(recipe.lower.backend), stage / "segments", 0)
+        backend = get_backend(recipe.lower.backend)
+        segment = lower_segment(program, recipe, backend, stage / "segments", 0)
         program.descriptor.write_extras(stage, model_path)
-        write_manifest(stage, {**program_manifest(program, recipe), "segments": [segment]})
+        write_manifest(stage, {**program_manifest(program, recipe), **ship_op_library(program, backend, stage),
+                               "segments": [segment]})
     return Path(output)
 
 
@@ -140,7 +163,8 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
                 segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
         first.descriptor.write_extras(stage, model_path)
-        manifest = write_manifest(stage, {**program_manifest(first, recipe), "segments": segments})
+        manifest = write_manifest(stage, {**program_manifest(first, recipe), **ship_op_library(first, backend, stage),
+                                          "segments": segments})
         if verify:
             with named_range("vdopt/compile/verify"):
                 report = verify_bundle(stage, captured, recipe, model_path, log=log)

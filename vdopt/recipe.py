@@ -159,7 +159,6 @@ class Profile(Strict):
 
 class LowerSection(Strict):
     backend: Literal["torch", "aoti", "onnx", "tensorrt"] = "torch"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     profiles: list[Profile] | None = Field(
         None, description="Static shape profiles, for families or backends that cannot export dynamic sizes."
     )
@@ -168,6 +167,15 @@ class LowerSection(Strict):
                             "runtime reads the one-byte flag and runs one branch. auto: only for backends whose "
                             "conditionals may run both branches (tensorrt).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_precision(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "precision" in value:
+            raise ValueError("lower.precision was removed: nothing lowered in another precision than the graph's, so it "
+                             "promised what no backend did. The precision is model.dtype (float32, bfloat16 or float16), "
+                             "which every backend, TensorRT's strongly typed networks included, keeps")
+        return value
 
 
 class VerifySection(Strict):

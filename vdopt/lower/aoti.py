@@ -205,6 +205,7 @@ def shared_names(a: str, b: str) -> int:
 class AotiBackend:
     name = "aoti"
     splits_conditionals = False  # runs `torch.cond` lazily
+    needs_op_library = True  # the package calls vdopt's ops by name through its proxy executor
     runtime = {"threads": "torch.get_num_threads() (OpenMP)", "inductor_configs": INDUCTOR_CONFIGS,
                "rewrites": ["tanh_gelu_as_sigmoid"]}
 

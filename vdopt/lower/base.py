@@ -16,6 +16,7 @@ Runner = Callable[..., Sequence[torch.Tensor]]
 
 class Backend(Protocol):
     name: str
+    needs_op_library: bool  # whether a program calling vdopt's custom ops needs their library to run (shipped in the bundle)
     splits_conditionals: bool  # whether `lower.split_conditionals: auto` cuts the step at its conditional for it
     runtime: dict  # how its files are run (threads, session options, compiler settings), recorded in the manifest
 
@@ -24,7 +25,9 @@ class Backend(Protocol):
 
     def load(self, directory: Path, files: list[str], device: str, profile: bool = False) -> Runner:
         """Returns `run(*inputs) -> outputs` over flat tensors in the manifest's order. `profile`: a runner
-        whose work `vdopt profile` can attribute to module paths, if the backend needs a different one for that."""
+        whose work `vdopt profile` can attribute to module paths, if the backend needs a different one for that.
+        A backend whose files are tied to the machine that built them (TensorRT engines) also has
+        `build_info() -> dict`, recorded in the segment's `build` and passed back to `load(..., build=...)`."""
 
 
 def node_origin(node: torch.fx.Node) -> str:

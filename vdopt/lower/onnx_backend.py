@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdopt.errors import BundleError, first_line
+from vdopt.errors import BundleError, LoweringError, first_line
 from vdopt.lower.base import unsupported_op_error
+from vdopt.ops.onnx import attach_functions, check_plugin_nodes, translation_table
 from vdopt.program import StepProgram
 
 OPSET = 18
@@ -31,6 +32,7 @@ def export_onnx(program: StepProgram, path: Path) -> None:
         onnx_program = torch.onnx.export(
             program.ep, (), dynamo=True, opset_version=OPSET, verbose=False,
             input_names=[s.name for s in program.inputs], output_names=onnx_output_names(program),
+            custom_translation_table=translation_table(),
         )
     except Exception as exc:  # noqa: BLE001 - the exporter wraps the real failure; name the op and module
         raise unsupported_op_error("onnx", program.ep, str(exc), unsupported_line(exc)) from exc
@@ -41,7 +43,22 @@ def export_onnx(program: StepProgram, path: Path) -> None:
     graph.fold_constants().cleanup().toposort()
     model = gs.export_onnx(graph)
     model.opset_import[0].version = max(model.opset_import[0].version, OPSET)
+    attach_functions(model)
     onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+    check_onnx(path)
+
+
+def check_onnx(path: Path) -> None:
+    """What every ONNX file vdopt writes must pass: `onnx.checker`'s full check (types and shapes inferred through
+    every node) and each vdopt plugin node against its declaration."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        check_plugin_nodes(onnx.load(str(path), load_external_data=False))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise LoweringError(f"{path.name}: the ONNX file vdopt wrote does not check ({first_line(exc)}); this is a vdopt "
+                            f"bug, please report it with the recipe.") from exc
 
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's ['', 'module', 'module.child', 'fx_node'] per node
@@ -120,6 +137,7 @@ def session_options(threads: int):
 class OnnxBackend:
     name = "onnx"
     splits_conditionals = False  # runs `torch.cond` lazily
+    needs_op_library = False  # each vdopt op is a trt.plugins node that carries its decomposition as an ONNX function
     runtime = {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
                "intra_op_threads": "torch.get_num_threads()", "inter_op_threads": 1, "allow_spinning": False}
 

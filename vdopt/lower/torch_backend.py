@@ -94,6 +94,7 @@ def profiled(module: fx.GraphModule) -> fx.GraphModule:
 class TorchBackend:
     name = "torch"
     splits_conditionals = False  # runs `torch.cond` lazily
+    needs_op_library = True  # the program calls vdopt's ops through the dispatcher
     runtime = {"threads": "torch.get_num_threads()"}
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:

@@ -21,6 +21,7 @@ from vdopt.errors import BundleError, RunInputError
 from vdopt.families import load_family
 from vdopt.families.base import null_cond
 from vdopt.lower import get_backend
+from vdopt.ops import load_library
 from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
 from vdopt.ranges import named_range
 from vdopt.validate import check_cond_tensor
@@ -158,20 +159,27 @@ class Session:
         return states
 
     # ----- running -------------------------------------------------------------------------------
-    def load(self, backend_name: str, files: list[str]) -> Callable:
-        """A segment's runner; its files are the manifest's names, each confined to the bundle and checksummed."""
+    def load_op_libraries(self) -> None:
+        """The custom-op libraries the bundle ships (native code: loaded only after the checksums were verified)."""
+        for library in self.manifest.get("op_libraries") or []:
+            load_library(bundle_file(self.path, library["file"], self.manifest))
+
+    def load(self, backend_name: str, files: list[str], build: dict | None = None) -> Callable:
+        """A segment's runner; its files are the manifest's names, each confined to the bundle and checksummed.
+        `build`: what the segment's engine was built for (TensorRT version, GPU), which its backend checks."""
+        self.load_op_libraries()
         paths = [bundle_file(self.path, f, self.manifest) for f in files]
         for name in (f for f in files if f.endswith(".onnx")):
             check_onnx_external_data(self.path, name, self.manifest)
         return get_backend(backend_name).load(self.path, [p.relative_to(self.path).as_posix() for p in paths], self.device,
-                                              profile=self.profile)
+                                              profile=self.profile, **({"build": build} if build is not None else {}))
 
     def runner(self, segment: dict[str, Any]) -> Callable:
         if segment["name"] not in self._runners:
             if segment.get("kind") == "split":
                 self._runners[segment["name"]] = self.split_runner(segment)
             else:
-                self._runners[segment["name"]] = self.load(segment["backend"], segment["files"])
+                self._runners[segment["name"]] = self.load(segment["backend"], segment["files"], segment.get("build"))
         return self._runners[segment["name"]]
 
     def backend_profiles(self) -> list:
@@ -181,7 +189,7 @@ class Session:
 
     def split_runner(self, segment: dict[str, Any]) -> Callable:
         """head, then compute or reuse as the head's one-byte device flag says, then tail; values by name."""
-        parts = {part["name"]: (self.load(segment["backend"], part["files"]), [s["name"] for s in part["inputs"]],
+        parts = {part["name"]: (self.load(segment["backend"], part["files"], segment.get("build")), [s["name"] for s in part["inputs"]],
                                 [s["name"] for s in part["outputs"]]) for part in segment["parts"]}
         step_inputs = [s.name for s in self.inputs]
         step_outputs = [s["name"] for s in self.manifest["outputs"]]

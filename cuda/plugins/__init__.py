@@ -1,0 +1,1 @@
+"""TensorRT plugins of vdopt's ops (imported only where TensorRT loads)."""
