@@ -6,11 +6,13 @@ Two tables:
    `--repeats` interleaved calls. Shapes: the shipped cached recipe's (teacache on the time embedding,
    forecast over the body's output) and a first-blocks probe, on the reference model and on the `wide`
    configuration of bench/backends.py (2048 tokens of width 512).
-2. **Bundles**: the shipped cached recipe (`recipes/reference_cached.yaml`, real teacher weights) compiled with
-   `ops: aten` and with `ops: fused` on each `--backends`, whole clips timed in interleaved rounds; per
-   step = clip time / steps. Both clips are compared (max |diff|, and the body evaluations per row).
+2. **Bundles**, whole clips timed in interleaved rounds on each `--backends` (per step = clip time / steps), each
+   pair compared (max |diff|, and the cache's body evaluations per row):
+   - `cache ops`: the shipped cached recipe (`recipes/reference_cached.yaml`, real teacher weights) with
+     `ops: aten` against `ops: fused`;
+   - `fuse_norm_modulate`: the teacher (`recipes/reference.yaml`) without and with the pass.
 
-    python bench/ops.py [--backends aoti,torch] [--rounds 5] [--repeats 200] [--threads 1] [--json bench/results/ops.json]
+    python bench/ops.py [--backends aoti,torch,onnx] [--rounds 5] [--repeats 200] [--threads 1] [--json bench/results/ops.json]
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def op_cases(rows: int = 2) -> dict[str, tuple]:
             "cache_decision", (probe, prev, accumulated, forced, torch.tensor([1.0, 0.0]), 0.1))
         cases[f"{name}: taylor_forecast over the body output [{rows}, {tokens}, {width}]"] = (
             "taylor_forecast", (probe, prev, torch.rand(rows, generator=generator)))
+        frames = 8  # a spatial block's norm: frames folded into rows, modulation per row
+        x = torch.randn(rows * frames, tokens // frames, width, generator=generator)
+        scale, shift = (0.1 * torch.randn(rows * frames, 1, width, generator=generator) for _ in range(2))
+        cases[f"{name}: layer_norm_modulate, a block's norm1 [{rows * frames}, {tokens // frames}, {width}]"] = (
+            "layer_norm_modulate", (x, scale, shift, 1e-6))
     return cases
 
 
@@ -84,50 +91,62 @@ def bench_ops(repeats: int) -> list[dict]:
     return rows
 
 
+def variants(name: str) -> tuple:
+    """(recipe, baseline data, variant data) of a bundle comparison."""
+    if name == "cache ops":
+        recipe = load_recipe(ROOT / "recipes" / "reference_cached.yaml")
+        cache = next(p for p in recipe.passes if p.name == "insert_cache")
+        return recipe, [{"name": "insert_cache", "params": {**cache.params, "ops": "aten"}}], \
+            [{"name": "insert_cache", "params": {**cache.params, "ops": "fused"}}]
+    recipe = load_recipe(ROOT / "recipes" / "reference.yaml")
+    return recipe, [], [{"name": "fuse_norm_modulate"}]
+
+
 def bench_bundles(backends: list[str], rounds: int, tmp: Path) -> list[dict]:
-    recipe = load_recipe(ROOT / "recipes" / "reference_cached.yaml")
-    cache = next(p for p in recipe.passes if p.name == "insert_cache")
     results = []
-    for backend in backends:
-        sessions = {}
-        for ops in ("aten", "fused"):
-            data = recipe_with(recipe, backend=backend).model_dump(mode="json")
-            data["passes"] = [{"name": "insert_cache", "params": {**cache.params, "ops": ops}}]
-            path = tmp / f"{backend}_{ops}.vdopt"
-            start = time.perf_counter()
-            compile_bundle(type(recipe).model_validate(data), WEIGHTS / "teacher.safetensors", path, verify=False)
-            print(f"[{backend}] compiled ops={ops} in {time.perf_counter() - start:.1f} s", flush=True)
-            sessions[ops] = Session(path)
-        encoder = sessions["aten"].prompt_encoder()
-        cond, uncond = encoder(PROMPTS)
-        clips, evaluations = {}, {}
-        for ops, session in sessions.items():
-            trace = CacheTrace(session.manifest)
-            clips[ops] = session.run(cond, uncond, seed=0, progress=False, on_step=trace.on_step)
-            evaluations[ops] = trace.body_evaluations()
-        steps = sessions["aten"].num_steps
-        times = {"aten": [], "fused": []}
-        for _ in range(rounds):
-            for ops, session in sessions.items():
-                times[ops].append(time_call(lambda: session.run(cond, uncond, seed=0, progress=False), ()) / steps)
-        ratios = [a / f for a, f in zip(times["aten"], times["fused"])]
-        row = {"backend": backend, "prompts_per_call": len(PROMPTS), "steps": steps,
-               "max_abs_diff": float((clips["aten"] - clips["fused"]).abs().max()),
-               "body_evaluations_per_row": evaluations,
-               **{f"{k}_step_ms_median": round(1e3 * statistics.median(v), 2) for k, v in times.items()},
-               **{f"{k}_step_ms_worst": round(1e3 * max(v), 2) for k, v in times.items()},
-               "speedup_of_medians": round(statistics.median(times["aten"]) / statistics.median(times["fused"]), 3),
-               "speedup_mean_of_rounds": round(statistics.mean(ratios), 3), "speedup_worst_round": round(min(ratios), 3)}
-        results.append(row)
-        print(f"[{backend}] step aten {row['aten_step_ms_median']:.2f} ms  fused {row['fused_step_ms_median']:.2f} ms  "
-              f"x{row['speedup_of_medians']:.3f} (worst round x{row['speedup_worst_round']:.3f}); clips differ by "
-              f"{row['max_abs_diff']:.1e}, same decisions: {evaluations['aten'] == evaluations['fused']}", flush=True)
+    for comparison in ("cache ops", "fuse_norm_modulate"):
+        recipe, baseline, variant = variants(comparison)
+        for backend in backends:
+            sessions = {}
+            for label, passes in (("baseline", baseline), ("variant", variant)):
+                data = recipe_with(recipe, backend=backend).model_dump(mode="json")
+                data["passes"] = passes
+                path = tmp / f"{comparison.replace(' ', '_')}_{backend}_{label}.vdopt"
+                start = time.perf_counter()
+                compile_bundle(type(recipe).model_validate(data), WEIGHTS / "teacher.safetensors", path, verify=False)
+                print(f"[{comparison}, {backend}] compiled {label} in {time.perf_counter() - start:.1f} s", flush=True)
+                sessions[label] = Session(path)
+            encoder = sessions["baseline"].prompt_encoder()
+            cond, uncond = encoder(PROMPTS)
+            clips, evaluations = {}, {}
+            for label, session in sessions.items():
+                trace = CacheTrace(session.manifest)
+                clips[label] = session.run(cond, uncond, seed=0, progress=False, on_step=trace.on_step)
+                evaluations[label] = trace.body_evaluations() if session.manifest.get("cache") else None
+            steps = sessions["baseline"].num_steps
+            times = {"baseline": [], "variant": []}
+            for _ in range(rounds):
+                for label, session in sessions.items():
+                    times[label].append(time_call(lambda: session.run(cond, uncond, seed=0, progress=False), ()) / steps)
+            ratios = [a / f for a, f in zip(times["baseline"], times["variant"])]
+            row = {"comparison": comparison, "baseline": baseline, "variant": variant, "backend": backend,
+                   "prompts_per_call": len(PROMPTS), "steps": steps,
+                   "max_abs_diff": float((clips["baseline"] - clips["variant"]).abs().max()),
+                   "body_evaluations_per_row": evaluations,
+                   **{f"{k}_step_ms_median": round(1e3 * statistics.median(v), 2) for k, v in times.items()},
+                   **{f"{k}_step_ms_worst": round(1e3 * max(v), 2) for k, v in times.items()},
+                   "speedup_of_medians": round(statistics.median(times["baseline"]) / statistics.median(times["variant"]), 3),
+                   "speedup_mean_of_rounds": round(statistics.mean(ratios), 3), "speedup_worst_round": round(min(ratios), 3)}
+            results.append(row)
+            print(f"[{comparison}, {backend}] step {row['baseline_step_ms_median']:.2f} ms -> {row['variant_step_ms_median']:.2f} ms  "
+                  f"x{row['speedup_of_medians']:.3f} (worst round x{row['speedup_worst_round']:.3f}); clips differ by "
+                  f"{row['max_abs_diff']:.1e}, same decisions: {evaluations['baseline'] == evaluations['variant']}", flush=True)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="aoti,torch")
+    parser.add_argument("--backends", default="aoti,torch,onnx")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)

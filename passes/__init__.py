@@ -6,7 +6,8 @@ compile (they keep the numbers and make the graph easier for backends).
 
 The order of a recipe's passes follows from what each declares: a pass that `invalidates` a fact a
 later pass `requires` must come after it (insert_cache ends `uncached`, which prune_temporal and
-reduce_steps require; prune_temporal ends `unpruned`, which reduce_steps requires).
+reduce_steps require, and fuse_norm_modulate, which fuses the body before it is cached; prune_temporal ends
+`unpruned`, which reduce_steps requires).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import dataclasses
 from vdopt.errors import PassError
 from vdopt.pass_manager import Pass
 from vdopt.passes.fold_guidance_batch import PASS as FOLD_GUIDANCE_BATCH
+from vdopt.passes.fuse_norm_modulate import PASS as FUSE_NORM_MODULATE
 from vdopt.passes.insert_cache import PASS as INSERT_CACHE
 from vdopt.passes.prune_temporal import PASS as PRUNE_TEMPORAL
 from vdopt.passes.reduce_steps import PASS as REDUCE_STEPS
 
-OPTIMIZATION_PASSES: dict[str, Pass] = {p.name: p for p in (REDUCE_STEPS, PRUNE_TEMPORAL, INSERT_CACHE)}
+OPTIMIZATION_PASSES: dict[str, Pass] = {p.name: p for p in (REDUCE_STEPS, PRUNE_TEMPORAL, FUSE_NORM_MODULATE, INSERT_CACHE)}
 LOWERING_PREP_PASSES: dict[str, Pass] = {p.name: p for p in (FOLD_GUIDANCE_BATCH,)}
 PASSES: dict[str, Pass] = {**OPTIMIZATION_PASSES, **LOWERING_PREP_PASSES}
 

@@ -27,6 +27,9 @@ whenever any row recomputes, still selecting per row (`gather_rows` in the manif
 Always computed: blocks before `first` (default 1) and the last `last` blocks; the first `warmup`
 and last `final` steps; never more than `max_reuse` reuses in a row. A threshold of 0 never skips.
 A step holds one cache: inserting a second is an error, not a no-op (it would cache the cached body).
+`ops: fused` makes the decision and the forecast vdopt's custom ops (`vdopt::cache_decision`, one pass over the
+probe; `vdopt::taylor_forecast`), one node each with CPU, CUDA and TensorRT kernels; `ops: aten` (the default)
+inlines their aten decompositions, the reference they are tested against (docs/custom_ops.md).
 
 `forecast=w` (0 < w <= 1) replaces plain reuse by a damped form of TaylorSeer's first-order forecast
 (cache-dit's and diffusers' TaylorSeer calibrator): a row that skips the body at step i gets its last

@@ -339,3 +339,21 @@ def test_an_op_library_outside_the_bundle_is_refused(fused_torch_bundle, tmp_pat
     (bundle / MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n")
     with pytest.raises(UnsafeInputError, match=r"op_libraries\[0\].file.*outside"):
         Session(bundle)
+
+
+def test_the_io_bound_onnx_runner_equals_the_host_copy_runner(tmp_path):
+    """The IOBinding path (what a CUDA step takes, no host copies) run on the CPU: the same outputs as feeding numpy."""
+    import onnxruntime as ort
+
+    from vdopt.lower.onnx_backend import bound_runner, session_options
+
+    probe, prev, accumulated, forced = decision_inputs(2, (4, 6, 5))
+    model = one_node_model("cache_decision", (probe, prev, accumulated, forced, torch.tensor([1.0, 0.0])), {"threshold": 0.1})
+    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    inputs = (probe, prev, accumulated, forced, torch.tensor([1.0, 0.0]))
+    bound = bound_runner(session, "cpu")(*inputs)
+    copied = run_onnx(model, inputs)
+    assert len(bound) == 5
+    for b, c in zip(bound, copied):
+        assert b.dtype == c.dtype
+        torch.testing.assert_close(b, c.reshape(b.shape), rtol=0, atol=0)

@@ -380,6 +380,21 @@ SPECS = [
              "FVD-MS": lambda r: [r["fvd_ms"]],
              "PSNR vs teacher": lambda r: [r["vs_reference"]["psnr_db"]],
          }),
+    Spec("custom ops alone", ("op, at the step's shapes", "aten µs"), "bench/results/ops.json",
+         lambda data, cells: next((r for r in data["ops"] if r["case"] == cells[0]), None), {
+             "aten µs": lambda r: [r["aten_us_median"]],
+             "fused µs": lambda r: [r["fused_us_median"]],
+             "speedup": lambda r: [r["speedup_of_medians"]],
+             "worst pair": lambda r: [r["speedup_worst_call_pair"]],
+         }),
+    Spec("custom ops in bundles", ("comparison", "step ms before"), "bench/results/ops.json",
+         lambda data, cells: next((r for r in data["bundles"] if r["comparison"] == cells[0] and r["backend"] == cells[1]), None), {
+             "step ms before": lambda r: [r["baseline_step_ms_median"]],
+             "step ms after": lambda r: [r["variant_step_ms_median"]],
+             "speedup": lambda r: [r["speedup_of_medians"]],
+             "worst round": lambda r: [r["speedup_worst_round"]],
+             "max abs diff, 1e-5": lambda r: [r["max_abs_diff"] * 1e5],
+         }),
     Spec("end to end", ("program", "clips / s"), "bench/results/e2e.json",
          lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), {
              "clips / s": lambda r: [r["clips_per_second"]],

@@ -31,11 +31,16 @@ def profiles_of(recipe: Recipe) -> list[dict[str, int] | None]:
     return [profile.model_dump() for profile in recipe.lower.profiles]
 
 
+def profile_of(program: StepProgram, backend) -> dict[str, Any]:
+    """For backends whose files feed a TensorRT build: the optimisation profile the engine takes."""
+    return {"profile": backend.profile_record(program)} if hasattr(backend, "profile_record") else {}
+
+
 def segment_entry(program: StepProgram, backend, files: list[str], index: int) -> dict[str, Any]:
     """One shape profile's step. Its own input and state shapes: static profiles differ in their sizes
     (a cached residual holds frames*height*width/4 tokens, a different number in each profile)."""
     build = {"build": backend.build_info()} if hasattr(backend, "build_info") else {}  # what an engine is tied to
-    return {"name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
+    return {**profile_of(program, backend), "name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
             "files": [f"segments/{f}" for f in files], "dims": {k: list(v) for k, v in program.dims.items()},
             "passes": list(program.passes), "inputs": [s.to_json() for s in program.inputs],
             "state": [s.to_json() for s in program.state], **build}
@@ -46,7 +51,7 @@ def split_segment(program: StepProgram, split: SplitStep, backend, directory: Pa
     parts = []
     for part in split.parts:
         files = backend.lower(part.program, directory, f"step_{index}.{part.name}")
-        parts.append({"name": part.name, "files": [f"segments/{f}" for f in files],
+        parts.append({"name": part.name, "files": [f"segments/{f}" for f in files], **profile_of(part.program, backend),
                       "inputs": [s.to_json() for s in part.program.inputs],
                       "outputs": [s.to_json() for s in part.program.outputs]})
     return {**segment_entry(program, backend, [], index), "kind": "split", "flag": split.flag, "parts": parts}

@@ -196,10 +196,16 @@ def bundle_lines(path: Path, m: dict[str, Any]) -> str:
     lines += [f"  {s['name']:<36} {s['dtype']:<8} {s['shape']} init {s.get('init', 'zeros')}" for s in m["state"]]
     if m.get("cache"):
         lines.append("cache: " + ", ".join(f"{k}={v}" for k, v in m["cache"].items()))
+    if m.get("custom_ops"):
+        shipped = [f"{lib['file']} ({lib.get('platform')}, torch {lib.get('torch_version')})" for lib in m.get("op_libraries") or []]
+        lines.append(f"custom ops: {', '.join(m['custom_ops'])}; "
+                     + (f"op library {', '.join(shipped)}" if shipped else "ONNX functions (plugins for TensorRT)"))
     lines.append("segments:")
     for segment in m["segments"]:
         dims = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in segment["dims"].items())
         lines.append(f"  {segment['name']} [{segment['backend']}] {', '.join(segment['files'])}  ({dims})")
+        if segment.get("build"):
+            lines.append("    built for " + ", ".join(f"{k} {v}" for k, v in segment["build"].items()))
         if segment.get("kind") == "split":
             lines.append(f"    split at the conditional; the runtime reads '{segment['flag']}' and runs compute or reuse:")
             lines += [f"    {part['name']:<8} {', '.join(part['files'])}: {len(part['inputs'])} inputs -> "

@@ -91,6 +91,63 @@ __global__ void __launch_bounds__(kThreads) taylor_forecast_kernel(const T* __re
   }
 }
 
+// One block per (row, token) line: mean, then variance around it (two passes, float sums), then the modulated output.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) layer_norm_modulate_kernel(
+    const T* __restrict__ x, const T* __restrict__ scale, const T* __restrict__ shift, int64_t tokens, int64_t width,
+    int64_t scale_rows, int64_t scale_tokens, int64_t shift_rows, int64_t shift_tokens, float eps, T* __restrict__ out) {
+  const int64_t line = blockIdx.x, row = line / tokens, token = line % tokens;
+  const T* v = x + line * width;
+  __shared__ float partial[kThreads / 32];
+  __shared__ float mean, rstd;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float sum = 0.f;
+  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) sum += to_float(v[k]);
+  sum = warp_sum(sum);
+  if (lane == 0) partial[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+    mean = total / static_cast<float>(width);
+  }
+  __syncthreads();
+  float squares = 0.f;
+  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
+    const float d = to_float(v[k]) - mean;
+    squares += d * d;
+  }
+  squares = warp_sum(squares);
+  __syncthreads();  // every thread has read `partial` for the mean
+  if (lane == 0) partial[warp] = squares;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+    rstd = rsqrtf(total / static_cast<float>(width) + eps);
+  }
+  __syncthreads();
+  const T* s = scale + ((row * scale_rows) * (scale_tokens ? tokens : 1) + token * scale_tokens) * width;
+  const T* t = shift + ((row * shift_rows) * (shift_tokens ? tokens : 1) + token * shift_tokens) * width;
+  for (int64_t k = threadIdx.x; k < width; k += blockDim.x) {
+    const float normed = to_float(from_float<T>(__fmul_rn(to_float(v[k]) - mean, rstd)));
+    const float gain = to_float(from_float<T>(__fadd_rn(to_float(s[k]), 1.f)));
+    out[line * width + k] = from_float<T>(__fadd_rn(to_float(from_float<T>(__fmul_rn(normed, gain))), to_float(t[k])));
+  }
+}
+
+template <typename T>
+int launch_layer_norm_modulate(const void* x, const void* scale, const void* shift, int64_t rows, int64_t tokens,
+                               int64_t width, int64_t scale_rows, int64_t scale_tokens, int64_t shift_rows,
+                               int64_t shift_tokens, float eps, void* out, cudaStream_t stream) {
+  if (rows * tokens == 0) return cudaSuccess;
+  layer_norm_modulate_kernel<T><<<static_cast<unsigned>(rows * tokens), kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(scale), static_cast<const T*>(shift), tokens, width,
+      scale_rows > 1 ? 1 : 0, scale_tokens > 1 ? 1 : 0, shift_rows > 1 ? 1 : 0, shift_tokens > 1 ? 1 : 0, eps,
+      static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
 template <typename T>
 int launch_cache_decision(const void* probe, const void* prev, const float* accumulated, const bool* forced,
                           const float* coefficients, int64_t degree, float threshold, int64_t rows, int64_t width,
@@ -131,6 +188,25 @@ extern "C" int vdopt_cache_decision(int dtype, const void* probe, const void* pr
     case VDOPT_BFLOAT16:
       return launch_cache_decision<__nv_bfloat16>(probe, prev, accumulated, forced, coefficients, degree, threshold, rows,
                                                   width, mask, any, value, accumulated_next, prev_next, s);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" int vdopt_layer_norm_modulate(int dtype, const void* x, const void* scale, const void* shift, int64_t rows,
+                                         int64_t tokens, int64_t width, int64_t scale_rows, int64_t scale_tokens,
+                                         int64_t shift_rows, int64_t shift_tokens, float eps, void* out, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case VDOPT_FLOAT32:
+      return launch_layer_norm_modulate<float>(x, scale, shift, rows, tokens, width, scale_rows, scale_tokens, shift_rows,
+                                               shift_tokens, eps, out, s);
+    case VDOPT_FLOAT16:
+      return launch_layer_norm_modulate<__half>(x, scale, shift, rows, tokens, width, scale_rows, scale_tokens, shift_rows,
+                                                shift_tokens, eps, out, s);
+    case VDOPT_BFLOAT16:
+      return launch_layer_norm_modulate<__nv_bfloat16>(x, scale, shift, rows, tokens, width, scale_rows, scale_tokens,
+                                                       shift_rows, shift_tokens, eps, out, s);
     default:
       return cudaErrorInvalidValue;
   }

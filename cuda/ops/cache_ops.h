@@ -22,6 +22,12 @@ int vdopt_cache_decision(int dtype, const void* probe, const void* prev, const f
 int vdopt_taylor_forecast(int dtype, const void* cache, const void* previous, const float* weight, int64_t rows,
                           int64_t width, void* out, void* stream);
 
+// x, out: rows x tokens x width elements of `dtype`; scale, shift: scale_rows x scale_tokens x width (each 1 or
+// the full count: broadcast). out = layer_norm(x over width, no affine) * (1 + scale) + shift.
+int vdopt_layer_norm_modulate(int dtype, const void* x, const void* scale, const void* shift, int64_t rows, int64_t tokens,
+                              int64_t width, int64_t scale_rows, int64_t scale_tokens, int64_t shift_rows,
+                              int64_t shift_tokens, float eps, void* out, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 namespace vdopt {
@@ -105,6 +106,72 @@ Tensor taylor_forecast_cpu(const Tensor& cache, const Tensor& previous, const Te
   return out.view(cache.sizes());
 }
 
+// Mean and 1/std of a line in float with 16 independent partial sums (which the compiler vectorises; one running
+// sum would be a dependency chain), two passes like aten's layer_norm.
+template <typename scalar_t>
+void line_moments(const scalar_t* v, int64_t width, double eps, float& mean, float& rstd) {
+  constexpr int kLanes = 16;
+  float partial[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= width; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) partial[l] += static_cast<float>(v[k + l]);
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += partial[l];
+  for (; k < width; ++k) sum += static_cast<float>(v[k]);
+  mean = sum / static_cast<float>(width);
+  float squares[kLanes] = {};
+  for (k = 0; k + kLanes <= width; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = static_cast<float>(v[k + l]) - mean;
+      squares[l] += d * d;
+    }
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += squares[l];
+  for (; k < width; ++k) {
+    const float d = static_cast<float>(v[k]) - mean;
+    total += d * d;
+  }
+  rstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(total) / width + eps));
+}
+
+// x [rows, tokens, width]; scale and shift [rows or 1, tokens or 1, width]: broadcast like aten's mul and add.
+Tensor layer_norm_modulate_cpu(const Tensor& x, const Tensor& scale, const Tensor& shift, double eps) {
+  TORCH_CHECK(x.dim() == 3, "vdopt::layer_norm_modulate: x must be [rows, tokens, width], got ", x.sizes());
+  const int64_t rows = x.size(0), tokens = x.size(1), width = x.size(2);
+  for (const Tensor* t : {&scale, &shift}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == rows || t->size(0) == 1) && (t->size(1) == tokens || t->size(1) == 1) &&
+                    t->size(2) == width && t->scalar_type() == x.scalar_type(),
+                "vdopt::layer_norm_modulate: scale and shift must be [", rows, " or 1, ", tokens, " or 1, ", width, "] of ",
+                x.scalar_type(), ", got ", t->scalar_type(), " ", t->sizes());
+  }
+  const Tensor x_c = x.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  Tensor out = at::empty_like(x_c);
+  const int64_t scale_rows = scale.size(0) == 1 ? 0 : 1, scale_tokens = scale.size(1) == 1 ? 0 : 1;
+  const int64_t shift_rows = shift.size(0) == 1 ? 0 : 1, shift_tokens = shift.size(1) == 1 ? 0 : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vdopt::layer_norm_modulate", [&] {
+    const scalar_t* in = x_c.data_ptr<scalar_t>();
+    const scalar_t* sc = scale_c.data_ptr<scalar_t>();
+    const scalar_t* sh = shift_c.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows * tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t r = line / tokens, n = line % tokens;
+        const scalar_t* v = in + line * width;
+        float mean_f = 0.f, rstd = 0.f;
+        line_moments(v, width, eps, mean_f, rstd);
+        const scalar_t* s = sc + ((r * scale_rows) * scale.size(1) + n * scale_tokens) * width;
+        const scalar_t* t = sh + ((r * shift_rows) * shift.size(1) + n * shift_tokens) * width;
+        for (int64_t k = 0; k < width; ++k) {  // rounded like aten: layer_norm, 1 + scale, mul, add in the dtype
+          const scalar_t normed = static_cast<scalar_t>((static_cast<float>(v[k]) - mean_f) * rstd);
+          const scalar_t gain = static_cast<scalar_t>(static_cast<float>(s[k]) + 1.f);
+          o[line * width + k] = static_cast<scalar_t>(static_cast<scalar_t>(normed * gain) + t[k]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace vdopt
 
 TORCH_LIBRARY(vdopt, m) {
@@ -112,9 +179,11 @@ TORCH_LIBRARY(vdopt, m) {
         "Tensor coefficients, float threshold) -> (Tensor mask, Tensor any, Tensor value, Tensor accumulated_next, "
         "Tensor prev_next)");
   m.def("taylor_forecast(Tensor cache, Tensor previous, Tensor weight) -> Tensor");
+  m.def("layer_norm_modulate(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vdopt, CPU, m) {
   m.impl("cache_decision", &vdopt::cache_decision_cpu);
   m.impl("taylor_forecast", &vdopt::taylor_forecast_cpu);
+  m.impl("layer_norm_modulate", &vdopt::layer_norm_modulate_cpu);
 }

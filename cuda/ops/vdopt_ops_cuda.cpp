@@ -70,9 +70,26 @@ Tensor taylor_forecast_cuda(const Tensor& cache, const Tensor& previous, const T
   return out.view(cache.sizes());
 }
 
+Tensor layer_norm_modulate_cuda(const Tensor& x, const Tensor& scale, const Tensor& shift, double eps) {
+  TORCH_CHECK(x.dim() == 3 && scale.dim() == 3 && shift.dim() == 3 && scale.size(2) == x.size(2) &&
+                  shift.size(2) == x.size(2) && scale.scalar_type() == x.scalar_type() &&
+                  shift.scalar_type() == x.scalar_type(),
+              "vdopt::layer_norm_modulate: x [rows, tokens, width] with scale and shift [rows or 1, tokens or 1, width] "
+              "of its dtype, got ", x.sizes(), ", ", scale.sizes(), ", ", shift.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor x_c = x.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  Tensor out = at::empty_like(x_c);
+  check_launch(vdopt_layer_norm_modulate(dtype_code(x), x_c.data_ptr(), scale_c.data_ptr(), shift_c.data_ptr(), x.size(0),
+                                         x.size(1), x.size(2), scale.size(0), scale.size(1), shift.size(0), shift.size(1),
+                                         static_cast<float>(eps), out.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "layer_norm_modulate");
+  return out;
+}
+
 }  // namespace vdopt
 
 TORCH_LIBRARY_IMPL(vdopt, CUDA, m) {
   m.impl("cache_decision", &vdopt::cache_decision_cuda);
   m.impl("taylor_forecast", &vdopt::taylor_forecast_cuda);
+  m.impl("layer_norm_modulate", &vdopt::layer_norm_modulate_cuda);
 }

@@ -1,5 +1,5 @@
-"""vdopt's ops as TensorRT plugins (QDP, `tensorrt.plugin`), registered as `vdopt::cache_decision` and
-`vdopt::taylor_forecast`.
+"""vdopt's ops as TensorRT plugins (QDP, `tensorrt.plugin`), registered as `vdopt::cache_decision`,
+`vdopt::taylor_forecast` and `vdopt::layer_norm_modulate`.
 
 Why QDP rather than a hand-written IPluginV3: the descriptor and the launch are ten lines each, TensorRT
 serialises the attributes, and the kernels are the same `extern "C"` launchers (cuda/ops/cache_ops.h) the torch
@@ -27,6 +27,8 @@ _kernels.vdopt_cache_decision.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, 
                                           ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 6]
 _kernels.vdopt_taylor_forecast.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.c_void_p, ctypes.c_void_p]
+_kernels.vdopt_layer_norm_modulate.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 7, ctypes.c_float,
+                                               ctypes.c_void_p, ctypes.c_void_p]
 
 
 def checked(status: int, op: str) -> None:
@@ -68,3 +70,17 @@ def taylor_forecast_impl(cache: trtp.Tensor, previous: trtp.Tensor, weight: trtp
     checked(_kernels.vdopt_taylor_forecast(DTYPES[cache.dtype], cache.data_ptr, previous.data_ptr, weight.data_ptr, rows,
                                            cache.numel() // rows if rows else 0, outputs[0].data_ptr, stream),
             "taylor_forecast")
+
+
+@trtp.register("vdopt::layer_norm_modulate")
+def layer_norm_modulate_desc(x: trtp.TensorDesc, scale: trtp.TensorDesc, shift: trtp.TensorDesc, eps: float) -> trtp.TensorDesc:
+    return x.like()
+
+
+@trtp.impl("vdopt::layer_norm_modulate")
+def layer_norm_modulate_impl(x: trtp.Tensor, scale: trtp.Tensor, shift: trtp.Tensor, eps: float, outputs: tuple[trtp.Tensor],
+                             stream: int) -> None:
+    rows, tokens, width = x.shape
+    checked(_kernels.vdopt_layer_norm_modulate(DTYPES[x.dtype], x.data_ptr, scale.data_ptr, shift.data_ptr, rows, tokens, width,
+                                               scale.shape[0], scale.shape[1], shift.shape[0], shift.shape[1],
+                                               np.float32(eps), outputs[0].data_ptr, stream), "layer_norm_modulate")

@@ -134,12 +134,41 @@ def session_options(threads: int):
     return options
 
 
+def bound_runner(session, device_type: str, device_id: int = 0):
+    """`run(*tensors)` through an IOBinding: inputs are handed to ONNX Runtime where they lie (DLPack, no copy) and
+    outputs stay on the device ORT computed them on (DLPack back to torch), so a CUDA step never copies through the
+    host. The inputs must already be on `device_type`."""
+    import onnxruntime as ort
+    from onnxruntime.capi import _pybind_state
+
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run(*inputs):
+        binding = session.io_binding()
+        kept = [t.detach().contiguous() for t in inputs]  # alive until the run returns
+        for name, tensor in zip(input_names, kept):
+            binding.bind_ortvalue_input(name, ort.OrtValue(_pybind_state.OrtValue.from_dlpack(tensor.__dlpack__())))
+        for name in output_names:
+            binding.bind_output(name, device_type, device_id)
+        session.run_with_iobinding(binding)
+        return tuple(torch.from_dlpack(value) for value in binding.get_outputs())
+
+    return run
+
+
 class OnnxBackend:
     name = "onnx"
     splits_conditionals = False  # runs `torch.cond` lazily
     needs_op_library = False  # each vdopt op is a trt.plugins node that carries its decomposition as an ONNX function
     runtime = {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
                "intra_op_threads": "torch.get_num_threads()", "inter_op_threads": 1, "allow_spinning": False}
+
+    def profile_record(self, program: StepProgram) -> dict:
+        """The shapes a TensorRT engine built from this file must cover (its input is this backend's output)."""
+        from vdopt.lower.tensorrt_backend import profile_record
+
+        return profile_record(program)
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.onnx"
@@ -160,10 +189,12 @@ class OnnxBackend:
             raise BundleError(f"{directory / files[0]}: onnxruntime cannot load it as an ONNX model ({first_line(exc)}); "
                               f"the file or the manifest's backend was edited. Recompile the bundle.") from None
         names = [i.name for i in session.get_inputs()]
-
-        def run(*inputs):
-            feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(names, inputs)}
-            return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+        if device.startswith("cuda") and "CUDAExecutionProvider" in session.get_providers():
+            run = bound_runner(session, "cuda", torch.device(device).index or 0)
+        else:
+            def run(*inputs):
+                feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(names, inputs)}
+                return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
 
         run.options = session.get_session_options()
         if profile:

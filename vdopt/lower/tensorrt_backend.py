@@ -15,6 +15,7 @@ profile shapes, the builder settings) is computed without them and tested on the
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,44 @@ def profile_shapes(program: StepProgram) -> dict[str, tuple[tuple[int, ...], tup
 
     return {spec.name: (at(spec, low), tuple(example.shape), at(spec, high))
             for spec, example in zip(program.inputs, program.example_inputs)}
+
+
+def profile_record(program: StepProgram) -> dict[str, list[list[int]]]:
+    """The manifest's `profile` of an ONNX segment or part: per input, the [min, opt, max] shapes an engine built from
+    its file must cover (what `polygraphy_command` and the TensorRT build use)."""
+    return {name: [list(shape) for shape in shapes] for name, shapes in profile_shapes(program).items()}
+
+
+def shape_arg(name: str, shape) -> str:
+    return f"{name}:[{','.join(str(d) for d in shape)}]"
+
+
+POLYGRAPHY = ("import sys\nif '--trt' in sys.argv:\n    import vdopt.cuda.plugins.vdopt_plugins\n"
+              "from polygraphy.tools._main import main\nsys.exit(main())")
+
+
+def polygraphy_command(onnx_path: Path, profile: dict[str, list[list[int]]], runners=("--trt", "--onnxrt"),
+                       at: int = 1, tolerance: float = 1e-3) -> list[str]:
+    """`polygraphy run FILE --trt --onnxrt` with the engine's optimisation profile from the manifest and inputs of the
+    profile's shape `at` (0 min, 1 opt, 2 max); vdopt's plugins are registered first (QDP registers on import).
+    Random inputs lie in [0, 1]: step indices 0 or 1, counters and flags in range."""
+    command = [sys.executable, "-c", POLYGRAPHY, "run", str(onnx_path), *runners,
+               "--input-shapes", *(shape_arg(n, shapes[at]) for n, shapes in profile.items()),
+               "--val-range", "[0,1]", "--atol", str(tolerance), "--rtol", str(tolerance)]
+    if "--trt" in runners:
+        for flag, k in (("--trt-min-shapes", 0), ("--trt-opt-shapes", 1), ("--trt-max-shapes", 2)):
+            command += [flag, *(shape_arg(n, shapes[k]) for n, shapes in profile.items())]
+    return command
+
+
+def onnx_files_with_profiles(bundle_dir: Path, manifest: dict) -> list[tuple[Path, dict]]:
+    """Every ONNX file of a bundle (each step segment and each part of a split one) with its recorded profile."""
+    found = []
+    for segment in manifest["segments"]:
+        for unit in segment.get("parts") or [segment]:
+            onnx_file = next(f for f in unit["files"] if f.endswith(".onnx"))
+            found.append((Path(bundle_dir) / onnx_file, unit["profile"]))
+    return found
 
 
 def timing_cache_path() -> Path:
@@ -163,6 +202,9 @@ class TensorRTBackend:
 
     def build_info(self) -> dict:
         return build_target()
+
+    def profile_record(self, program: StepProgram) -> dict:
+        return profile_record(program)
 
     def load(self, directory: Path, files: list[str], device: str, profile: bool = False, build: dict | None = None):
         trt = import_tensorrt()

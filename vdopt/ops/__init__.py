@@ -24,7 +24,6 @@ from vdopt.errors import BundleError, LoweringError
 
 CPU_SOURCES = ("vdopt_ops.cpp",)
 CUDA_SOURCES = ("vdopt_ops_cuda.cpp", "cache_ops.cu")  # built in only where torch has CUDA
-OPS = ("cache_decision", "taylor_forecast")
 LIBRARY_NAME = "vdopt_ops"
 
 _loaded: dict[str, str] = {}  # sha256 of the library loaded into this process -> its path

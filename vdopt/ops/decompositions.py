@@ -37,6 +37,12 @@ def cache_decision(probe: torch.Tensor, prev: torch.Tensor, accumulated: torch.T
     return mask, mask.any(), value, torch.where(mask, torch.zeros_like(value), value), prev_next
 
 
+def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN's modulate fused with its LayerNorm: `layer_norm(x) * (1 + scale) + shift` over the last dim, without
+    affine weights; x [rows, tokens, width], scale and shift [rows or 1, tokens or 1, width] (DiT, Latte, PixArt)."""
+    return torch.nn.functional.layer_norm(x, [x.shape[-1]], eps=eps) * (scale + 1) + shift
+
+
 def taylor_forecast(cache: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`cache + (cache - previous) * weight_r` per row (rows: the leading `weight.shape[0]` slices, sample-major),
     in the cache's dtype: a cached residual moved along its first-order forecast."""

@@ -15,3 +15,8 @@ def _cache_decision_fake(probe, prev, accumulated, forced, coefficients, thresho
 def _taylor_forecast_fake(cache, previous, weight):
     torch._check(cache.shape == previous.shape)
     return cache.new_empty(cache.shape)
+
+
+@torch.library.register_fake("vdopt::layer_norm_modulate")
+def _layer_norm_modulate_fake(x, scale, shift, eps):
+    return x.new_empty(x.shape)

@@ -67,6 +67,13 @@ SPECS = {
                  outputs=[parameter("forecast", "T")], type_constraints=[("T", FLOATS, "the cache's dtype")],
                  attributes=PLUGIN_ATTRIBUTES),
         input_ranks=(">=1", "same:cache", "1"), output_ranks=("same:cache",)),
+    "layer_norm_modulate": PluginSpec(
+        OpSchema("layer_norm_modulate", DOMAIN, 1, doc="vdopt::layer_norm_modulate (vdopt.ops.decompositions.layer_norm_modulate)",
+                 inputs=[parameter("x", "T"), parameter("scale", "T"), parameter("shift", "T")],
+                 outputs=[parameter("y", "T")], type_constraints=[("T", FLOATS, "the activations' dtype")],
+                 attributes=[OpSchema.Attribute("eps", OpSchema.AttrType.FLOAT, "LayerNorm epsilon", required=True),
+                             *PLUGIN_ATTRIBUTES]),
+        input_ranks=("3", "3", "3"), output_ranks=("3",)),
 }
 
 for _spec in SPECS.values():
@@ -87,7 +94,13 @@ def translate_taylor_forecast(cache: FLOAT, previous: FLOAT, weight: FLOAT) -> F
     return plugins.taylor_forecast(cache, previous, weight, plugin_namespace="vdopt", plugin_version="1")
 
 
-TRANSLATIONS = {"cache_decision": translate_cache_decision, "taylor_forecast": translate_taylor_forecast}
+@onnxscript.script(translations)
+def translate_layer_norm_modulate(x: FLOAT, scale: FLOAT, shift: FLOAT, eps: float) -> FLOAT:
+    return plugins.layer_norm_modulate(x, scale, shift, eps=eps, plugin_namespace="vdopt", plugin_version="1")
+
+
+TRANSLATIONS = {"cache_decision": translate_cache_decision, "taylor_forecast": translate_taylor_forecast,
+                "layer_norm_modulate": translate_layer_norm_modulate}
 
 
 def translation_table() -> dict:
@@ -125,7 +138,16 @@ def taylor_forecast(cache, previous, weight):
     return cache + op.Reshape(step, op.Shape(cache))
 
 
-BODIES = {"cache_decision": cache_decision, "taylor_forecast": taylor_forecast}
+@onnxscript.script(plugins, default_opset=op)
+def layer_norm_modulate(x, scale, shift, eps: float):
+    last = op.Constant(value_ints=[-1])
+    centred = x - op.ReduceMean(x, last, keepdims=1)
+    variance = op.ReduceMean(centred * centred, last, keepdims=1)
+    normed = centred / op.Sqrt(variance + op.CastLike(op.Constant(value_float=eps), x))
+    return normed * (scale + op.CastLike(op.Constant(value_float=1.0), scale)) + shift
+
+
+BODIES = {"cache_decision": cache_decision, "taylor_forecast": taylor_forecast, "layer_norm_modulate": layer_norm_modulate}
 
 
 def function_proto(name: str, opset: int) -> onnx.FunctionProto:
