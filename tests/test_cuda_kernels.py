@@ -19,7 +19,7 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     report = io.StringIO()
     usage = check_kernels(out=report)
     kernels = {(k.arch, k.kernel.split("<")[0]) for k in usage}
-    assert kernels == {(arch, name) for arch in ARCHITECTURES for name in ("cache_decision_kernel", "taylor_forecast_kernel")}
+    assert kernels == {(arch, name) for arch in ARCHITECTURES for name in ("cache_decision_kernel", "taylor_forecast_kernel", "layer_norm_modulate_kernel")}
     assert all(k.registers > 0 and not k.spill_stores and not k.spill_loads for k in usage)
     assert "cache_decision_kernel<float>" in report.getvalue()
 
@@ -62,3 +62,37 @@ def test_cuda_kernels_equal_the_cpu_kernels(dtype, rows, shape):
     weight = torch.rand(rows, generator=generator)
     torch.testing.assert_close(torch.ops.vdopt.taylor_forecast(probe.cuda(), prev.cuda(), weight.cuda()).cpu(),
                                torch.ops.vdopt.taylor_forecast(probe, prev, weight), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, modulation", [((16, 64, 64), (16, 1, 64)), ((4, 9, 3072), (1, 1, 3072)), ((2, 5, 7), (2, 5, 7))])
+def test_cuda_layer_norm_modulate_equals_the_cpu_kernel(dtype, shape, modulation):
+    from vdopt.ops import library_path
+
+    library_path()
+    generator = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(shape, generator=generator) + 1).to(dtype)
+    scale, shift = (torch.randn(modulation, generator=generator).to(dtype) for _ in range(2))
+    cpu = torch.ops.vdopt.layer_norm_modulate(x, scale, shift, 1e-6)
+    gpu = torch.ops.vdopt.layer_norm_modulate(x.cuda(), scale.cuda(), shift.cuda(), 1e-6).cpu()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gpu, cpu, rtol=tolerance, atol=tolerance)
+
+
+def test_the_kernel_library_links_and_a_launch_without_a_gpu_reports_an_error():
+    """The launchers the TensorRT plugins and a C++ app call: built by nvcc, loadable, and a launch on a machine
+    without a usable GPU returns a CUDA error code instead of crashing (an empty launch is a no-op, 0)."""
+    import ctypes
+
+    from vdopt.ops import kernel_library
+
+    if find_nvcc() is None:
+        pytest.skip("nvcc is not installed on this machine")
+    kernels = ctypes.CDLL(str(kernel_library()))
+    kernels.vdopt_taylor_forecast.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_void_p]
+    assert kernels.vdopt_taylor_forecast(0, None, None, None, 0, 4, None, None) == 0
+    if not torch.cuda.is_available():  # on a GPU this launch would fault on its null pointers
+        assert kernels.vdopt_taylor_forecast(0, None, None, None, 2, 4, None, None) != 0

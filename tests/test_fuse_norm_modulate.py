@@ -1,28 +1,26 @@
 """fuse_norm_modulate: before/expected graphs, idempotence, the negative case, purity, and numerics against the
-unfused program and the eager loop on every CPU backend; the op's CPU kernel against its decomposition."""
+unfused program on every CPU backend; the op's CPU kernel and ONNX function against its decomposition."""
 
 from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
 from test_custom_ops import assert_same, one_node_model, run_onnx
+from test_prune_temporal import TEACHER, teacher, teacher_recipe  # noqa: F401 - teacher is a fixture
 from vdopt.capture import capture
 from vdopt.compiler import compile_bundle
 from vdopt.pass_manager import PassManager
 from vdopt.passes import check_order, load_pass
 from vdopt.ops import decompositions, onnx as onnx_ops
-from vdopt.recipe import load_recipe, parse_recipe, recipe_with
+from vdopt.recipe import parse_recipe, recipe_with
 from vdopt.reference.model import load_reference
 from vdopt.runtime.session import Session
 
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
 FUSE = load_pass("fuse_norm_modulate")
 BACKENDS = ["torch", "onnx", pytest.param("aoti", marks=pytest.mark.slow)]
 aten = torch.ops.aten
@@ -55,17 +53,6 @@ def test_onnx_function_of_layer_norm_modulate_equals_the_decomposition():
     model = one_node_model("layer_norm_modulate", tensors, {"eps": 1e-6})
     assert_same(run_onnx(model, tensors), [decompositions.layer_norm_modulate(*tensors, 1e-6)], tol=1e-5)
 
-
-def teacher_recipe(steps: int = 3, backend: str = "torch"):
-    data = load_recipe(ROOT / "recipes" / "reference.yaml").model_dump(mode="json")
-    data["sampler"]["steps"] = steps
-    data["lower"]["backend"] = backend
-    return parse_recipe(data, "reference")
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return capture(teacher_recipe(), TEACHER)
 
 
 def count(program, target) -> int:

@@ -192,6 +192,9 @@ def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(part, dict):
                 for name in part.get("files") or []:
                     yield f"segments[{i}].parts[{j}].files", name
+    encoder = manifest.get("prompt_encoder")
+    if isinstance(encoder, dict) and encoder.get("file") is not None:
+        yield "prompt_encoder.file", encoder["file"]
     for k, library in enumerate(manifest.get("op_libraries") or []):
         if isinstance(library, dict):
             yield f"op_libraries[{k}].file", library.get("file")

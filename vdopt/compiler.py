@@ -82,6 +82,14 @@ def ship_op_library(program: StepProgram, backend, stage: Path) -> dict[str, Any
                                                   "torch_version": torch.__version__}]}
 
 
+def write_extras(program: StepProgram, backend, stage: Path, model_path) -> dict[str, Any]:
+    """The family's extra files (a prompt encoder's weights) and, in AOTInductor bundles, its prompt encoder as a
+    package a C++ app runs (the manifest's `prompt_encoder`)."""
+    program.descriptor.write_extras(stage, model_path)
+    encoder = program.descriptor.write_encoder_package(stage) if backend.name == "aoti" else None
+    return {"prompt_encoder": encoder} if encoder else {}
+
+
 def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
     descriptor = program.descriptor
     return {
@@ -130,9 +138,8 @@ def write_bundle(program: StepProgram, recipe: Recipe, output: str | Path, model
         (stage / "segments").mkdir()
         backend = get_backend(recipe.lower.backend)
         segment = lower_segment(program, recipe, backend, stage / "segments", 0)
-        program.descriptor.write_extras(stage, model_path)
         write_manifest(stage, {**program_manifest(program, recipe), **ship_op_library(program, backend, stage),
-                               "segments": [segment]})
+                               **write_extras(program, backend, stage, model_path), "segments": [segment]})
     return Path(output)
 
 
@@ -167,9 +174,8 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
             with named_range(f"vdopt/compile/lower {backend.name}"):
                 segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
-        first.descriptor.write_extras(stage, model_path)
         manifest = write_manifest(stage, {**program_manifest(first, recipe), **ship_op_library(first, backend, stage),
-                                          "segments": segments})
+                                          **write_extras(first, backend, stage, model_path), "segments": segments})
         if verify:
             with named_range("vdopt/compile/verify"):
                 report = verify_bundle(stage, captured, recipe, model_path, log=log)

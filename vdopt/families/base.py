@@ -118,6 +118,11 @@ class ArchitectureDescriptor:
     def write_extras(self, bundle_dir, model_path) -> None:
         """Files a bundle of this family carries besides the step program (e.g. a prompt encoder)."""
 
+    def write_encoder_package(self, bundle_dir) -> dict | None:
+        """The family's prompt encoder as an AOTInductor package for C++ apps, and how to call it (the manifest's
+        `prompt_encoder`); None for families without one."""
+        return None
+
     def prompt_encoder(self, bundle_dir, manifest):
         """`encode(prompt or prompts) -> (cond, uncond)`, batch = number of prompts, from the bundle's extras;
         None for families without one."""

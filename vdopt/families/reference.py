@@ -25,6 +25,19 @@ from vdopt.reference.model import CONDITIONER_CONFIG, TEACHER_CONFIG, WEIGHTS_FI
 TRANSFORMER_PREFIX = "transformer."
 CONDITIONER_PREFIX = "conditioner."
 EXTRAS = "extras/conditioner.safetensors"
+ENCODER_PACKAGE = "extras/prompt_encoder.aoti.pt2"
+
+
+class EncoderProgram(torch.nn.Module):
+    """The prompt encoder as a program a C++ app runs: attribute indices Long[B, 3] (shape, colour, direction)
+    -> (cond, uncond) `encoder_hidden_states`. Parsing a prompt into indices is the manifest's vocabulary."""
+
+    def __init__(self, conditioner: PromptConditioner):
+        super().__init__()
+        self.conditioner = conditioner
+
+    def forward(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conditioner.encode_attrs(attrs), self.conditioner.null(attrs.shape[0]).contiguous()
 
 
 def checkpoint_file(model_path: str | Path) -> Path:
@@ -63,10 +76,21 @@ class ReferenceDescriptor(LatteDescriptor):
             check_weights(conditioner, PromptConditioner(**config).state_dict(), path)
             save_file(conditioner, str(bundle_dir / EXTRAS), metadata={"config": json.dumps(config)})
 
-    def prompt_encoder(self, bundle_dir: Path, manifest: dict):
-        path = Path(bundle_dir) / EXTRAS
-        if EXTRAS not in manifest["checksums"] or not path.is_file():
+    def write_encoder_package(self, bundle_dir: Path) -> dict | None:
+        """The prompt encoder as an AOTInductor package (for C++ apps: `vdopt-run --prompt`), with the vocabulary that
+        turns a prompt into its input; None without a conditioner in the bundle."""
+        if not (Path(bundle_dir) / EXTRAS).is_file():
             return None
+        program = EncoderProgram(self.conditioner(Path(bundle_dir) / EXTRAS)).eval()
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        ep = torch.export.export(program, (torch.zeros(2, 3, dtype=torch.long),), dynamic_shapes=({0: batch},))
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(bundle_dir) / ENCODER_PACKAGE))
+        return {"file": ENCODER_PACKAGE, "template": "<colour> <shape> moving <direction>", "input": "attrs",
+                "attrs": ["shape", "colour", "direction"],
+                "vocabulary": {"shape": list(SHAPES), "colour": list(COLOURS), "direction": list(DIRECTIONS)},
+                "outputs": ["cond.encoder_hidden_states", "uncond.encoder_hidden_states"]}
+
+    def conditioner(self, path: Path) -> PromptConditioner:
         try:
             with safe_open(str(path), "pt") as f:
                 config = json.loads(f.metadata()["config"])
@@ -75,7 +99,13 @@ class ReferenceDescriptor(LatteDescriptor):
         except Exception as exc:  # noqa: BLE001 - safetensors, json and load_state_dict each raise their own types
             raise BundleError(f"{path}: not the prompt conditioner this bundle was written with ({type(exc).__name__}: "
                               f"{first_line(exc)[:120]}); the file was damaged or replaced. Recompile the bundle.") from None
-        conditioner.eval()
+        return conditioner.eval()
+
+    def prompt_encoder(self, bundle_dir: Path, manifest: dict):
+        path = Path(bundle_dir) / EXTRAS
+        if EXTRAS not in manifest["checksums"] or not path.is_file():
+            return None
+        conditioner = self.conditioner(path)
         @torch.no_grad()
         def encode(prompts: str | list[str]):
             """One prompt, or a list of prompts for one batched run (one sample each)."""

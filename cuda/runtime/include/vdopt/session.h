@@ -1,0 +1,82 @@
+// Running a vdopt bundle from C++: the same loop as vdopt.Session, on the bundle's AOTInductor segments.
+//
+//   vdopt::Session session("clip.vdopt");                        // verified before anything is loaded
+//   at::Tensor latent = session.run({{"encoder_hidden_states", text}}, nullptr, {.seed = 0});
+//
+// Every step is `x, *state = step(x, i, *cond, *uncond, *state)`; a split step (a cache cut at its conditional)
+// runs head, then compute or reuse as the head's one-byte flag says, then tail. Custom-op libraries the bundle
+// ships are loaded (after their checksums) before any segment. Noise for sample k is torch's CPU generator seeded
+// `seed + k`, as in Python, so both give the same clip.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "vdopt/bundle.h"
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}
+
+namespace vdopt {
+
+using Tensors = std::map<std::string, at::Tensor>;
+
+struct RunTiming {
+  int64_t steps = 0;
+  double total_seconds = 0;     // the whole run: inputs, noise, state, the loop
+  double segments_seconds = 0;  // inside the compiled segments (AOTInductor runs); the rest is the runtime's own cost
+};
+
+struct RunOptions {
+  int64_t seed = 0;
+  std::optional<int64_t> frames, height, width;  // default: the bundle's default sizes
+};
+
+class Session {
+ public:
+  explicit Session(const std::filesystem::path& bundle, const std::string& device = "cpu", bool verify_files = true);
+  ~Session();
+
+  // `cond`: conditioning tensors by name (dim 0 = samples); `uncond`: the unconditional ones, or nullptr for the
+  // manifest's null rules. Returns the final latent [samples, channels, frames, height, width].
+  at::Tensor run(const Tensors& cond, const Tensors* uncond = nullptr, const RunOptions& options = {});
+
+  // The conditioning of prompts (one sample each) from the bundle's prompt encoder: {cond, uncond}. An Error names
+  // a word the vocabulary lacks; bundles without an encoder say to pass conditioning tensors.
+  std::pair<Tensors, Tensors> encode(const std::vector<std::string>& prompts);
+
+  const Bundle& bundle() const { return bundle_; }
+  const RunTiming& last_timing() const { return timing_; }
+
+ private:
+  using Runner = std::function<std::vector<at::Tensor>(std::vector<at::Tensor>)>;
+  Runner& runner(const Segment& segment);
+  Runner package(const std::string& file);
+  std::vector<at::Tensor> conditioning(const std::string& prefix, const Tensors& tensors, const Sizes& sizes,
+                                       const Segment& segment) const;
+
+  Bundle bundle_;
+  c10::Device device_;
+  std::map<std::string, std::shared_ptr<torch::inductor::AOTIModelPackageLoader>> packages_;
+  std::map<std::string, Runner> runners_;
+  RunTiming timing_;
+};
+
+at::ScalarType scalar_type(const std::string& dtype);
+at::Tensor initial_noise(int64_t seed, at::IntArrayRef shape, at::ScalarType dtype);
+
+// .safetensors files: conditioning in, latents out (a small reader and writer of the format, no other dependency).
+Tensors read_safetensors(const std::filesystem::path& path);
+void write_safetensors(const std::filesystem::path& path, const Tensors& tensors);
+
+// A pixel-space clip [samples, 3, frames, height, width] in [-1, 1] as one PNG per frame (samples side by side,
+// like `vdopt run -o clip.gif`): DIRECTORY/frame_000.png, ... Returns the files written.
+std::vector<std::filesystem::path> write_png_frames(const std::filesystem::path& directory, const at::Tensor& clip);
+
+}  // namespace vdopt
