@@ -52,23 +52,10 @@ def resolve_blocks(program: StepProgram, blocks: list[int | str], what: str) -> 
     """Module paths for `blocks`, given as indices among the original blocks of kind `what` or as module paths
     (the model's own, `temporal_transformer_blocks.2`, or the step graph's). Blocks pruned before are kept in the
     list (pruning them again changes nothing); a block the model never had is an error."""
-    original = original_blocks(program, what)
-    resolved = []
-    for block in blocks:
-        if isinstance(block, bool) or not isinstance(block, (int, str)):
-            raise PassError(f"prune_temporal: blocks holds {block!r}; give block indices or module paths.")
-        if isinstance(block, int):
-            if not 0 <= block < len(original):
-                raise PassError(f"prune_temporal: block index {block} is out of range: the model has {len(original)} "
-                                f"{what} blocks ({', '.join(original)}).")
-            resolved.append(original[block])
-            continue
-        named = [fqn for fqn in original if fqn == block or fqn.endswith(f".{block}")]
-        if len(named) != 1:
-            raise PassError(f"prune_temporal: '{block}' names {'no' if not named else 'more than one'} {what} block of "
-                            f"the {program.descriptor.family} model; its {what} blocks are {', '.join(original)}.")
-        resolved.append(named[0])
-    return list(dict.fromkeys(resolved))
+    try:
+        return program.descriptor.name_blocks(original_blocks(program, what), blocks, what)
+    except ValueError as exc:
+        raise PassError(f"prune_temporal: {exc}.") from None
 
 
 def original_blocks(program: StepProgram, what: str) -> list[str]:

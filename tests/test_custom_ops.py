@@ -357,3 +357,21 @@ def test_the_io_bound_onnx_runner_equals_the_host_copy_runner(tmp_path):
     for b, c in zip(bound, copied):
         assert b.dtype == c.dtype
         torch.testing.assert_close(b, c.reshape(b.shape), rtol=0, atol=0)
+
+
+def test_a_second_different_op_library_is_refused_before_it_is_loaded(tmp_path):
+    """The dispatcher keeps one kernel per op: a bundle built with another library must be opened in a new process."""
+    from vdopt.ops import load_library
+
+    other = tmp_path / "vdopt_ops.so"
+    other.write_bytes(library_path().read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="a different vdopt op library .* is already loaded in this process"):
+        load_library(other)
+    load_library(library_path())  # the one already loaded: nothing to do
+
+
+def test_inspect_names_the_custom_ops_and_the_shipped_library(fused_torch_bundle):
+    from vdopt.inspect import describe
+
+    text = describe(fused_torch_bundle)
+    assert "custom ops: vdopt::cache_decision, vdopt::taylor_forecast; op library ops/vdopt_ops.so (linux" in text

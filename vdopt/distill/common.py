@@ -102,15 +102,12 @@ def bypass_blocks(model: nn.Module, descriptor: ArchitectureDescriptor, spec: Pr
         raise DistillError(f"distill.prune: the {descriptor.family} family has no separate temporal blocks; use what: blocks.")
     matches = descriptor.is_temporal_block if spec.what == "temporal" else descriptor.is_block
     paths = [name for name, _ in model.named_modules() if name and matches(name)]
-    chosen = []
-    for block in spec.blocks:
-        named = [paths[block]] if isinstance(block, int) and 0 <= block < len(paths) else \
-            [p for p in paths if isinstance(block, str) and (p == block or block.endswith(f".{p}"))]
-        if len(named) != 1:
-            raise DistillError(f"distill.prune: {block!r} names no single {spec.what} block; the model's are {', '.join(paths)}.")
-        chosen.append(named[0])
+    try:
+        chosen = descriptor.name_blocks(paths, spec.blocks, spec.what)
+    except ValueError as exc:
+        raise DistillError(f"distill.prune: {exc}.") from None
     removed = {}
-    for path in dict.fromkeys(chosen):
+    for path in chosen:
         parent, _, name = path.rpartition(".")
         removed |= {f"{path}.{k}": v.detach().clone() for k, v in model.get_submodule(path).state_dict().items()}
         model.get_submodule(parent).add_module(name, Bypassed())

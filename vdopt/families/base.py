@@ -74,6 +74,27 @@ class ArchitectureDescriptor:
     def is_temporal_block(self, fqn: str) -> bool:
         return self.temporal_block_pattern is not None and re.search(rf"(^|\.){self.temporal_block_pattern}$", fqn) is not None
 
+    def name_blocks(self, paths: list[str], blocks: list, what: str) -> list[str]:
+        """The paths among `paths` (the model's blocks of kind `what`, in order) that `blocks` names, each by index or
+        by module path (either may be a dotted suffix of the other: `temporal_transformer_blocks.2` names
+        `denoiser.model.temporal_transformer_blocks.2`, and the other way round); ValueError names a bad one."""
+        chosen = []
+        for block in blocks:
+            if isinstance(block, bool) or not isinstance(block, (int, str)):
+                raise ValueError(f"blocks holds {block!r}; give block indices or module paths")
+            if isinstance(block, int):
+                if not 0 <= block < len(paths):
+                    raise ValueError(f"block index {block} is out of range: the model has {len(paths)} {what} blocks "
+                                     f"({', '.join(paths)})")
+                chosen.append(paths[block])
+                continue
+            named = [p for p in paths if p == block or p.endswith(f".{block}") or block.endswith(f".{p}")]
+            if len(named) != 1:
+                raise ValueError(f"'{block}' names {'no' if not named else 'more than one'} {what} block of the "
+                                 f"{self.family} model; its {what} blocks are {', '.join(paths)}")
+            chosen.append(named[0])
+        return list(dict.fromkeys(chosen))
+
     def is_time_embedding(self, fqn: str) -> bool:
         return re.search(rf"(^|\.){self.time_embedding_pattern}$", fqn) is not None
 

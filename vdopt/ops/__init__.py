@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vdopt.bundle import sha256
 from vdopt.errors import BundleError, LoweringError
 
 CPU_SOURCES = ("vdopt_ops.cpp",)
@@ -70,7 +71,8 @@ def build_library() -> Path:
     except (RuntimeError, OSError, FileNotFoundError) as exc:
         raise LoweringError(f"the vdopt custom-op library could not be built ({type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}). It needs a C++ "
-                            f"compiler (g++) and ninja; or compile with `lower.ops: aten`.") from None
+                            f"compiler (g++) and ninja; or compile without vdopt's ops (insert_cache `ops: aten`, no "
+                            f"fuse_norm_modulate).") from None
     return library
 
 
@@ -109,15 +111,11 @@ def custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
                    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "vdopt"})
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_library(path: Path) -> None:
     """Loads an op library into this process once. A second, different library cannot replace the first
     (the dispatcher keeps one kernel per op): that is an error naming both."""
     path = Path(path)
-    sha = file_sha256(path)
+    sha = sha256(path)
     if sha in _loaded:
         return
     if _loaded:

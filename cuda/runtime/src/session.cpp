@@ -75,12 +75,15 @@ Session::Runner Session::package(const std::string& file) {
   auto& loader = packages_[file];
   if (!loader) loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(bundle_.file(file).string());
   std::shared_ptr<torch::inductor::AOTIModelPackageLoader> kept = loader;
-  double* seconds = &timing_.segments_seconds;
-  return [kept, seconds](std::vector<at::Tensor> inputs) {
+  RunTiming* timing = &timing_;
+  return [kept, timing](std::vector<at::Tensor> inputs) {
     for (auto& tensor : inputs) tensor = tensor.contiguous();  // AOTInductor reads inputs at their traced strides
     const auto start = std::chrono::steady_clock::now();
     std::vector<at::Tensor> outputs = kept->run(inputs);
-    *seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const auto end = std::chrono::steady_clock::now();
+    timing->segments_seconds += std::chrono::duration<double>(end - start).count();
+    if (timing->first_call == std::chrono::steady_clock::time_point{}) timing->first_call = start;
+    timing->last_call = end;
     return outputs;
   };
 }
@@ -89,27 +92,41 @@ Session::Runner& Session::runner(const Segment& segment) {
   auto found = runners_.find(segment.name);
   if (found != runners_.end()) return found->second;
   if (segment.kind == "step") return runners_[segment.name] = package(segment.files.at(0));
-  std::map<std::string, std::tuple<Runner, std::vector<std::string>, std::vector<std::string>>> parts;
-  for (const auto& part : segment.parts) parts[part.name] = {package(part.files.at(0)), part.inputs, part.outputs};
-  std::vector<std::string> step_inputs, step_outputs;
-  for (const auto& spec : segment.inputs) step_inputs.push_back(spec.name);  // x, i, cond.*, uncond.*, state.*
-  for (const auto& spec : bundle_.outputs) step_outputs.push_back(spec.name);
-  const std::string flag = segment.flag;
-  return runners_[segment.name] = [parts, step_inputs, step_outputs, flag](std::vector<at::Tensor> inputs) {
-    std::map<std::string, at::Tensor> values;
-    for (size_t k = 0; k < inputs.size() && k < step_inputs.size(); ++k) values[step_inputs[k]] = inputs[k];
-    const auto call = [&](const std::string& name) {
-      const auto& [run, reads, writes] = parts.at(name);
+  // Values are wired by name in the manifest; here each name gets a slot once, so a step moves tensors by index.
+  std::map<std::string, size_t> slot;
+  const auto slot_of = [&slot](const std::string& name) { return slot.emplace(name, slot.size()).first->second; };
+  std::vector<size_t> step_inputs, step_outputs;
+  for (const auto& spec : segment.inputs) step_inputs.push_back(slot_of(spec.name));  // x, i, cond.*, uncond.*, state.*
+  struct Wired {
+    Runner run;
+    std::vector<size_t> reads, writes;
+  };
+  std::map<std::string, Wired> parts;
+  for (const auto& part : segment.parts) {
+    Wired wired{package(part.files.at(0)), {}, {}};
+    for (const auto& name : part.inputs) wired.reads.push_back(slot_of(name));
+    for (const auto& name : part.outputs) wired.writes.push_back(slot_of(name));
+    parts[part.name] = std::move(wired);
+  }
+  for (const auto& spec : bundle_.outputs) step_outputs.push_back(slot_of(spec.name));
+  const size_t flag = slot_of(segment.flag), slots = slot.size();
+  const Wired head = parts.at("head"), compute = parts.at("compute"), reuse = parts.at("reuse"), tail = parts.at("tail");
+  return runners_[segment.name] = [=](std::vector<at::Tensor> inputs) {
+    std::vector<at::Tensor> values(slots);
+    for (size_t k = 0; k < inputs.size() && k < step_inputs.size(); ++k) values[step_inputs[k]] = std::move(inputs[k]);
+    const auto call = [&values](const Wired& part) {
       std::vector<at::Tensor> arguments;
-      for (const auto& read : reads) arguments.push_back(values.at(read));
-      const auto results = run(arguments);
-      for (size_t k = 0; k < writes.size(); ++k) values[writes[k]] = results.at(k);
+      arguments.reserve(part.reads.size());
+      for (size_t read : part.reads) arguments.push_back(values[read]);
+      std::vector<at::Tensor> results = part.run(std::move(arguments));
+      for (size_t k = 0; k < part.writes.size(); ++k) values[part.writes[k]] = std::move(results.at(k));
     };
-    call("head");
-    call(values.at(flag).item<bool>() ? "compute" : "reuse");
-    call("tail");
+    call(head);
+    call(values[flag].item<bool>() ? compute : reuse);
+    call(tail);
     std::vector<at::Tensor> outputs;
-    for (const auto& name : step_outputs) outputs.push_back(values.at(name));
+    outputs.reserve(step_outputs.size());
+    for (size_t k : step_outputs) outputs.push_back(values[k]);
     return outputs;
   };
 }
@@ -236,6 +253,7 @@ at::Tensor Session::run(const Tensors& cond, const Tensors* uncond, const RunOpt
   }
   timing_.steps = bundle_.num_steps;
   timing_.total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  timing_.loop_seconds = std::chrono::duration<double>(timing_.last_call - timing_.first_call).count();
   return x;
 }
 

@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
     for (int64_t k = 0; k < std::max<int64_t>(repeat, 1); ++k) {
       latent = session.run(conditioning, uncond.empty() ? nullptr : &unconditional, options);
       const vdopt::RunTiming& timing = session.last_timing();
-      runs.push_back({{"steps", timing.steps}, {"total_seconds", timing.total_seconds},
+      runs.push_back({{"steps", timing.steps}, {"total_seconds", timing.total_seconds}, {"loop_seconds", timing.loop_seconds},
                       {"segments_seconds", timing.segments_seconds}});
     }
     vdopt::write_safetensors(output, {{"latent", latent}});

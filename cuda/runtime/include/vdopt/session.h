@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
+
 #include <functional>
 #include <map>
 #include <memory>
@@ -30,7 +32,9 @@ using Tensors = std::map<std::string, at::Tensor>;
 struct RunTiming {
   int64_t steps = 0;
   double total_seconds = 0;     // the whole run: inputs, noise, state, the loop
+  double loop_seconds = 0;      // from the first segment call's start to the last one's end: the step loop itself
   double segments_seconds = 0;  // inside the compiled segments (AOTInductor runs); the rest is the runtime's own cost
+  std::chrono::steady_clock::time_point first_call, last_call;
 };
 
 struct RunOptions {
