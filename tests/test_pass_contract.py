@@ -44,6 +44,14 @@ def wan() -> StepProgram:
 
 
 @pytest.fixture(scope="module")
+def latte() -> StepProgram:
+    """A tiny Latte: adaLN blocks, whose modulated norms fuse_norm_modulate rewrites."""
+    torch.manual_seed(0)
+    return capture(parse_recipe({"model": {"family": "latte", "input": {"frames": 4, "height": 8, "width": 8, "text_len": 7}},
+                                 "sampler": {"steps": 4}}), None)
+
+
+@pytest.fixture(scope="module")
 def cached_wan(wan) -> StepProgram:
     return PassManager([(load_pass("insert_cache"), {"policy": "first_blocks"})]).run(wan)
 
@@ -94,6 +102,9 @@ PURITY_CASES: dict[str, dict[str, PurityCase]] = {
     },
     "prune_temporal": {
         "whole_block": PurityCase("wan", {"blocks": [1], "what": "blocks"}),
+    },
+    "fuse_norm_modulate": {
+        "latte": PurityCase("latte", {}),
     },
     "insert_cache": {
         "first_blocks_forecast": PurityCase("wan", {"policy": "first_blocks", "forecast": 0.5}),
