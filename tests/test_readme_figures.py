@@ -395,13 +395,14 @@ SPECS = [
              "worst round": lambda r: [r["speedup_worst_round"]],
              "max abs diff, 1e-5": lambda r: [r["max_abs_diff"] * 1e5],
          }),
-    Spec("C++ runtime", ("bundle", "overhead ms / step"), "bench/results/cpp.json",
+    Spec("C++ runtime", ("bundle", "loop overhead ms / step"), "bench/results/cpp.json",
          lambda data, cells: next((r[{"C++": "cpp", "python": "python"}[cells[1]]] for r in data["rows"]
                                    if r["bundle"] == cells[0] and cells[1] in ("C++", "python")), None), {
              "step ms": lambda r: [r["step_ms_median"]],
-             "overhead ms / step": lambda r: [r["overhead_ms_per_step_median"]],
-             "overhead % of step": lambda r: [r["overhead_percent_of_step_median"]],
-             "worst %": lambda r: [r["overhead_percent_of_step_worst"]],
+             "loop overhead ms / step": lambda r: [r["loop_overhead_ms_per_step_median"]],
+             "overhead % of step": lambda r: [r["loop_overhead_percent_of_step_median"]],
+             "worst %": lambda r: [r["loop_overhead_percent_of_step_worst"]],
+             "setup ms / run": lambda r: [r["setup_ms_per_run_median"]],
          }),
     Spec("end to end", ("program", "clips / s"), "bench/results/e2e.json",
          lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), {
