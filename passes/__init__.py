@@ -21,8 +21,9 @@ from vdopt.passes.fuse_norm_modulate import PASS as FUSE_NORM_MODULATE
 from vdopt.passes.insert_cache import PASS as INSERT_CACHE
 from vdopt.passes.prune_temporal import PASS as PRUNE_TEMPORAL
 from vdopt.passes.reduce_steps import PASS as REDUCE_STEPS
+from vdopt.passes.rewrite_content_motion import PASS as REWRITE_CONTENT_MOTION
 
-OPTIMIZATION_PASSES: dict[str, Pass] = {p.name: p for p in (REDUCE_STEPS, PRUNE_TEMPORAL, FUSE_NORM_MODULATE, INSERT_CACHE)}
+OPTIMIZATION_PASSES: dict[str, Pass] = {p.name: p for p in (REWRITE_CONTENT_MOTION, REDUCE_STEPS, PRUNE_TEMPORAL, FUSE_NORM_MODULATE, INSERT_CACHE)}
 LOWERING_PREP_PASSES: dict[str, Pass] = {p.name: p for p in (FOLD_GUIDANCE_BATCH,)}
 PASSES: dict[str, Pass] = {**OPTIMIZATION_PASSES, **LOWERING_PREP_PASSES}
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from cmd_helpers import random_cmd_file
 from vdopt.capture import capture
 from vdopt.errors import PassError
 from vdopt.pass_manager import FACTS, Pass, PassManager, readable_graph
@@ -75,7 +76,17 @@ def weight_files(wan, tmp_path_factory) -> dict[str, str]:
                for k, v in wan.ep.state_dict.items() if k.startswith(PREFIX)}
     save_file(student, str(folder / "student.safetensors"))
     save_file(small_lora(wan), str(folder / "lora.safetensors"))
-    return {"student": str(folder / "student.safetensors"), "lora": str(folder / "lora.safetensors")}
+    return {"student": str(folder / "student.safetensors"), "lora": str(folder / "lora.safetensors"),
+            "cmd": str(random_cmd_file(folder / "cmd.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def reference() -> StepProgram:
+    """The reference teacher (its real weights), which rewrite_content_motion rewrites into CMD's stages."""
+    from vdopt.reference.model import WEIGHTS_DIR, WEIGHTS_FILE
+
+    return capture(parse_recipe({"model": {"family": "reference", "input": {"frames": 8, "height": 32, "width": 32, "text_len": 3}},
+                                 "sampler": {"steps": 3, "guidance_scale": 3.0}}), WEIGHTS_DIR / WEIGHTS_FILE)
 
 
 # ----- purity ---------------------------------------------------------------------------------
@@ -96,6 +107,9 @@ class PurityCase:
 
 
 PURITY_CASES: dict[str, dict[str, PurityCase]] = {
+    "rewrite_content_motion": {
+        "reference": PurityCase("reference", {}, weights="cmd"),
+    },
     "reduce_steps": {
         "lora_no_guidance": PurityCase("wan", {"lora_scale": 0.7, "timesteps": [1000, 500]}, weights="lora"),
         "full_weights_keep_guidance": PurityCase("wan", {"steps": 3, "keep_guidance": True}, weights="student"),

@@ -31,7 +31,10 @@ from typing import Any, Iterator
 from vdopt.errors import BundleError
 from vdopt.safety import UnsafeInputError, confined_path, shape_expression
 
-SCHEMA_VERSION = 2  # 2: the batch is a step dim (latent.batch and segment dims are [min, max] ranges)
+SCHEMA_VERSION = 3  # 2: the batch is a step dim (latent.batch and segment dims are [min, max] ranges); 3: stages
+READABLE_SCHEMAS = (2, 3)  # a version 2 manifest is a version 3 one without stages
+STAGE_KINDS = ("loop", "call")
+SHARED_KEYS = ("schema_version", "family", "checksums")  # what a stage's view takes from the top level
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.sha256"
 REQUIRED_KEYS = ("schema_version", "family", "inputs", "outputs", "state", "step_table", "segments", "checksums")
@@ -181,8 +184,20 @@ def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]
 
 # ----- reading ------------------------------------------------------------------------------
 
+def stage_views(manifest: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each stage of a staged manifest as a manifest of its own (the top level's family and checksums, the stage's
+    step program), so every check of a one-stage manifest applies to each stage unchanged."""
+    stages = manifest.get("stages")
+    for s, stage in enumerate(stages if isinstance(stages, list) else []):
+        if isinstance(stage, dict):
+            yield f"stages[{s}]", {**{k: manifest[k] for k in SHARED_KEYS if k in manifest}, **stage}
+
+
 def named_files(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """Every file the manifest names, as (where it is named, name)."""
+    for where, view in stage_views(manifest):
+        for inner, name in named_files({"segments": view.get("segments")}):
+            yield f"{where}.{inner}", name
     for i, segment in enumerate(manifest.get("segments") or []):
         if not isinstance(segment, dict):
             continue
@@ -296,18 +311,54 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise BundleError(f"{path}: the manifest lacks {', '.join(missing)}; it was edited or truncated. Recompile the bundle.")
-    if type(manifest["schema_version"]) is not int or manifest["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(f"{path}: manifest schema {manifest['schema_version']}, this vdopt reads {SCHEMA_VERSION}; recompile.")
-    if not isinstance(manifest["segments"], list) or not all(isinstance(s, dict) for s in manifest["segments"]):
-        raise BundleError(f"{path}: the manifest's segments are not a list of objects; it was edited. Recompile the bundle.")
-    check_schema(path, manifest)
-    check_paths(bundle_dir, manifest)
-    check_shapes(bundle_dir, manifest)
-    check_consistency(path, manifest)
+    if type(manifest["schema_version"]) is not int or manifest["schema_version"] not in READABLE_SCHEMAS:
+        raise BundleError(f"{path}: manifest schema {manifest['schema_version']}, this vdopt reads "
+                          f"{' and '.join(map(str, READABLE_SCHEMAS))}; recompile.")
+    check_stages(path, manifest)
+    for where, view in [("", manifest), *stage_views(manifest)]:
+        if not isinstance(view.get("segments"), list) or not all(isinstance(s, dict) for s in view["segments"]):
+            raise BundleError(f"{path}: the manifest's {where + '.' if where else ''}segments are not a list of objects; it was "
+                              f"edited. Recompile the bundle.")
+        check_schema(path, view)
+        check_paths(bundle_dir, view)
+        check_shapes(bundle_dir, view)
+        check_consistency(path, view)
     check_unlisted(bundle_dir, manifest)
     if verify:
         verify_checksums(bundle_dir, manifest)
     return manifest
+
+
+def check_stages(path: Path, manifest: dict[str, Any]) -> None:
+    """A staged manifest (schema 3): stages are objects with a name, a kind, an output name, feeds from earlier
+    stages' outputs and a noise offset; loop stages say what running them needs."""
+    if "stages" not in manifest:
+        return
+    stages, problems, outputs = manifest["stages"], [], set()
+    if manifest["schema_version"] < 3 or not isinstance(stages, list) or not stages:
+        problems.append("stages should be a non-empty list (schema 3)")
+        stages = []
+    for s, stage in enumerate(stages):
+        here = f"stages[{s}]"
+        if not isinstance(stage, dict):
+            problems.append(f"{here} should be an object")
+            continue
+        kind, feeds, output = stage.get("kind"), stage.get("feeds"), stage.get("output")
+        if not (isinstance(kind, str) and kind in STAGE_KINDS):
+            problems.append(f"{here}.kind should be one of {', '.join(STAGE_KINDS)}")
+        if not isinstance(stage.get("name"), str) or not isinstance(output, str):
+            problems.append(f"{here}.name and .output should be strings")
+        if not (isinstance(feeds, dict) and all(isinstance(k, str) and isinstance(v, str) and v in outputs for k, v in feeds.items())):
+            problems.append(f"{here}.feeds should map input names to earlier stages' outputs ({', '.join(sorted(outputs)) or 'none'})")
+        if not (type(stage.get("noise_offset", 0)) is int and 0 <= stage.get("noise_offset", 0) < 2**40):
+            problems.append(f"{here}.noise_offset should be a non-negative int")
+        if kind == "loop":
+            problems += [f"{here} lacks {key}, which running a loop stage needs" for key in ("latent", "num_steps", "guidance")
+                         if key not in stage]
+        outputs.add(output if isinstance(output, str) else "")
+    if problems:
+        raise BundleError(f"{path}: the manifest's stages do not have the form this vdopt reads: {'; '.join(problems[:3])}. "
+                          f"It was edited or written by another version; recompile the bundle.")
 
 
 def check_schema(path: Path, manifest: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import torch
 import vdopt
 from vdopt.bundle import staged_bundle, write_manifest
 from vdopt.capture import capture
+from vdopt.errors import LoweringError
 from vdopt.families import family_origin, load_family
 from vdopt.lower import get_backend
 from vdopt.lower.split_conditional import SplitStep, split_conditional
@@ -36,33 +37,34 @@ def profile_of(program: StepProgram, backend) -> dict[str, Any]:
     return {"profile": backend.profile_record(program)} if hasattr(backend, "profile_record") else {}
 
 
-def segment_entry(program: StepProgram, backend, files: list[str], index: int) -> dict[str, Any]:
+def segment_entry(program: StepProgram, backend, files: list[str], index: int, stem: str = "step") -> dict[str, Any]:
     """One shape profile's step. Its own input and state shapes: static profiles differ in their sizes
     (a cached residual holds frames*height*width/4 tokens, a different number in each profile)."""
     build = {"build": backend.build_info()} if hasattr(backend, "build_info") else {}  # what an engine is tied to
-    return {**profile_of(program, backend), "name": f"step_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
+    return {**profile_of(program, backend), "name": f"{stem}_{index}", "kind": "step", "backend": backend.name, "runtime": backend.runtime,
             "files": [f"segments/{f}" for f in files], "dims": {k: list(v) for k, v in program.dims.items()},
             "passes": list(program.passes), "inputs": [s.to_json() for s in program.inputs],
             "state": [s.to_json() for s in program.state], **build}
 
 
-def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int) -> dict[str, Any]:
+def split_segment(program: StepProgram, split: SplitStep, backend, directory: Path, index: int, stem: str = "step") -> dict[str, Any]:
     """A step cut at its conditional: each part lowered on its own, wired by value names."""
     parts = []
     for part in split.parts:
-        files = backend.lower(part.program, directory, f"step_{index}.{part.name}")
+        files = backend.lower(part.program, directory, f"{stem}_{index}.{part.name}")
         parts.append({"name": part.name, "files": [f"segments/{f}" for f in files], **profile_of(part.program, backend),
                       "inputs": [s.to_json() for s in part.program.inputs],
                       "outputs": [s.to_json() for s in part.program.outputs]})
-    return {**segment_entry(program, backend, [], index), "kind": "split", "flag": split.flag, "parts": parts}
+    return {**segment_entry(program, backend, [], index, stem), "kind": "split", "flag": split.flag, "parts": parts}
 
 
-def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path, index: int) -> dict[str, Any]:
+def lower_segment(program: StepProgram, recipe: Recipe, backend, directory: Path, index: int, stem: str = "step") -> dict[str, Any]:
+    """`stem`: the segment's name and file stem (`step`; a later stage's own name in a staged bundle)."""
     mode = recipe.lower.split_conditionals
     split = split_conditional(program) if mode == "always" or (mode == "auto" and backend.splits_conditionals) else None
     if split is not None:
-        return split_segment(program, split, backend, directory, index)
-    return segment_entry(program, backend, backend.lower(program, directory, f"step_{index}"), index)
+        return split_segment(program, split, backend, directory, index, stem)
+    return segment_entry(program, backend, backend.lower(program, directory, f"{stem}_{index}"), index, stem)
 
 
 OP_LIBRARY = "ops/vdopt_ops.so"
@@ -91,15 +93,21 @@ def write_extras(program: StepProgram, backend, stage: Path, model_path) -> dict
 
 
 def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
-    descriptor = program.descriptor
     return {
         "vdopt_version": vdopt.__version__,
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "family": recipe.model.family,
         "family_origin": family_origin(recipe.model.family),
-        "null_cond": descriptor.null_rules(),
         "recipe": recipe.model_dump(mode="json"),
+        **stage_manifest(program, recipe),
+    }
+
+
+def stage_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
+    """What the runtime needs to drive one step program (a single-stage bundle's top level, or one loop stage)."""
+    return {
+        "null_cond": program.descriptor.null_rules(),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in program.model_config.items()},
         "parameters": sum(t.numel() for t in program.ep.state_dict.values()),
         "sampler": program.recipe.sampler.model_dump(mode="json"),
@@ -116,6 +124,31 @@ def program_manifest(program: StepProgram, recipe: Recipe) -> dict[str, Any]:
         "cache": program.extras.get("cache"),
         "pruned": program.extras.get("pruned"),
     }
+
+
+def lower_stages(program: StepProgram, recipe: Recipe, backend, directory: Path, segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """A staged program's manifest `stages` (schema 3), in running order: the first stage is the top level's program
+    and segments (the content loop), the others are lowered here under their own names."""
+    stages = program.extras.get("stages")
+    if not stages:
+        return {}
+    if len(segments) != 1:
+        raise LoweringError(f"a staged program (rewrite_content_motion) compiles one shape profile; the recipe gives "
+                            f"{len(segments)} lower.profiles. Remove lower.profiles.")
+    first = {"name": "content", "kind": "loop", "output": "content", "feeds": {}, "noise_offset": 0,
+             **stage_manifest(program, recipe), "segments": segments}
+    entries = [first]
+    for stage in stages:
+        entry = {"name": stage.name, "kind": stage.kind, "output": stage.output, "feeds": dict(stage.feeds),
+                 "noise_offset": stage.noise_offset}
+        if stage.kind == "loop":
+            entry |= stage_manifest(stage.program, recipe)
+        else:
+            entry |= {"inputs": [s.to_json() for s in stage.program.inputs], "outputs": [s.to_json() for s in stage.program.outputs],
+                      "state": [], "step_table": {}, "parameters": sum(t.numel() for t in stage.program.ep.state_dict.values())}
+        with named_range(f"vdopt/compile/lower {stage.name}"):
+            entries.append({**entry, "segments": [lower_segment(stage.program, recipe, backend, directory, 0, stem=stage.name)]})
+    return {"stages": entries}
 
 
 def run_passes(program: StepProgram, recipe: Recipe, *, dump_ir: str | Path | None = None,
@@ -137,9 +170,10 @@ def write_bundle(program: StepProgram, recipe: Recipe, output: str | Path, model
     with staged_bundle(output, overwrite=True) as stage:
         (stage / "segments").mkdir()
         backend = get_backend(recipe.lower.backend)
-        segment = lower_segment(program, recipe, backend, stage / "segments", 0)
+        segments = [lower_segment(program, recipe, backend, stage / "segments", 0)]
         write_manifest(stage, {**program_manifest(program, recipe), **ship_op_library(program, backend, stage),
-                               **write_extras(program, backend, stage, model_path), "segments": [segment]})
+                               **write_extras(program, backend, stage, model_path), "segments": segments,
+                               **lower_stages(program, recipe, backend, stage / "segments", segments)})
     return Path(output)
 
 
@@ -175,7 +209,8 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
                 segments.append(lower_segment(program, recipe, backend, segments_dir, index))
             first = first or program
         manifest = write_manifest(stage, {**program_manifest(first, recipe), **ship_op_library(first, backend, stage),
-                                          **write_extras(first, backend, stage, model_path), "segments": segments})
+                                          **write_extras(first, backend, stage, model_path), "segments": segments,
+                                          **lower_stages(first, recipe, backend, segments_dir, segments)})
         if verify:
             with named_range("vdopt/compile/verify"):
                 report = verify_bundle(stage, captured, recipe, model_path, log=log)

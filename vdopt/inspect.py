@@ -213,9 +213,26 @@ def bundle_lines(path: Path, m: dict[str, Any]) -> str:
         for p in segment["passes"]:
             params = f" {p['params']}" if p["params"] else ""
             lines.append(f"    pass {p['name']}{params}: {p['seconds'] * 1000:.1f} ms, {p['nodes_before']} -> {p['nodes_after']} ops")
+    lines += stage_lines(m)
     if "verify" in m and m["verify"] is not None:
         lines += describe_verify(m["verify"])
     return "\n".join(lines)
+
+
+def stage_lines(m: dict[str, Any]) -> list[str]:
+    """A staged bundle's stages in running order (the lines above describe the first)."""
+    if not m.get("stages"):
+        return []
+    lines = [f"stages ({len(m['stages'])}, run in this order; the lines above describe the first):"]
+    for stage in m["stages"]:
+        fed = ", ".join(f"{k} <- {v}" for k, v in stage["feeds"].items()) or "the bundle's conditioning"
+        how = (f"loop, {stage['num_steps']} steps, guidance {'on' if stage['guidance'] else 'off'}, latent "
+               f"{next(s['shape'] for s in stage['inputs'] if s['name'] == 'x')}" if stage["kind"] == "loop" else "one call")
+        lines.append(f"  {stage['name']}: {how}; {stage.get('parameters', 0):,} parameters; fed {fed}; output '{stage['output']}' "
+                     f"{stage['outputs'][0]['shape']}")
+        lines += [f"    {seg['name']} [{seg['backend']}] {', '.join(seg['files'] or [f for p in seg.get('parts', []) for f in p['files']])}"
+                  for seg in stage["segments"]]
+    return lines
 
 
 def describe(path: Path, graph: bool = False) -> str:

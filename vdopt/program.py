@@ -112,3 +112,20 @@ class StepProgram:
 
     def module(self) -> torch.nn.Module:
         return self.ep.module()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged program (ARCHITECTURE contract 7: content loop -> motion loop -> decode).
+
+    `kind`: `loop` runs `program` as a step loop from noise (its own steps, guidance and state); `call` runs it once.
+    `feeds`: the program's inputs that take an earlier stage's output, `input name -> output name`; a loop stage's
+    other inputs are the bundle's conditioning. `output`: the name this stage's result goes by. `noise_offset`: a loop
+    stage's sample k starts from the noise of seed `seed + noise_offset + k`, so stages draw independent noise."""
+
+    name: str
+    kind: str
+    program: StepProgram
+    output: str
+    feeds: dict[str, str] = field(default_factory=dict)
+    noise_offset: int = 0

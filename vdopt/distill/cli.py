@@ -10,12 +10,13 @@ from typing import Any
 
 
 STAGES = ("trajectories", "train", "export")
+CMD_STAGES = ("trajectories", "autoencoder", "content", "motion", "export")
 
 
-def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Path, *, stages: tuple[str, ...] = STAGES,
+def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Path, *, stages: tuple[str, ...] | None = None,
             max_iterations: int | None = None, threads: int | None = None, progress: bool = True,
             log=lambda message: None) -> dict[str, Any]:
-    """Runs the stages in order; returns a summary (paths, iterations, last losses)."""
+    """Runs the stages in order (default: all of the section's method); returns a summary (paths, iterations, last losses)."""
     import torch
 
     from vdopt.distill.common import DistillError, init_dist, load_teacher, prompt_list, schedule_for
@@ -26,6 +27,11 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
     from vdopt.distill.train import Trainer
 
     recipe, section, compile_recipe = load_distill_recipe(recipe_path)
+    known = CMD_STAGES if section.method == "cmd" else STAGES
+    stages = known if stages is None else stages
+    if set(stages) - set(known):
+        raise DistillError(f"--stage {', '.join(sorted(set(stages) - set(known)))}: distill.method {section.method} has the stages "
+                           f"{', '.join(known)}.")
     out = Path(output)
     if threads is not None and threads < 1:
         raise DistillError(f"--threads {threads}: give a positive number of CPU threads.")
@@ -53,6 +59,10 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
                     raise DistillError(f"{out}: holds a distillation with different settings ({', '.join(changed)}); "
                                        f"use a new output directory or delete {settings}.")
             settings.write_text(json.dumps(current, indent=2, default=str))
+        if section.method == "cmd":
+            summary.update(distill_cmd(out, teacher, section, prompts, schedule, compile_recipe, stages, dist, max_iterations, progress, log))
+            dist.barrier()
+            return summary
         shards = make_trajectories(out, teacher, section, prompts, schedule, dist, progress) if "trajectories" in stages or "train" in stages else []
         summary["shards"] = len(shards)
         log(f"trajectories: {len(shards)} shard(s) in {out / 'trajectories'}")
@@ -83,9 +93,43 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
     return summary
 
 
+def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compile_recipe: dict, stages: tuple[str, ...], dist,
+                max_iterations: int | None, progress: bool, log) -> dict[str, Any]:
+    """The CMD method's stages (vdopt.cmd.train); stops at the first training stage that does not finish."""
+    from vdopt.cmd.export import export_cmd
+    from vdopt.cmd.train import STAGES as TRAINING, run_stage, stage_weights
+    from vdopt.distill.trajectories import load_trajectories, make_trajectories
+
+    summary: dict[str, Any] = {"method": "cmd"}
+    shards: list[Path] = []
+    if "trajectories" in stages or "motion" in stages:
+        shards = make_trajectories(out, teacher, section, prompts, schedule, dist, progress)
+        log(f"trajectories: {len(shards)} shard(s) in {out / 'trajectories'}")
+    for name in (s for s in TRAINING if s in stages):
+        if not run_stage(name, out, teacher, section, lambda: load_trajectories(shards), prompts, dist, max_iterations, progress, log):
+            summary["stopped"] = name
+            return summary
+    if "export" in stages and dist.main:
+        missing = [s for s in TRAINING if not stage_weights(out, s).is_file()]
+        if missing:
+            log(f"export skipped: stages {', '.join(missing)} have not finished")
+        else:
+            weights, recipe_file = export_cmd(out, teacher, section, compile_recipe)
+            summary.update(weights=str(weights), recipe=str(recipe_file))
+            log(f"export: {weights} and {recipe_file}")
+    return summary
+
+
 def _only_training_length(previous: dict, current: dict) -> bool:
     loose = ("iterations", "checkpoint_every", "keep_checkpoints")
-    strip = lambda d: {k: v for k, v in d.items() if k not in loose}  # noqa: E731
+    loose_cmd = ("autoencoder_iterations", "content_iterations", "motion_iterations", "checkpoint_every")
+
+    def strip(section: dict) -> dict:
+        kept = {k: v for k, v in section.items() if k not in loose}
+        if isinstance(kept.get("cmd"), dict):
+            kept["cmd"] = {k: v for k, v in kept["cmd"].items() if k not in loose_cmd}
+        return kept
+
     return previous.get("recipe") == current["recipe"] and strip(previous.get("distill", {})) == strip(current["distill"])
 
 
@@ -93,14 +137,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a compile recipe with a `distill:` section (recipes/distill_reference.yaml)")
     p.add_argument("teacher", help="the teacher's weights (.safetensors / .pt state dict)")
     p.add_argument("-o", "--output", required=True, help="student directory: trajectories/, checkpoints/, student.safetensors, recipe.yaml")
-    p.add_argument("--stage", choices=("all", *STAGES), default="all", help="run one stage only (default: all, resuming)")
+    p.add_argument("--stage", choices=("all", *dict.fromkeys(STAGES + CMD_STAGES)), default="all",
+                   help="run one stage only (default: all of the recipe's distill.method, resuming)")
     p.add_argument("--max-iterations", type=int, help="stop training at this iteration (checkpointed); rerun to continue")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = None if args.stage == "all" else (args.stage,)
     summary = distill(args.recipe, args.teacher, args.output, stages=stages, max_iterations=args.max_iterations,
                       threads=args.threads, progress=not args.quiet, log=lambda m: print(f"[vdopt distill] {m}", file=sys.stderr))
     if summary.get("world", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:

@@ -14,7 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from vdopt.cmd.model import AUTOENCODER_CONFIG, MOTION_CONFIG
 from vdopt.errors import RecipeError
+
+MOTION_KEYS = ("width", "depth", "heads", "motion_patch", "content_patch")
 from vdopt.recipe import Recipe, Strict, key_path, parse_recipe, read_yaml
 
 
@@ -23,7 +26,37 @@ class PruneSpec(Strict):
     what: Literal["temporal", "blocks"] = "temporal"
 
 
+class CMDSection(Strict):
+    """`distill.cmd`: the CMD form's three training stages (vdopt.cmd.train)."""
+
+    autoencoder: dict[str, int] = Field(default_factory=lambda: dict(AUTOENCODER_CONFIG), description="ContentMotionAutoencoder arguments.")
+    autoencoder_iterations: int = Field(2000, ge=1)
+    autoencoder_batch: int = Field(16, ge=1)
+    autoencoder_lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    content_iterations: int = Field(1500, ge=1)
+    content_batch: int = Field(32, ge=1)
+    content_lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
+    motion: dict[str, int] = Field(default_factory=lambda: {k: v for k, v in MOTION_CONFIG.items() if k in MOTION_KEYS},
+                                   description="MotionDiT arguments (width, depth, heads, patches; sizes come from the data).")
+    motion_iterations: int = Field(3000, ge=1)
+    motion_batch: int = Field(32, ge=1)
+    motion_lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    checkpoint_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CMDSection":
+        unknown = sorted(set(self.autoencoder) - set(AUTOENCODER_CONFIG)) + sorted(set(self.motion) - set(MOTION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown model arguments {unknown}; the autoencoder takes {sorted(AUTOENCODER_CONFIG)}, "
+                             f"the motion DiT {sorted(MOTION_KEYS)}")
+        return self
+
+
 class DistillSection(Strict):
+    method: Literal["steps", "cmd"] = Field("steps", description="steps: a few-step student (AccVideo); cmd: the CMD form "
+                                            "(content frame + motion latent, vdopt.cmd).")
+    cmd: CMDSection = Field(default_factory=CMDSection)
     student_steps: int = Field(4, ge=1, le=64, description="Steps of the student; key points are uniform over the teacher's schedule.")
     # --- stage 1: trajectories (AccVideo's synthetic data set) ---
     prompts: int | list[str] = Field(64, description="A number of moving-shapes prompts (train split, drawn with `seed`), or the prompts.")

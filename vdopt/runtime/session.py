@@ -10,6 +10,7 @@ range (`vdopt/step i`, `vdopt/part compute`) for `torch.profiler` and Nsight (NV
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,9 +210,51 @@ class Session:
 
         return run
 
+    # ----- staged bundles ------------------------------------------------------------------------
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """The manifest's stages in running order; empty for a one-stage bundle."""
+        return self.manifest.get("stages") or []
+
+    def stage(self, entry: dict[str, Any]) -> "Session":
+        """One stage of this (verified) bundle as a one-stage session; it shares this session's loaded runners."""
+        view = copy.copy(self)
+        view.manifest = {**{k: v for k, v in self.manifest.items() if k != "stages"}, **entry}
+        view.inputs = [TensorSpec.from_json(s) for s in entry["inputs"]]
+        view.state_specs = [StateSpec.from_json(s) for s in entry["state"]]
+        if "latent" in entry:
+            view.dtype = DTYPES[entry["latent"]["dtype"]]
+        return view
+
+    def run_stages(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, seed: int,
+                   progress: bool, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+        """Each stage in turn: a loop from its own noise with the bundle's conditioning plus what it is fed, or one call
+        on what it is fed; the last stage's output is the result. `on_step` sees the first stage's steps, the stage
+        the manifest's top level describes."""
+        values: dict[str, torch.Tensor] = {}
+        for entry in self.stages:
+            stage = self.stage(entry)
+            fed = {name: values[source] for name, source in entry["feeds"].items()}
+            with named_range(f"vdopt/stage {entry['name']}"):
+                if entry["kind"] == "call":
+                    segment = entry["segments"][0]
+                    values[entry["output"]] = stage.runner(segment)(*(fed[s["name"]] for s in segment["inputs"]))[0]
+                    continue
+                extra = {name.removeprefix("cond."): value for name, value in fed.items()}
+                stage_uncond = None if uncond is None else {**uncond, **null_cond(
+                    {k: v for k, v in entry["null_cond"].items() if k in extra}, extra)}
+                values[entry["output"]] = stage.run({**cond, **extra}, stage_uncond, seed=seed + entry.get("noise_offset", 0),
+                                                    progress=progress, on_step=on_step if entry is self.stages[0] else None)
+        return values[self.stages[-1]["output"]]
+
     def run(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
             frames: int | None = None, height: int | None = None, width: int | None = None,
             progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+        if self.stages:
+            if (frames, height, width) != (None, None, None):
+                raise RunInputError("this bundle runs in stages (content -> motion -> decode) at the sizes it was compiled "
+                                    "for; it takes no frames, height or width.")
+            return self.run_stages(cond, uncond, seed, progress, on_step)
         shape = self.latent_shape(self.batch_of(cond), frames, height, width)
         segment = self.segment_for(shape)
         run_step = self.runner(segment)

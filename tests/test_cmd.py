@@ -1,0 +1,278 @@
+"""The CMD form (issue 21): rewrite_content_motion, staged bundles, `vdopt distill --method cmd`.
+
+- The pass: the content stage is the captured family at one frame without its temporal blocks, the motion stage
+  takes the content frame, the decode stage is one call; idempotent; refuses what it cannot rewrite.
+- Staged bundles: every stage against its eager reference (vdopt.cmd.sample, <= 1e-5) and the whole bundle on the
+  torch, AOTInductor and ONNX Runtime backends, `inspect` lists the stages, an edited stage is refused, a schema 2
+  (one-stage) bundle still opens.
+- Distillation: a tiny configuration end to end (trajectories, three training stages, export, compile, run), and a
+  stage killed mid-way resumes to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cmd_helpers import random_cmd_file
+from test_security import reseal
+from vdopt.bundle import read_manifest
+from vdopt.capture import capture
+from vdopt.cmd.sample import CMDGenerator
+from vdopt.compiler import compile_bundle
+from vdopt.errors import BundleError, PassError, RunInputError
+from vdopt.inspect import describe
+from vdopt.module_stack import module_stack
+from vdopt.pass_manager import PassManager
+from vdopt.passes import load_pass
+from vdopt.recipe import parse_recipe
+from vdopt.reference.model import WEIGHTS_DIR, WEIGHTS_FILE
+from vdopt.runtime.session import Session
+from vdopt.safety import UnsafeInputError
+
+TEACHER = WEIGHTS_DIR / WEIGHTS_FILE
+PROMPTS = ["red circle moving up", "blue square moving down-left"]
+STEPS = 3
+
+
+def cmd_recipe(weights: Path, backend: str = "torch", batch: int | dict = {"min": 1, "max": 2}) -> dict:  # noqa: B006
+    return {"model": {"family": "reference", "input": {"batch": batch, "frames": 8, "height": 32, "width": 32, "text_len": 3}},
+            "sampler": {"kind": "flow_euler", "steps": STEPS, "guidance_scale": 3.0},
+            "lower": {"backend": backend},
+            "passes": [{"name": "rewrite_content_motion", "params": {"weights": str(weights)}}]}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return random_cmd_file(tmp_path_factory.mktemp("cmd") / "cmd.safetensors")
+
+
+@pytest.fixture(scope="module")
+def captured():
+    return capture(parse_recipe(cmd_recipe(Path("unused"))), TEACHER)
+
+
+@pytest.fixture(scope="module")
+def rewritten(captured, weights):
+    return PassManager([(load_pass("rewrite_content_motion"), {"weights": str(weights)})]).run(captured)
+
+
+@pytest.fixture(scope="module")
+def bundles(weights, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bundles")
+    made = {}
+    for backend in ("torch", "aoti", "onnx"):
+        compile_bundle(parse_recipe(cmd_recipe(weights, backend)), TEACHER, out / f"{backend}.vdopt")
+        made[backend] = out / f"{backend}.vdopt"
+    return made
+
+
+@pytest.fixture(scope="module")
+def eager(weights) -> CMDGenerator:
+    return CMDGenerator(weights, steps=STEPS, guidance_scale=3.0)
+
+
+# ----- the pass ----------------------------------------------------------------------------------
+
+def module_paths(ep) -> set[str]:
+    return {fqn for node in ep.graph.nodes for fqn, _ in module_stack(node)}
+
+
+def test_the_content_stage_is_the_family_at_one_frame_without_temporal_blocks(captured, rewritten):
+    before, after = module_paths(captured.ep), module_paths(rewritten.ep)
+    temporal = {p for p in before if captured.descriptor.is_temporal_block(p.removeprefix("denoiser.model."))}
+    assert temporal and not temporal & after
+    assert not any("temporal_transformer_blocks" in k for k in rewritten.ep.state_dict)
+    assert rewritten.inputs[0].shape[2] == 1 and captured.inputs[0].shape[2] == 8
+    assert [s.name for s in rewritten.inputs] == [s.name for s in captured.inputs]
+
+
+def test_the_motion_stage_takes_the_content_frame_and_the_decode_stage_is_one_call(rewritten):
+    motion, decode = rewritten.extras["stages"]
+    assert (motion.name, motion.kind, decode.name, decode.kind) == ("motion", "loop", "decode", "call")
+    names = [s.name for s in motion.program.inputs]
+    assert names == ["x", "i", "cond.encoder_hidden_states", "cond.content", "uncond.encoder_hidden_states", "uncond.content"]
+    assert motion.feeds == {"cond.content": "content"} and decode.feeds == {"content": "content", "motion": "motion"}
+    assert [s.name for s in decode.program.outputs] == ["clip"] and decode.program.outputs[0].shape[1:] == (3, 8, 32, 32)
+    assert motion.program.descriptor.null_rules()["content"] == "same"
+
+
+def test_the_rewrite_is_idempotent(rewritten, weights):
+    again = PassManager([(load_pass("rewrite_content_motion"), {"weights": str(weights)})]).run(rewritten)
+    assert again.ep is rewritten.ep and again.extras["stages"] is rewritten.extras["stages"]
+
+
+def test_missing_or_foreign_weights_are_refused(captured, tmp_path):
+    with pytest.raises(PassError, match="not found"):
+        load_pass("rewrite_content_motion").run(captured, weights=str(tmp_path / "none.safetensors"))
+    with pytest.raises(PassError, match="not a CMD weights file"):
+        load_pass("rewrite_content_motion").run(captured, weights=str(TEACHER))
+
+
+def test_the_rewrite_after_a_cache_is_refused(captured, weights):
+    cached = PassManager([(load_pass("insert_cache"), {"policy": "first_blocks"})]).run(captured)
+    with pytest.raises(PassError, match="uncached"):
+        PassManager([(load_pass("rewrite_content_motion"), {"weights": str(weights)})]).run(cached)
+
+
+# ----- staged bundles ----------------------------------------------------------------------------
+
+def encode(session: Session):
+    return session.prompt_encoder()(PROMPTS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "aoti", "onnx"])
+def test_each_stage_equals_its_eager_reference(bundles, eager, backend):
+    session = Session(bundles[backend])
+    cond, uncond = encode(session)
+    content_stage, motion_stage, decode_stage = (session.stage(e) for e in session.stages)
+    c, u = eager.encode(PROMPTS)
+    content = content_stage.run(cond, uncond, seed=5, progress=False)
+    torch.testing.assert_close(content, eager.content(c, u, 5), atol=1e-5, rtol=1e-5)
+    motion = motion_stage.run({**cond, "content": content}, {**uncond, "content": content}, seed=5 + session.stages[1]["noise_offset"],
+                              progress=False)
+    torch.testing.assert_close(motion, eager.motion(c, u, content, 5), atol=1e-5, rtol=1e-5)
+    segment = session.stages[2]["segments"][0]
+    clip = decode_stage.runner(segment)(content, motion)[0]
+    torch.testing.assert_close(clip, eager.decode(content, motion), atol=1e-5, rtol=1e-5)
+    whole = session.run(cond, uncond, seed=5, progress=False)
+    assert whole.shape == (2, 3, 8, 32, 32)
+    torch.testing.assert_close(whole, eager(PROMPTS, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_gives_the_same_clip_alone_or_in_a_batch(bundles):
+    session = Session(bundles["torch"])
+    cond, uncond = encode(session)
+    both = session.run(cond, uncond, seed=9, progress=False)
+    alone = session.run({k: v[1:] for k, v in cond.items()}, {k: v[1:] for k, v in uncond.items()}, seed=10, progress=False)
+    torch.testing.assert_close(alone[0], both[1], atol=1e-6, rtol=1e-6)
+
+
+def test_the_runtime_fills_the_unconditional_content_itself(bundles):
+    """Given an unconditional prompt, or none (the manifest's null rules), the motion stage's uncond branch sees the
+    content frame as well."""
+    session = Session(bundles["torch"])
+    cond, uncond = encode(session)
+    zeros = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    torch.testing.assert_close(session.run(cond, None, seed=1, progress=False), session.run(cond, zeros, seed=1, progress=False))
+    with pytest.raises(RunInputError, match="runs in stages"):
+        session.run(cond, uncond, frames=16, progress=False)
+
+
+def test_inspect_lists_the_stages_in_running_order(bundles):
+    text = describe(bundles["aoti"])
+    lines = text[text.index("stages (3"):].splitlines()
+    assert lines[1].lstrip().startswith("content: loop, 3 steps")
+    assert lines[3].lstrip().startswith("motion: loop, 3 steps") and "cond.content <- content" in lines[3]
+    assert lines[5].lstrip().startswith("decode: one call") and "output 'clip' ['batch', 3, 8, 32, 32]" in lines[5]
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / bundle.name
+    shutil.copytree(bundle, target)
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["stages"][1]["feeds"].update({"cond.content": "motion"}), "earlier stages' outputs"),
+    (lambda m: m["stages"][2].update(kind="shell"), "kind should be one of loop, call"),
+    (lambda m: m["stages"][1]["segments"][0].update(files=["../../outside.pt2"]), "outside|\\.\\."),
+    (lambda m: m["stages"][1].pop("num_steps"), "lacks num_steps"),
+    (lambda m: m.update(schema_version=2), "schema 3"),
+])
+def test_an_edited_stage_is_refused(bundles, tmp_path, edit, message):
+    bundle = copy_bundle(bundles["torch"], tmp_path)
+    reseal(bundle, edit)
+    with pytest.raises((BundleError, UnsafeInputError), match=message):
+        Session(bundle)
+
+
+def test_a_schema_2_bundle_still_opens(tmp_path):
+    recipe = parse_recipe({"model": {"family": "reference", "input": {"batch": 1, "frames": 8, "height": 32, "width": 32, "text_len": 3}},
+                           "sampler": {"kind": "flow_euler", "steps": 2, "guidance_scale": 3.0}, "lower": {"backend": "torch"}})
+    compile_bundle(recipe, TEACHER, tmp_path / "one.vdopt")
+    reseal(tmp_path / "one.vdopt", lambda m: m.update(schema_version=2))
+    session = Session(tmp_path / "one.vdopt")
+    assert read_manifest(tmp_path / "one.vdopt")["schema_version"] == 2 and not session.stages
+    assert session.run(*session.prompt_encoder()("red circle moving up"), seed=0, progress=False).shape == (1, 3, 8, 32, 32)
+
+
+# ----- distillation --------------------------------------------------------------------------------
+
+TINY_CMD = {"autoencoder": {"width": 16, "motion_channels": 2}, "autoencoder_batch": 2, "autoencoder_iterations": 4,
+            "content_batch": 2, "content_iterations": 3, "motion": {"width": 32, "depth": 1, "heads": 2},
+            "motion_batch": 2, "motion_iterations": 3, "checkpoint_every": 2}
+
+
+def distill_recipe(path: Path, **cmd) -> Path:
+    data = {**cmd_recipe(Path("unused"), batch=1), "passes": [],
+            "distill": {"method": "cmd", "student_steps": 1, "prompts": 2, "seeds_per_prompt": 2, "shard_size": 4,
+                        "cmd": {**TINY_CMD, **cmd}}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_tiny_cmd_distillation_end_to_end(tmp_path):
+    from vdopt.distill.cli import distill
+
+    summary = distill(distill_recipe(tmp_path / "r.yaml"), TEACHER, tmp_path / "out", progress=False)
+    assert summary["method"] == "cmd" and Path(summary["weights"]).is_file()
+    recipe = yaml.safe_load(Path(summary["recipe"]).read_text())
+    assert recipe["passes"][0] == {"name": "rewrite_content_motion", "params": {"weights": str(Path(summary["weights"]).resolve())}}
+    assert "distill" not in recipe
+    compile_bundle(Path(summary["recipe"]), TEACHER, tmp_path / "cmd.vdopt")
+    session = Session(tmp_path / "cmd.vdopt")
+    clip = session.run(*session.prompt_encoder()("green triangle moving left"), seed=0, progress=False)
+    torch.testing.assert_close(clip, CMDGenerator(summary["weights"], steps=STEPS)(["green triangle moving left"], 0),
+                               atol=1e-5, rtol=1e-5)
+    again = distill(tmp_path / "r.yaml", TEACHER, tmp_path / "out", progress=False)  # every stage done: nothing retrains
+    assert again["weights"] == summary["weights"]
+
+
+def test_a_stage_killed_midway_resumes_to_the_uninterrupted_weights(tmp_path):
+    from vdopt.distill.cli import distill
+
+    recipe = distill_recipe(tmp_path / "r.yaml", autoencoder_iterations=400, checkpoint_every=1)
+    distill(recipe, TEACHER, tmp_path / "whole", stages=("autoencoder",), progress=False)
+    command = [sys.executable, "-m", "vdopt.distill.cli", str(recipe), str(TEACHER), "-o", str(tmp_path / "killed"),
+               "--stage", "autoencoder", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "cmd" / "autoencoder" / "ckpt.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "cmd" / "autoencoder.safetensors").exists()
+    logged = []
+    distill(recipe, TEACHER, tmp_path / "killed", stages=("autoencoder",), progress=False, log=logged.append)
+    assert any("resuming at iteration" in line for line in logged), logged
+    whole = load_file(str(tmp_path / "whole" / "cmd" / "autoencoder.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "cmd" / "autoencoder.safetensors"))
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_distill_names_the_stages_of_its_method(tmp_path):
+    from vdopt.distill.cli import distill
+    from vdopt.distill.common import DistillError
+
+    with pytest.raises(DistillError, match="distill.method cmd has the stages trajectories, autoencoder"):
+        distill(distill_recipe(tmp_path / "r.yaml"), TEACHER, tmp_path / "out", stages=("train",), progress=False)
+    bad = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    bad["distill"]["cmd"]["motion"] = {"widht": 8}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(Exception, match="widht"):
+        distill(tmp_path / "bad.yaml", TEACHER, tmp_path / "out2", progress=False)
