@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cmd_helpers import random_cmd_file
 from vdopt.bundle import MANIFEST, MANIFEST_CHECKSUM
 from vdopt.compiler import compile_bundle
 from vdopt.recipe import load_recipe, parse_recipe
@@ -56,11 +57,13 @@ def reference_recipe(name: str, steps: int | None = None, passes=None, split: st
 
 CACHE = {"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.05, "max_reuse": 2, "forecast": 0.5,
                                             "ops": "fused"}}
-BUNDLES = {
-    "teacher": lambda: reference_recipe("reference.yaml", steps=3),
-    "student": lambda: reference_recipe("student_reference.yaml"),
-    "cached": lambda: reference_recipe("reference.yaml", steps=6, passes=[CACHE], split="never"),
-    "cached_split": lambda: reference_recipe("reference.yaml", steps=6, passes=[CACHE], split="always"),
+BUNDLES = {  # recipe makers, given a directory for the files a recipe needs
+    "teacher": lambda d: reference_recipe("reference.yaml", steps=3),
+    "student": lambda d: reference_recipe("student_reference.yaml"),
+    "cached": lambda d: reference_recipe("reference.yaml", steps=6, passes=[CACHE], split="never"),
+    "cached_split": lambda d: reference_recipe("reference.yaml", steps=6, passes=[CACHE], split="always"),
+    "staged": lambda d: reference_recipe("reference.yaml", steps=3, passes=[
+        {"name": "rewrite_content_motion", "params": {"weights": str(random_cmd_file(d / "cmd.safetensors"))}}]),
 }
 
 
@@ -70,7 +73,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     made = {}
     for name, recipe in BUNDLES.items():
         torch.manual_seed(0)
-        compile_bundle(recipe(), TEACHER, directory / f"{name}.vdopt", verify=False)
+        compile_bundle(recipe(directory), TEACHER, directory / f"{name}.vdopt", verify=False)
         made[name] = directory / f"{name}.vdopt"
     return made
 
@@ -106,6 +109,8 @@ def test_vdopt_run_equals_the_python_session(name, vdopt_run, bundles, tmp_path)
     assert len(written) == frames.shape[0]
     for frame, path in zip(frames, written):
         assert (np.asarray(Image.open(path)) == frame).all()
+    if name == "staged":
+        assert [stage["name"] for stage in json.loads((bundle / MANIFEST).read_text())["stages"]] == ["content", "motion", "decode"]
     if name.startswith("cached"):
         manifest = json.loads((bundle / MANIFEST).read_text())
         assert manifest["op_libraries"] and manifest["segments"][0]["kind"] == ("split" if name == "cached_split" else "step")

@@ -8,6 +8,8 @@
 #include <cctype>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <set>
 #include <sstream>
 
 namespace vdopt {
@@ -257,6 +259,69 @@ std::vector<std::string> strings(const fs::path& directory, const json& object, 
   return object.contains(key) ? field<std::vector<std::string>>(directory, object, key, where) : std::vector<std::string>{};
 }
 
+void parse_program(const fs::path& directory, const json& m, const std::string& where, bool loop,
+                   const std::function<void(const std::string&, const std::string&)>& named, Program& p) {
+  const std::string prefix = where == "manifest" ? "" : where + ".";
+  if (loop) {
+    p.num_steps = field<int64_t>(directory, m, "num_steps", where);
+    p.guidance = field<bool>(directory, m, "guidance", where);
+    const json& latent = m.value("latent", json());
+    p.channels = field<int64_t>(directory, latent, "channels", prefix + "latent");
+    p.latent_dtype = field<std::string>(directory, latent, "dtype", prefix + "latent");
+    const auto batch = field<std::vector<int64_t>>(directory, latent, "batch", prefix + "latent");
+    if (batch.size() != 2 || batch[0] < 1 || batch[0] > batch[1]) malformed(directory, prefix + "latent.batch should be [min, max]");
+    p.batch_min = batch[0], p.batch_max = batch[1];
+    p.multiples = field<std::vector<int64_t>>(directory, latent, "multiples", prefix + "latent");
+    if (p.multiples.size() != 3) malformed(directory, prefix + "latent.multiples should be three ints");
+    for (const char* dim : {"frames", "height", "width"})
+      p.default_sizes[dim] = field<int64_t>(directory, latent.value("default_sizes", json::object()), dim, prefix + "latent.default_sizes");
+  } else {
+    p.multiples = {1, 1, 1};
+  }
+  p.inputs = specs(directory, m.value("inputs", json()), prefix + "inputs");
+  p.outputs = specs(directory, m.value("outputs", json()), prefix + "outputs");
+  p.state = specs(directory, m.value("state", json()), prefix + "state");
+  const json rules = m.value("null_cond", json::object());  // a named copy: items() of a temporary dangles
+  for (const auto& [name, rule] : rules.items()) {
+    if (!rule.is_string() || (rule != "zeros" && rule != "ones" && rule != "same")) malformed(directory, prefix + "null_cond." + name);
+    p.null_cond[name] = rule.get<std::string>();
+  }
+  const json& listed = m.value("segments", json());
+  if (!listed.is_array() || listed.empty()) malformed(directory, prefix + "segments should be a non-empty list");
+  for (size_t k = 0; k < listed.size(); ++k) {
+    const json& s = listed[k];
+    const std::string here = prefix + "segments[" + std::to_string(k) + "]";
+    Segment segment;
+    segment.name = field<std::string>(directory, s, "name", here);
+    segment.kind = s.value("kind", std::string("step"));
+    segment.backend = field<std::string>(directory, s, "backend", here);
+    segment.files = strings(directory, s, "files", here);
+    for (const auto& file : segment.files) named(file, here + ".files");
+    const json dims = field<json>(directory, s, "dims", here);
+    for (const auto& [dim, range] : dims.items()) {
+      const auto bounds = range.get<std::vector<int64_t>>();
+      if (bounds.size() != 2) malformed(directory, here + ".dims." + dim);
+      segment.dims[dim] = {bounds[0], bounds[1]};
+    }
+    segment.inputs = s.contains("inputs") ? specs(directory, s["inputs"], here + ".inputs") : p.inputs;
+    segment.state = s.contains("state") ? specs(directory, s["state"], here + ".state") : p.state;
+    segment.build = s.value("build", json());
+    if (segment.kind == "split") {
+      segment.flag = field<std::string>(directory, s, "flag", here);
+      for (const json& part_json : field<json>(directory, s, "parts", here)) {
+        Part part{field<std::string>(directory, part_json, "name", here + ".parts"), strings(directory, part_json, "files", here + ".parts"), {}, {}};
+        for (const auto& spec : specs(directory, part_json.value("inputs", json::array()), here + ".parts.inputs")) part.inputs.push_back(spec.name);
+        for (const auto& spec : specs(directory, part_json.value("outputs", json::array()), here + ".parts.outputs")) part.outputs.push_back(spec.name);
+        for (const auto& file : part.files) named(file, here + ".parts.files");
+        segment.parts.push_back(part);
+      }
+    } else if (segment.kind != "step") {
+      malformed(directory, here + ".kind should be step or split");
+    }
+    p.segments.push_back(segment);
+  }
+}
+
 }  // namespace
 
 Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(directory) {
@@ -277,10 +342,11 @@ Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(direct
     malformed(directory, std::string("it is not JSON (") + e.what() + ")");
   }
   if (!manifest_.is_object() || !manifest_.contains("schema_version") || !manifest_["schema_version"].is_number_integer() ||
-      manifest_["schema_version"].get<int64_t>() != kSchemaVersion)
+      manifest_["schema_version"].get<int64_t>() < kMinSchemaVersion || manifest_["schema_version"].get<int64_t>() > kSchemaVersion)
     throw Error(manifest_path.string() + ": manifest schema " +
                 (manifest_.is_object() && manifest_.contains("schema_version") ? manifest_["schema_version"].dump() : "(none)") +
-                ", this runtime reads " + std::to_string(kSchemaVersion) + "; recompile the bundle with this vdopt.");
+                ", this runtime reads " + std::to_string(kMinSchemaVersion) + " to " + std::to_string(kSchemaVersion) +
+                "; recompile the bundle with this vdopt.");
   const json& checksums = manifest_.value("checksums", json::object());
   if (!checksums.is_object()) malformed(directory, "checksums should map file names to sha256 digests");
   for (const auto& [name, digest] : checksums.items()) {
@@ -308,32 +374,13 @@ Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(direct
   }
 
   family = field<std::string>(directory, manifest_, "family", "manifest");
-  num_steps = field<int64_t>(directory, manifest_, "num_steps", "manifest");
-  guidance = field<bool>(directory, manifest_, "guidance", "manifest");
-  const json& latent = manifest_.value("latent", json());
-  channels = field<int64_t>(directory, latent, "channels", "latent");
-  latent_dtype = field<std::string>(directory, latent, "dtype", "latent");
-  const auto batch = field<std::vector<int64_t>>(directory, latent, "batch", "latent");
-  if (batch.size() != 2 || batch[0] < 1 || batch[0] > batch[1]) malformed(directory, "latent.batch should be [min, max]");
-  batch_min = batch[0], batch_max = batch[1];
-  multiples = field<std::vector<int64_t>>(directory, latent, "multiples", "latent");
-  if (multiples.size() != 3) malformed(directory, "latent.multiples should be three ints");
-  for (const char* dim : {"frames", "height", "width"})
-    default_sizes[dim] = field<int64_t>(directory, latent.value("default_sizes", json::object()), dim, "latent.default_sizes");
-  inputs = specs(directory, manifest_.value("inputs", json()), "inputs");
-  outputs = specs(directory, manifest_.value("outputs", json()), "outputs");
-  state = specs(directory, manifest_.value("state", json()), "state");
-  const json rules = manifest_.value("null_cond", json::object());  // a named copy: items() of a temporary dangles
-  for (const auto& [name, rule] : rules.items()) {
-    if (!rule.is_string() || (rule != "zeros" && rule != "ones" && rule != "same")) malformed(directory, "null_cond." + name);
-    null_cond[name] = rule.get<std::string>();
-  }
   const auto named = [&](const std::string& name, const std::string& where) {
     confined(directory, name, "the manifest's " + where);
     if (!checksums.contains(name))
       throw Error(directory.string() + ": " + where + " names '" + name + "', which has no entry in the manifest's checksums, "
                   "so it cannot be verified and will not be loaded. The manifest was edited; recompile the bundle.");
   };
+  parse_program(directory, manifest_, "manifest", true, named, *this);
   const json& libraries = manifest_.value("op_libraries", json::array());
   for (size_t k = 0; k < libraries.size(); ++k) {
     const std::string where = "op_libraries[" + std::to_string(k) + "].file";
@@ -351,39 +398,26 @@ Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(direct
       if (!parsed.vocabulary.count(attribute)) malformed(directory, "prompt_encoder.vocabulary lacks " + attribute);
     prompt_encoder = parsed;
   }
-  const json& listed = manifest_.value("segments", json());
-  if (!listed.is_array() || listed.empty()) malformed(directory, "segments should be a non-empty list");
+  if (!manifest_.contains("stages")) return;
+  const json& listed = manifest_["stages"];
+  if (manifest_["schema_version"].get<int64_t>() < 3 || !listed.is_array() || listed.empty())
+    malformed(directory, "stages should be a non-empty list (schema 3)");
+  std::set<std::string> outputs_so_far;
   for (size_t k = 0; k < listed.size(); ++k) {
-    const json& s = listed[k];
-    const std::string here = "segments[" + std::to_string(k) + "]";
-    Segment segment;
-    segment.name = field<std::string>(directory, s, "name", here);
-    segment.kind = s.value("kind", std::string("step"));
-    segment.backend = field<std::string>(directory, s, "backend", here);
-    segment.files = strings(directory, s, "files", here);
-    for (const auto& file : segment.files) named(file, here + ".files");
-    const json dims = field<json>(directory, s, "dims", here);
-    for (const auto& [dim, range] : dims.items()) {
-      const auto bounds = range.get<std::vector<int64_t>>();
-      if (bounds.size() != 2) malformed(directory, here + ".dims." + dim);
-      segment.dims[dim] = {bounds[0], bounds[1]};
-    }
-    segment.inputs = s.contains("inputs") ? specs(directory, s["inputs"], here + ".inputs") : inputs;
-    segment.state = s.contains("state") ? specs(directory, s["state"], here + ".state") : state;
-    segment.build = s.value("build", json());
-    if (segment.kind == "split") {
-      segment.flag = field<std::string>(directory, s, "flag", here);
-      for (const json& p : field<json>(directory, s, "parts", here)) {
-        Part part{field<std::string>(directory, p, "name", here + ".parts"), strings(directory, p, "files", here + ".parts"), {}, {}};
-        for (const auto& spec : specs(directory, p.value("inputs", json::array()), here + ".parts.inputs")) part.inputs.push_back(spec.name);
-        for (const auto& spec : specs(directory, p.value("outputs", json::array()), here + ".parts.outputs")) part.outputs.push_back(spec.name);
-        for (const auto& file : part.files) named(file, here + ".parts.files");
-        segment.parts.push_back(part);
-      }
-    } else if (segment.kind != "step") {
-      malformed(directory, here + ".kind should be step or split");
-    }
-    segments.push_back(segment);
+    const std::string here = "stages[" + std::to_string(k) + "]";
+    Stage stage;
+    stage.name = field<std::string>(directory, listed[k], "name", here);
+    stage.kind = field<std::string>(directory, listed[k], "kind", here);
+    stage.output = field<std::string>(directory, listed[k], "output", here);
+    stage.feeds = field<std::map<std::string, std::string>>(directory, listed[k], "feeds", here);
+    stage.noise_offset = listed[k].value("noise_offset", int64_t{0});
+    if (stage.kind != "loop" && stage.kind != "call") malformed(directory, here + ".kind should be loop or call");
+    if (stage.noise_offset < 0) malformed(directory, here + ".noise_offset should be a non-negative int");
+    for (const auto& [input, source] : stage.feeds)
+      if (!outputs_so_far.count(source)) malformed(directory, here + ".feeds." + input + " names no earlier stage's output");
+    parse_program(directory, listed[k], here, stage.kind == "loop", named, stage.program);
+    outputs_so_far.insert(stage.output);
+    stages.push_back(std::move(stage));
   }
 }
 

@@ -62,10 +62,14 @@ std::string shape_text(at::IntArrayRef shape) {
 
 Session::Session(const fs::path& bundle, const std::string& device, bool verify_files)
     : bundle_(bundle, verify_files), device_(device) {
-  for (const auto& segment : bundle_.segments)
-    if (segment.backend != "aoti")
-      throw Error(bundle.string() + ": segment " + segment.name + " is a " + segment.backend + " segment; the C++ runtime runs "
-                  "AOTInductor segments (compile with lower.backend: aoti).");
+  std::vector<const Segment*> segments;
+  for (const auto& segment : bundle_.segments) segments.push_back(&segment);
+  for (const auto& stage : bundle_.stages)
+    for (const auto& segment : stage.program.segments) segments.push_back(&segment);
+  for (const Segment* segment : segments)
+    if (segment->backend != "aoti")
+      throw Error(bundle.string() + ": segment " + segment->name + " is a " + segment->backend + " segment; the C++ runtime "
+                  "runs AOTInductor segments (compile with lower.backend: aoti).");
   for (const auto& library : bundle_.op_libraries) load_op_library(bundle_.file(library));
 }
 
@@ -172,13 +176,13 @@ std::pair<Tensors, Tensors> Session::encode(const std::vector<std::string>& prom
 }
 
 std::vector<at::Tensor> Session::conditioning(const std::string& prefix, const Tensors& tensors, const Sizes& sizes,
-                                              const Segment& segment) const {
+                                              const Segment& segment, const std::vector<int64_t>& multiples) const {
   std::vector<at::Tensor> ordered;
   for (const auto& spec : segment.inputs) {
     if (spec.name.rfind(prefix + ".", 0) != 0) continue;
     const std::string key = spec.name.substr(prefix.size() + 1);
     std::vector<int64_t> expected;
-    for (const auto& size : spec.shape) expected.push_back(resolve_size(size, sizes, bundle_.multiples));
+    for (const auto& size : spec.shape) expected.push_back(resolve_size(size, sizes, multiples));
     const auto found = tensors.find(key);
     if (found == tensors.end())
       throw Error("missing conditioning input '" + spec.name + "' (expected shape " + shape_text(expected) + ", " + spec.dtype + ").");
@@ -200,47 +204,88 @@ at::Tensor Session::run(const Tensors& cond, const Tensors* uncond, const RunOpt
   const int64_t batch = cond.begin()->second.dim() ? cond.begin()->second.size(0) : 0;
   for (const auto& [name, tensor] : cond)
     if (!tensor.dim() || tensor.size(0) != batch) throw Error("conditioning tensors must share their first (batch) dimension.");
-  if (batch < bundle_.batch_min || batch > bundle_.batch_max)
-    throw Error(std::to_string(batch) + " sample(s) per call; this bundle was compiled for " + std::to_string(bundle_.batch_min) +
-                ".." + std::to_string(bundle_.batch_max) + " (model.input.batch).");
-  const int64_t frames = options.frames.value_or(bundle_.default_sizes.at("frames"));
-  const int64_t height = options.height.value_or(bundle_.default_sizes.at("height"));
-  const int64_t width = options.width.value_or(bundle_.default_sizes.at("width"));
-  const std::vector<int64_t> shape = {batch, bundle_.channels, frames, height, width};
+  at::Tensor result;
+  if (bundle_.stages.empty()) {
+    result = loop(bundle_, cond, uncond, options.seed, {options.frames, options.height, options.width}, batch);
+  } else {
+    if (options.frames || options.height || options.width)
+      throw Error("this bundle runs in stages (content -> motion -> decode) at the sizes it was compiled for; it takes no "
+                  "frames, height or width.");
+    Tensors values;
+    for (const auto& stage : bundle_.stages) {
+      Tensors fed;
+      for (const auto& [input, source] : stage.feeds) fed[input] = values.at(source);
+      if (stage.kind == "call") {
+        const Segment& segment = stage.program.segments.front();
+        std::vector<at::Tensor> inputs;
+        for (const auto& spec : segment.inputs) {
+          if (!fed.count(spec.name)) throw Error(stage.name + ": input '" + spec.name + "' is fed by no earlier stage.");
+          inputs.push_back(fed.at(spec.name));
+        }
+        values[stage.output] = runner(segment)(std::move(inputs)).at(0);
+        continue;
+      }
+      Tensors stage_cond = cond, stage_uncond = uncond ? *uncond : Tensors{};
+      for (const auto& [input, tensor] : fed) {
+        const std::string name = input.substr(input.find('.') + 1);
+        stage_cond[name] = tensor;
+        const auto rule = stage.program.null_cond.find(name);
+        if (uncond && rule != stage.program.null_cond.end())
+          stage_uncond[name] = rule->second == "zeros" ? at::zeros_like(tensor) : rule->second == "ones" ? at::ones_like(tensor) : tensor;
+      }
+      values[stage.output] = loop(stage.program, stage_cond, uncond ? &stage_uncond : nullptr, options.seed + stage.noise_offset,
+                                  {}, batch);
+    }
+    result = values.at(bundle_.stages.back().output);
+  }
+  timing_.total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  timing_.loop_seconds = std::chrono::duration<double>(timing_.last_call - timing_.first_call).count();
+  return result;
+}
+
+at::Tensor Session::loop(const Program& program, const Tensors& cond, const Tensors* uncond, int64_t seed,
+                         const std::array<std::optional<int64_t>, 3>& requested, int64_t batch) {
+  if (batch < program.batch_min || batch > program.batch_max)
+    throw Error(std::to_string(batch) + " sample(s) per call; this bundle was compiled for " + std::to_string(program.batch_min) +
+                ".." + std::to_string(program.batch_max) + " (model.input.batch).");
+  const int64_t frames = requested[0].value_or(program.default_sizes.at("frames"));
+  const int64_t height = requested[1].value_or(program.default_sizes.at("height"));
+  const int64_t width = requested[2].value_or(program.default_sizes.at("width"));
+  const std::vector<int64_t> shape = {batch, program.channels, frames, height, width};
   for (size_t k = 0; k < 3; ++k)
-    if (shape[2 + k] % bundle_.multiples[k])
-      throw Error("frames, height and width must be multiples of " + shape_text(bundle_.multiples) + "; got " +
+    if (shape[2 + k] % program.multiples[k])
+      throw Error("frames, height and width must be multiples of " + shape_text(program.multiples) + "; got " +
                   shape_text(at::IntArrayRef(shape).slice(2)) + ".");
   const Sizes sizes = sizes_of(shape);
   const Segment* segment = nullptr;
-  for (const auto& candidate : bundle_.segments) {
+  for (const auto& candidate : program.segments) {
     bool fits = true;
     for (const auto& [dim, range] : candidate.dims) fits = fits && range.first <= sizes.at(dim) && sizes.at(dim) <= range.second;
     if (fits) { segment = &candidate; break; }
   }
   if (segment == nullptr) throw Error("sizes " + shape_text(shape) + " are outside what this bundle was compiled for.");
-  std::vector<at::Tensor> conds = conditioning("cond", cond, sizes, *segment);
-  if (bundle_.guidance) {
+  std::vector<at::Tensor> conds = conditioning("cond", cond, sizes, *segment, program.multiples);
+  if (program.guidance) {
     Tensors null;
     if (uncond == nullptr) {
-      for (const auto& [name, rule] : bundle_.null_cond) {
+      for (const auto& [name, rule] : program.null_cond) {
         const at::Tensor& given = cond.at(name);
         null[name] = rule == "zeros" ? at::zeros_like(given) : rule == "ones" ? at::ones_like(given) : given.clone();
       }
       uncond = &null;
     }
-    for (auto& tensor : conditioning("uncond", *uncond, sizes, *segment)) conds.push_back(tensor);
+    for (auto& tensor : conditioning("uncond", *uncond, sizes, *segment, program.multiples)) conds.push_back(tensor);
   }
-  at::Tensor x = initial_noise(options.seed, shape, scalar_type(bundle_.latent_dtype)).to(device_);
+  at::Tensor x = initial_noise(seed, shape, scalar_type(program.latent_dtype)).to(device_);
   std::vector<at::Tensor> state;
   for (const auto& spec : segment->state) {
     std::vector<int64_t> dims;
-    for (const auto& size : spec.shape) dims.push_back(resolve_size(size, sizes, bundle_.multiples));
+    for (const auto& size : spec.shape) dims.push_back(resolve_size(size, sizes, program.multiples));
     const auto options_ = at::TensorOptions().dtype(scalar_type(spec.dtype)).device(device_);
     state.push_back(spec.init == "ones" ? at::ones(dims, options_) : at::zeros(dims, options_));
   }
   Runner& step = runner(*segment);
-  for (int64_t i = 0; i < bundle_.num_steps; ++i) {
+  for (int64_t i = 0; i < program.num_steps; ++i) {
     std::vector<at::Tensor> inputs = {x, at::scalar_tensor(i, at::TensorOptions().dtype(at::kLong).device(device_))};
     inputs.insert(inputs.end(), conds.begin(), conds.end());
     inputs.insert(inputs.end(), state.begin(), state.end());
@@ -251,9 +296,7 @@ at::Tensor Session::run(const Tensors& cond, const Tensors* uncond, const RunOpt
     x = outputs[0];
     state.assign(outputs.begin() + 1, outputs.end());
   }
-  timing_.steps = bundle_.num_steps;
-  timing_.total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  timing_.loop_seconds = std::chrono::duration<double>(timing_.last_call - timing_.first_call).count();
+  timing_.steps += program.num_steps;
   return x;
 }
 

@@ -84,7 +84,8 @@ int main(int argc, char** argv) {
     vdopt::write_safetensors(output, {{"latent", latent}});
     if (!png.empty()) std::cout << "wrote " << vdopt::write_png_frames(png, latent).size() << " PNG frames to " << png << "\n";
     if (!timings.empty()) std::ofstream(timings) << nlohmann::json{{"runs", runs}}.dump(2) << "\n";
-    std::cout << "wrote " << output << ": latent " << latent.sizes() << " after " << session.bundle().num_steps << " steps\n";
+    std::cout << "wrote " << output << ": latent " << latent.sizes() << " after " << session.last_timing().steps << " steps"
+              << (session.bundle().stages.empty() ? "" : " in " + std::to_string(session.bundle().stages.size()) + " stages") << "\n";
     return 0;
   } catch (const vdopt::Error& error) {
     std::cerr << "vdopt-run: error: " << error.what() << "\n";

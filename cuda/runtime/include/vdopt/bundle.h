@@ -16,7 +16,8 @@
 
 namespace vdopt {
 
-constexpr int kSchemaVersion = 2;  // vdopt/bundle.py SCHEMA_VERSION
+constexpr int kSchemaVersion = 3;     // vdopt/bundle.py SCHEMA_VERSION
+constexpr int kMinSchemaVersion = 2;  // vdopt/bundle.py READABLE_SCHEMAS: 2 is 3 without stages
 
 // Every failure to open or run a bundle: one paragraph that says what is wrong and what to do.
 class Error : public std::runtime_error {
@@ -65,7 +66,30 @@ struct PromptEncoder {
   std::vector<std::string> outputs;                           // cond.NAME, uncond.NAME
 };
 
-class Bundle {
+// One step program and what driving it needs: a one-stage bundle's top level, or one stage of a staged bundle. A
+// `call` stage (a decode) has only inputs, outputs and segments.
+struct Program {
+  std::string latent_dtype;
+  int64_t num_steps = 0, channels = 0, batch_min = 1, batch_max = 1;
+  bool guidance = false;
+  std::vector<int64_t> multiples;
+  Sizes default_sizes;
+  std::vector<TensorSpec> inputs, outputs, state;
+  std::vector<Segment> segments;
+  std::map<std::string, std::string> null_cond;  // conditioning name -> zeros | ones | same
+};
+
+// A stage of a staged bundle (schema 3, e.g. CMD's content loop -> motion loop -> decode): a `loop` runs its program
+// from noise of seed `seed + noise_offset + k` for sample k, a `call` runs it once; `feeds` maps its inputs to earlier
+// stages' outputs.
+struct Stage {
+  std::string name, kind, output;
+  std::map<std::string, std::string> feeds;
+  int64_t noise_offset = 0;
+  Program program;
+};
+
+class Bundle : public Program {
  public:
   // Verifies everything before returning; `verify_files=false` skips only hashing file contents.
   explicit Bundle(const std::filesystem::path& directory, bool verify_files = true);
@@ -74,16 +98,10 @@ class Bundle {
   const nlohmann::json& manifest() const { return manifest_; }
   std::filesystem::path file(const std::string& name) const;  // a checksummed file of the bundle
 
-  std::string family, latent_dtype;
-  int64_t num_steps = 0, channels = 0, batch_min = 1, batch_max = 1;
-  bool guidance = false;
-  std::vector<int64_t> multiples;
-  Sizes default_sizes;
-  std::vector<TensorSpec> inputs, outputs, state;
-  std::vector<Segment> segments;
-  std::map<std::string, std::string> null_cond;  // conditioning name -> zeros | ones | same
-  std::vector<std::string> op_libraries;         // bundle file names, loaded before any segment
-  std::optional<PromptEncoder> prompt_encoder;   // AOTInductor bundles of families that ship one
+  std::string family;
+  std::vector<Stage> stages;                    // empty for a one-stage bundle (the top level is its program)
+  std::vector<std::string> op_libraries;        // bundle file names, loaded before any segment
+  std::optional<PromptEncoder> prompt_encoder;  // AOTInductor bundles of families that ship one
 
  private:
   std::filesystem::path directory_;

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <chrono>
 
 #include <functional>
@@ -48,7 +49,8 @@ class Session {
   ~Session();
 
   // `cond`: conditioning tensors by name (dim 0 = samples); `uncond`: the unconditional ones, or nullptr for the
-  // manifest's null rules. Returns the final latent [samples, channels, frames, height, width].
+  // manifest's null rules. Returns the final latent [samples, channels, frames, height, width]. A staged bundle runs
+  // its stages in order (each loop from its own noise, each fed earlier outputs) and returns the last one's output.
   at::Tensor run(const Tensors& cond, const Tensors* uncond = nullptr, const RunOptions& options = {});
 
   // The conditioning of prompts (one sample each) from the bundle's prompt encoder: {cond, uncond}. An Error names
@@ -63,7 +65,10 @@ class Session {
   Runner& runner(const Segment& segment);
   Runner package(const std::string& file);
   std::vector<at::Tensor> conditioning(const std::string& prefix, const Tensors& tensors, const Sizes& sizes,
-                                       const Segment& segment) const;
+                                       const Segment& segment, const std::vector<int64_t>& multiples) const;
+  // One loop stage (or a one-stage bundle): noise of `seed + k` for sample k, the step `num_steps` times.
+  at::Tensor loop(const Program& program, const Tensors& cond, const Tensors* uncond, int64_t seed,
+                  const std::array<std::optional<int64_t>, 3>& sizes, int64_t batch);
 
   Bundle bundle_;
   c10::Device device_;
