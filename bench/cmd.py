@@ -1,0 +1,195 @@
+"""CMD form vs the teacher (issue 21): wall clock per clip on the same backend, side by side, the quality row of each,
+network FLOPs per clip of every stage and how they grow with the frame count, and the autoencoder's reconstruction.
+
+Both bundles sample at the teacher's 50 steps with guidance 3. Timing: interleaved rounds, one generation of `--batch`
+clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, and the
+ratio per round. Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS,
+track direction accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
+reproduces to float rounding (tests/test_differential.py), the CMD row is its bundle's own clips.
+FLOPs: `torch.utils.flop_counter` over the exported program of each network (one guided evaluation = a batch of 2)
+times the steps, at 8, 16 and 32 frames (the teacher's temporal position table sized to each; weights do not change
+FLOPs). Writes JSON.
+
+    python bench/cmd.py [--recipe recipes/cmd_reference.yaml] [--backend aoti] [--batch 1] [--rounds 5]
+        [--prompts 256] [--cache out/evcache] [--json bench/results/cmd.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from results_file import write_results
+from vdopt.cmd.model import ContentMotionAutoencoder, Decoder, MotionDenoiser, MotionDiT, load_cmd
+from vdopt.compiler import compile_bundle
+from vdopt.distill.common import Bypassed
+from vdopt.eval import suite
+from vdopt.eval.cli import cached, generate_from_bundle, generator_for
+from vdopt.recipe import load_recipe, parse_recipe, recipe_with
+from vdopt.reference.model import DEFAULT_STEPS, TEACHER_CONFIG, ReferenceDenoiser, build_teacher
+from vdopt.runtime import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
+TARGET_SPEEDUP = 4.0
+
+
+def with_batch(recipe, batch: int):
+    data = recipe.model_dump(mode="json")
+    data["model"]["input"]["batch"] = {"min": 1, "max": max(batch, 2)}
+    return parse_recipe(data, "<derived recipe>")
+
+
+def exported_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    ep = torch.export.export(module.eval(), inputs, strict=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ep.module()(*inputs)
+    return int(counter.get_total_flops())
+
+
+def flop_rows(weights: Path, steps: int) -> dict[str, dict[str, int]]:
+    """Network FLOPs per clip (guided: 2 evaluations per step) for the teacher and each CMD stage, by frame count."""
+    _, motion, _, _, meta = load_cmd(weights)
+    text = torch.randn(2, 3, TEACHER_CONFIG["caption_channels"])
+    size = TEACHER_CONFIG["sample_size"]
+    rows: dict[str, dict[str, int]] = {}
+    for frames in (8, 16, 32):
+        teacher = ReferenceDenoiser(build_teacher({**TEACHER_CONFIG, "video_length": frames}))
+        t = torch.full((2,), 500.0)
+        content_model = build_teacher(TEACHER_CONFIG)
+        for path in meta.get("content_removed_blocks", []):
+            parent, _, name = path.rpartition(".")
+            content_model.get_submodule(parent).add_module(name, Bypassed())
+        autoencoder = ContentMotionAutoencoder(**meta["autoencoder"])
+        motion_net = MotionDiT(**{**motion.config, "frames": frames})
+        latent = torch.randn(2, motion.config["motion_channels"], frames, 1, motion.config["motion_width"])
+        content = torch.randn(2, 3, 1, size, size)
+        row = {"teacher": steps * exported_flops(teacher, torch.randn(2, 3, frames, size, size), t, text),
+               "cmd_content": steps * exported_flops(ReferenceDenoiser(content_model), content, t, text),
+               "cmd_motion": steps * exported_flops(MotionDenoiser(motion_net), latent, t, text, content),
+               "cmd_decode": exported_flops(Decoder(autoencoder), content[:1], latent[:1])}
+        row["cmd_total"] = row["cmd_content"] + row["cmd_motion"] + row["cmd_decode"]
+        rows[str(frames)] = row
+        print(f"{frames} frames: teacher {row['teacher'] / 1e9:.2f} GFLOP/clip, CMD {row['cmd_total'] / 1e9:.2f} "
+              f"(content {row['cmd_content'] / 1e9:.2f}, motion {row['cmd_motion'] / 1e9:.2f}, decode {row['cmd_decode'] / 1e9:.3f})",
+              flush=True)
+    return rows
+
+
+def autoencoder_row(weights: Path, n: int) -> dict:
+    """Reconstruction of `n` real clips the autoencoder never trained on (the evaluation prompt set, a quarter of them
+    held-out attribute triples, seeds apart from the training batches): PSNR, and the classifier's attribute accuracy
+    on the originals and on the reconstructions."""
+    from vdopt.eval.classifier import load_classifier
+    from vdopt.eval.metrics import attribute_accuracy, psnr
+
+    autoencoder = load_cmd(weights)[0]
+    prompts, _, _ = suite.prompt_set(n, seed=1)
+    clips = suite.real_clips(prompts, base_seed=9_000_000)
+    with torch.no_grad():
+        recon = torch.cat([autoencoder(chunk) for chunk in clips.split(32)]).clamp(-1, 1)
+    values = psnr(recon, clips)
+    classifier = load_classifier()
+    original, rebuilt = (attribute_accuracy(classifier.predict(x)[0], prompts) for x in (clips, recon))
+    row = {"clips": n, "psnr_mean": round(float(values.mean()), 2), "psnr_worst": round(float(values.min()), 2),
+           "psnr_p5": round(float(values.quantile(0.05)), 2), "accuracy_original": original, "accuracy_reconstructed": rebuilt,
+           "points_lost": {k: round(100 * (original[k] - rebuilt[k]), 2) for k in ("shape", "colour", "direction", "all")}}
+    print(f"autoencoder over {n} held-out real clips: PSNR {row['psnr_mean']:.2f} dB (worst {row['psnr_worst']:.2f}, 5th pct "
+          f"{row['psnr_p5']:.2f}); accuracy points lost on reconstructions {row['points_lost']}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/cmd_reference.yaml")
+    parser.add_argument("--teacher-recipe", default="recipes/reference.yaml")
+    parser.add_argument("--backend", default="aoti")
+    parser.add_argument("--batch", type=int, default=1, help="clips per generation, for both programs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=256, help="clips each quality row is measured on")
+    parser.add_argument("--seed", type=int, default=0, help="evaluation prompt set")
+    parser.add_argument("--cache", default=str(ROOT / "out" / "evcache"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "cmd.json"))
+    args = parser.parse_args()
+    os.chdir(ROOT)
+
+    cmd_recipe = load_recipe(args.recipe)
+    weights = Path(next(p.params["weights"] for p in cmd_recipe.passes if p.name == "rewrite_content_motion"))
+    autoencoder = autoencoder_row(weights, args.prompts)
+    flops = flop_rows(weights, DEFAULT_STEPS)
+    prompts, seeds, _ = suite.prompt_set(args.rounds * args.batch, seed=0)
+    names = {"teacher": args.teacher_recipe, "cmd": args.recipe}
+    with tempfile.TemporaryDirectory(prefix="vdopt-bench-cmd-") as tmp:
+        bundles = {}
+        for name, recipe_path in names.items():
+            start = time.perf_counter()
+            bundles[name] = Path(tmp) / f"{name}.vdopt"
+            compile_bundle(with_batch(recipe_with(load_recipe(recipe_path), backend=args.backend), args.batch), TEACHER,
+                           bundles[name], verify=False)
+            print(f"compiled {name} ({args.backend}) in {time.perf_counter() - start:.1f} s", flush=True)
+        sessions = {name: Session(path) for name, path in bundles.items()}
+        encoders = {name: session.prompt_encoder() for name, session in sessions.items()}
+
+        def generate(name: str, k: int) -> float:
+            cond, uncond = encoders[name](prompts[k * args.batch:(k + 1) * args.batch])
+            start = time.perf_counter()
+            sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False)
+            return time.perf_counter() - start
+
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        load_start = os.getloadavg()
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for name in names:
+                elapsed = generate(name, r % args.rounds)
+                if r:
+                    seconds[name].append(elapsed / args.batch)
+        load_end = os.getloadavg()
+
+        teacher_fn, _, teacher_label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
+        rows = {}
+        for name in names:
+            generate_fn = cached(teacher_fn, teacher_label, args.cache) if name == "teacher" else generate_from_bundle(bundles[name])
+            result = suite.evaluate(generate_fn, args.prompts, args.seed, label=name, progress=False)["all"]
+            rows[name] = {"seconds_per_clip_median": round(statistics.median(seconds[name]), 4),
+                          "seconds_per_clip_worst": round(max(seconds[name]), 4),
+                          "seconds_per_clip": [round(s, 4) for s in seconds[name]],
+                          "accuracy": result["accuracy"], "fvd_ms": result["fvd_ms"],
+                          "track_direction_accuracy": result["temporal"]["track_direction_accuracy"]}
+            print(f"evaluated {name}: shape {100 * result['accuracy']['shape']:.1f} %, colour "
+                  f"{100 * result['accuracy']['colour']:.1f} %, direction {100 * result['accuracy']['direction']:.1f} %, "
+                  f"FVD-MS {result['fvd_ms']:.1f}", flush=True)
+
+    per_round = [t / c for t, c in zip(seconds["teacher"], seconds["cmd"])]
+    speedup = rows["teacher"]["seconds_per_clip_median"] / rows["cmd"]["seconds_per_clip_median"]
+    teacher, cmd = rows["teacher"], rows["cmd"]
+    points = {k: round(100 * (teacher["accuracy"][k] - cmd["accuracy"][k]), 1) for k in ("shape", "colour", "direction")}
+    checks = {"autoencoder PSNR >= 30 dB": autoencoder["psnr_mean"] >= 30,
+              "reconstruction accuracy within 1 point": max(autoencoder["points_lost"][k] for k in ("shape", "colour", "direction")) <= 1,
+              "speedup >= 4x": speedup >= TARGET_SPEEDUP, "shape within 5 points": points["shape"] <= 5,
+              "colour within 5 points": points["colour"] <= 5, "direction within 5 points": points["direction"] <= 5,
+              "FVD-MS <= 1.5x teacher": cmd["fvd_ms"] <= 1.5 * teacher["fvd_ms"]}
+    print(f"\n{args.backend}, {args.batch} clip(s) per generation, {args.rounds} interleaved rounds; quality over {args.prompts} clips")
+    print(f"{'program':<10} {'s/clip':>8} {'worst':>8} {'shape':>6} {'colour':>7} {'dir':>6} {'FVD-MS':>7}")
+    for name, row in rows.items():
+        print(f"{name:<10} {row['seconds_per_clip_median']:>8.3f} {row['seconds_per_clip_worst']:>8.3f} "
+              f"{100 * row['accuracy']['shape']:>6.1f} {100 * row['accuracy']['colour']:>7.1f} "
+              f"{100 * row['accuracy']['direction']:>6.1f} {row['fvd_ms']:>7.1f}")
+    print(f"CMD: {speedup:.2f}x faster per clip (worst round {min(per_round):.2f}x); accuracy points lost {points}; "
+          f"FVD-MS {cmd['fvd_ms'] / teacher['fvd_ms']:.2f}x the teacher's")
+    for check, ok in checks.items():
+        print(f"  {check}: {'met' if ok else 'NOT met'}")
+    write_results(args.json, {"backend": args.backend, "batch": args.batch, "rounds": args.rounds, "prompts": args.prompts,
+                              "seed": args.seed, "recipe": args.recipe, "rows": rows, "speedup_median": round(speedup, 3),
+                              "speedup_worst_round": round(min(per_round), 3), "points_lost": points, "checks": checks,
+                              "autoencoder": autoencoder, "flops_per_clip": flops}, load_start, load_end)
+
+
+if __name__ == "__main__":
+    main()
