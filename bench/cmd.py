@@ -106,6 +106,25 @@ def autoencoder_row(weights: Path, n: int) -> dict:
     return row
 
 
+def contact_sheet(weights: Path, teacher_fn, path: Path, n: int = 8) -> Path:
+    """Content frame (held over the clip's frames), decoded CMD clip and the teacher's clip, side by side, for the first
+    `n` evaluation prompts (the eager CMD sampler equals its bundle within 1e-5, tests/test_cmd.py)."""
+    from vdopt.cmd.sample import CMDGenerator
+
+    generator = CMDGenerator(weights)
+    prompts, seeds, _ = suite.prompt_set(n, seed=0)
+    cond, uncond = generator.encode(prompts)
+    contents, clips = [], []
+    for k in range(n):
+        content = generator.content(cond[k:k + 1], uncond[k:k + 1], int(seeds[k]))
+        contents.append(content)
+        clips.append(generator.decode(content, generator.motion(cond[k:k + 1], uncond[k:k + 1], content, int(seeds[k]))))
+    frames = torch.cat(clips).shape[2]
+    rows = [("content frame", torch.cat(contents).expand(-1, -1, frames, -1, -1)), ("CMD clip", torch.cat(clips)),
+            ("teacher clip", teacher_fn(prompts, [int(s) for s in seeds]))]
+    return suite.contact_sheet(rows, prompts, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/cmd_reference.yaml")
@@ -117,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="evaluation prompt set")
     parser.add_argument("--cache", default=str(ROOT / "out" / "evcache"))
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "cmd.json"))
+    parser.add_argument("--sheet", default=str(ROOT / "docs" / "cmd_contact_sheet.png"), help="contact sheet PNG")
     args = parser.parse_args()
     os.chdir(ROOT)
 
@@ -153,6 +173,7 @@ def main() -> None:
         load_end = os.getloadavg()
 
         teacher_fn, _, teacher_label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
+        print(f"wrote {contact_sheet(weights, cached(teacher_fn, teacher_label, args.cache), Path(args.sheet))}", flush=True)
         rows = {}
         for name in names:
             generate_fn = cached(teacher_fn, teacher_label, args.cache) if name == "teacher" else generate_from_bundle(bundles[name])

@@ -208,6 +208,20 @@ def test_a_schema_2_bundle_still_opens(tmp_path):
     assert session.run(*session.prompt_encoder()("red circle moving up"), seed=0, progress=False).shape == (1, 3, 8, 32, 32)
 
 
+def test_a_cache_composes_with_the_rewrite_on_the_content_stage(weights, bundles, tmp_path):
+    """rewrite_content_motion, then insert_cache: one recipe, one bundle; the cache lives in the content stage (its state
+    in that stage's manifest), and a cache that never reuses gives the uncached CMD clips."""
+    recipe = cmd_recipe(weights)
+    recipe["passes"].append({"name": "insert_cache", "params": {"policy": "first_blocks", "threshold": 0.0, "max_reuse": 1}})
+    compile_bundle(parse_recipe(recipe), TEACHER, tmp_path / "cached.vdopt")
+    session = Session(tmp_path / "cached.vdopt")
+    content, motion, _ = session.stages
+    assert any(s["name"].startswith("state.cache.") for s in content["state"]) and not motion["state"]
+    cond, uncond = encode(session)
+    torch.testing.assert_close(session.run(cond, uncond, seed=2, progress=False),
+                               Session(bundles["torch"]).run(cond, uncond, seed=2, progress=False), atol=1e-5, rtol=1e-5)
+
+
 # ----- distillation --------------------------------------------------------------------------------
 
 TINY_CMD = {"autoencoder": {"width": 16, "motion_channels": 2}, "autoencoder_batch": 2, "autoencoder_iterations": 4,

@@ -77,7 +77,7 @@ def test_manifest_inspect_and_outputs(tmp_path, capsys):
     bundle = tmp_path / "w.vdopt"
     assert vdopt_main(["compile", str(recipe), "-o", str(bundle), "--dump-ir", str(tmp_path / "ir")]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 2 and manifest["family"] == "wan"
+    assert manifest["schema_version"] == 3 and manifest["family"] == "wan"
     assert [s["name"] for s in manifest["inputs"]] == ["x", "i", "cond.encoder_hidden_states", "uncond.encoder_hidden_states"]
     assert manifest["inputs"][0]["shape"][2] == "frames"
     assert set(manifest["checksums"]) == {"segments/step_0.pt2"}
