@@ -29,7 +29,7 @@ from vdopt.bundle import read_manifest
 from vdopt.capture import capture
 from vdopt.cmd.sample import CMDGenerator
 from vdopt.compiler import compile_bundle
-from vdopt.errors import BundleError, PassError, RunInputError
+from vdopt.errors import BundleError, LoweringError, PassError, RunInputError
 from vdopt.inspect import describe
 from vdopt.module_stack import module_stack
 from vdopt.pass_manager import PassManager
@@ -220,6 +220,13 @@ def test_a_cache_composes_with_the_rewrite_on_the_content_stage(weights, bundles
     cond, uncond = encode(session)
     torch.testing.assert_close(session.run(cond, uncond, seed=2, progress=False),
                                Session(bundles["torch"]).run(cond, uncond, seed=2, progress=False), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_verify_refuses_a_staged_bundle(weights, tmp_path):
+    """--verify compares against the captured program, which a CMD bundle is not a faster copy of."""
+    with pytest.raises(LoweringError, match="staged"):
+        compile_bundle(parse_recipe(cmd_recipe(weights)), TEACHER, tmp_path / "v.vdopt", verify=True)
+    assert not (tmp_path / "v.vdopt").exists()
 
 
 # ----- distillation --------------------------------------------------------------------------------

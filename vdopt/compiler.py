@@ -204,6 +204,10 @@ def compile_bundle(recipe: Recipe | str | Path, model_path: str | Path | None, o
                 program = capture(recipe, model_path, trust_pickle=trust_pickle, profile=profile)
             captured = captured or program
             program = run_passes(program, recipe, dump_ir=ir_dir, log=log)
+            if verify and program.extras.get("stages"):
+                raise LoweringError("compile --verify measures a bundle against the captured program, and a staged (CMD) "
+                                    "bundle is another model: remove the recipe's verify section (or --verify) and compare "
+                                    "it with `vdopt eval` against the teacher (bench/cmd.py).")
             log(f"lowering with {backend.name}")
             with named_range(f"vdopt/compile/lower {backend.name}"):
                 segments.append(lower_segment(program, recipe, backend, segments_dir, index))

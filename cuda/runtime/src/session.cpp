@@ -81,7 +81,8 @@ Session::Runner Session::package(const std::string& file) {
   std::shared_ptr<torch::inductor::AOTIModelPackageLoader> kept = loader;
   RunTiming* timing = &timing_;
   return [kept, timing](std::vector<at::Tensor> inputs) {
-    for (auto& tensor : inputs) tensor = tensor.contiguous();  // AOTInductor reads inputs at their traced strides
+    for (auto& tensor : inputs)  // AOTInductor reads inputs at their traced strides; is_contiguous() skips a dispatch
+      if (!tensor.is_contiguous()) tensor = tensor.contiguous();
     const auto start = std::chrono::steady_clock::now();
     std::vector<at::Tensor> outputs = kept->run(inputs);
     const auto end = std::chrono::steady_clock::now();
@@ -126,7 +127,9 @@ Session::Runner& Session::runner(const Segment& segment) {
       for (size_t k = 0; k < part.writes.size(); ++k) values[part.writes[k]] = std::move(results.at(k));
     };
     call(head);
-    call(values[flag].item<bool>() ? compute : reuse);
+    const at::Tensor& decision = values[flag];  // a CPU bool is read in place; item() would be a dispatch (and a sync on CUDA)
+    call((decision.is_cpu() && decision.scalar_type() == at::kBool ? *decision.const_data_ptr<bool>() : decision.item<bool>())
+             ? compute : reuse);
     call(tail);
     std::vector<at::Tensor> outputs;
     outputs.reserve(step_outputs.size());
@@ -285,8 +288,11 @@ at::Tensor Session::loop(const Program& program, const Tensors& cond, const Tens
     state.push_back(spec.init == "ones" ? at::ones(dims, options_) : at::zeros(dims, options_));
   }
   Runner& step = runner(*segment);
+  std::vector<at::Tensor> indices;  // made before the loop: the loop itself only calls segments
+  for (int64_t i = 0; i < program.num_steps; ++i)
+    indices.push_back(at::scalar_tensor(i, at::TensorOptions().dtype(at::kLong).device(device_)));
   for (int64_t i = 0; i < program.num_steps; ++i) {
-    std::vector<at::Tensor> inputs = {x, at::scalar_tensor(i, at::TensorOptions().dtype(at::kLong).device(device_))};
+    std::vector<at::Tensor> inputs = {x, indices[i]};
     inputs.insert(inputs.end(), conds.begin(), conds.end());
     inputs.insert(inputs.end(), state.begin(), state.end());
     std::vector<at::Tensor> outputs = step(std::move(inputs));
