@@ -26,25 +26,20 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from e2e import add_run_arguments, with_batch
 from results_file import write_results
 from vdopt.cmd.model import ContentMotionAutoencoder, Decoder, MotionDenoiser, MotionDiT, load_cmd
 from vdopt.compiler import compile_bundle
 from vdopt.distill.common import Bypassed
 from vdopt.eval import suite
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
-from vdopt.recipe import load_recipe, parse_recipe, recipe_with
+from vdopt.recipe import load_recipe, recipe_with
 from vdopt.reference.model import DEFAULT_STEPS, TEACHER_CONFIG, ReferenceDenoiser, build_teacher
 from vdopt.runtime import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
 TARGET_SPEEDUP = 4.0
-
-
-def with_batch(recipe, batch: int):
-    data = recipe.model_dump(mode="json")
-    data["model"]["input"]["batch"] = {"min": 1, "max": max(batch, 2)}
-    return parse_recipe(data, "<derived recipe>")
 
 
 def exported_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -130,12 +125,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/cmd_reference.yaml")
     parser.add_argument("--teacher-recipe", default="recipes/reference.yaml")
     parser.add_argument("--backend", default="aoti")
-    parser.add_argument("--batch", type=int, default=1, help="clips per generation, for both programs")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=256, help="clips each quality row is measured on")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation prompt set")
-    parser.add_argument("--cache", default=str(ROOT / "out" / "evcache"))
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "cmd.json"))
+    add_run_arguments(parser, rounds=5, results="cmd.json")
     parser.add_argument("--sheet", default=str(ROOT / "docs" / "cmd_contact_sheet.png"), help="contact sheet PNG")
     args = parser.parse_args()
     os.chdir(ROOT)

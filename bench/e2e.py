@@ -44,16 +44,21 @@ def with_batch(recipe, batch: int):
     return parse_recipe(data, "<derived recipe>")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, rounds: int, results: str) -> None:
+    """The timing and quality options every side-by-side reference-model bench takes."""
+    parser.add_argument("--batch", type=int, default=1, help="clips per generation, for every program")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--prompts", type=int, default=256, help="clips each quality row is measured on")
+    parser.add_argument("--seed", type=int, default=0, help="evaluation prompt set")
+    parser.add_argument("--cache", default=str(ROOT / "out" / "evcache"))
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="recipes/student_reference.yaml,recipes/pruned_student_reference.yaml")
     parser.add_argument("--backends", default="aoti,onnx")
-    parser.add_argument("--batch", type=int, default=1, help="clips per generation, for every program")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--prompts", type=int, default=256, help="clips each quality row is measured on")
-    parser.add_argument("--seed", type=int, default=0, help="evaluation prompt set")
-    parser.add_argument("--cache", default=str(ROOT / "out" / "evcache"))
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "e2e.json"))
+    add_run_arguments(parser, rounds=10, results="e2e.json")
     args = parser.parse_args()
     os.chdir(ROOT)
 

@@ -76,3 +76,12 @@ def test_e2e_bench(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["rows"]) == {"eager teacher, 50 steps, g=3", "student_reference on torch",
                                    "pruned_student_reference on torch"}
+
+
+def test_cmd_bench(tmp_path):
+    out = tmp_path / "cmd.json"
+    bench("cmd.py", "--backend", "torch", "--prompts", "4", "--rounds", "1", "--cache", str(tmp_path / "cache"),
+          "--json", str(out), "--sheet", str(tmp_path / "sheet.png"))
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"teacher", "cmd"} and set(record["flops_per_clip"]) == {"8", "16", "32"}
+    assert record["autoencoder"]["clips"] == 4 and (tmp_path / "sheet.png").is_file()

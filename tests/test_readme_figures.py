@@ -283,6 +283,15 @@ EVAL_COLUMNS = {
 
 EVAL_COLUMNS_FLAT = {"shape": pct("accuracy.shape"), "colour": pct("accuracy.colour"), "direction": pct("accuracy.direction")}
 
+E2E_COLUMNS = {  # bench/e2e.py's rows
+    "clips / s": lambda r: [r["clips_per_second"]],
+    "× eager: median": lambda r: [r.get("speedup_median", 1.0)],
+    "worst round": lambda r: [r["speedup_worst_round"]] if "speedup_worst_round" in r else [],
+    "shape": pct("accuracy.shape"),
+    "direction": pct("accuracy.direction"),
+    "FVD-MS": lambda r: [r["fvd_ms"]],
+}
+
 SPECS = [
     Spec("backend clip time", ("config", "clip s"), "bench/results/backends.json", backends_row, {
         "clip s: median": lambda r: [r["clip_s_median"]],
@@ -405,14 +414,7 @@ SPECS = [
              "setup ms / run": lambda r: [r["setup_ms_per_run_median"]],
          }),
     Spec("end to end", ("program", "clips / s"), "bench/results/e2e.json",
-         lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), {
-             "clips / s": lambda r: [r["clips_per_second"]],
-             "× eager: median": lambda r: [r.get("speedup_median", 1.0)],
-             "worst round": lambda r: [r["speedup_worst_round"]] if "speedup_worst_round" in r else [],
-             "shape": pct("accuracy.shape"),
-             "direction": pct("accuracy.direction"),
-             "FVD-MS": lambda r: [r["fvd_ms"]],
-         }),
+         lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), E2E_COLUMNS),
     Spec("CMD form", ("program", "s / clip: median"), "bench/results/cmd.json",
          lambda data, cells: data["rows"].get(cells[0].strip("`* ")), {
              "s / clip: median": lambda r: [r["seconds_per_clip_median"]],
@@ -429,14 +431,7 @@ SPECS = [
              "CMD total": lambda r: [r["cmd_total"] / 1e9],
          }),
     Spec("CMD end to end", ("CMD program", "clips / s"), "bench/results/e2e_cmd.json",
-         lambda data, cells: data["rows"].get(cells[0].strip("`* ")), {
-             "clips / s": lambda r: [r["clips_per_second"]],
-             "× eager: median": lambda r: [r.get("speedup_median", 1.0)],
-             "worst round": lambda r: [r["speedup_worst_round"]] if "speedup_worst_round" in r else [],
-             "shape": pct("accuracy.shape"),
-             "direction": pct("accuracy.direction"),
-             "FVD-MS": lambda r: [r["fvd_ms"]],
-         }),
+         lambda data, cells: data["rows"].get(cells[0].strip("`* ")), E2E_COLUMNS),
     Spec("forecast weight", ("forecast weight", "0 (reuse)"), "bench/results/forecast_static.json", forecast_row, {
         "0 (reuse)": forecast_psnr(0), "0.4": forecast_psnr(0.4), "0.5": forecast_psnr(0.5), "0.6": forecast_psnr(0.6),
         "0.75": forecast_psnr(0.75), "1": forecast_psnr(1),
