@@ -30,7 +30,7 @@ from e2e import add_run_arguments, with_batch
 from results_file import write_results
 from vdopt.cmd.model import ContentMotionAutoencoder, Decoder, MotionDenoiser, MotionDiT, load_cmd
 from vdopt.compiler import compile_bundle
-from vdopt.distill.common import Bypassed
+from vdopt.families.base import bypass
 from vdopt.eval import suite
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
 from vdopt.recipe import load_recipe, recipe_with
@@ -58,10 +58,7 @@ def flop_rows(weights: Path, steps: int) -> dict[str, dict[str, int]]:
     for frames in (8, 16, 32):
         teacher = ReferenceDenoiser(build_teacher({**TEACHER_CONFIG, "video_length": frames}))
         t = torch.full((2,), 500.0)
-        content_model = build_teacher(TEACHER_CONFIG)
-        for path in meta.get("content_removed_blocks", []):
-            parent, _, name = path.rpartition(".")
-            content_model.get_submodule(parent).add_module(name, Bypassed())
+        content_model = bypass(build_teacher(TEACHER_CONFIG), meta.get("content_removed_blocks", []))
         autoencoder = ContentMotionAutoencoder(**meta["autoencoder"])
         motion_net = MotionDiT(**{**motion.config, "frames": frames})
         latent = torch.randn(2, motion.config["motion_channels"], frames, 1, motion.config["motion_width"])

@@ -27,7 +27,7 @@ import torch
 from vdopt.capture import StepModule, export_step, io_specs
 from vdopt.cmd.family import MOTION
 from vdopt.cmd.model import MOTION_NOISE_OFFSET, Decoder, load_cmd
-from vdopt.distill.common import Bypassed
+from vdopt.families.base import bypass
 from vdopt.errors import PassError
 from vdopt.pass_manager import Pass, register_fact
 from vdopt.program import Stage, StepProgram, TensorSpec
@@ -70,10 +70,7 @@ def decode_program(program: StepProgram, decoder: Decoder, content: torch.Tensor
 
 
 def content_generator(program: StepProgram, state: dict[str, torch.Tensor], removed: list[str]) -> torch.nn.Module:
-    model = program.descriptor.build(program.model_config)
-    for path in removed:
-        parent, _, name = path.rpartition(".")
-        model.get_submodule(parent).add_module(name, Bypassed())
+    model = bypass(program.descriptor.build(program.model_config), removed)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

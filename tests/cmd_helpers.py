@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vdopt.cmd.model import ContentMotionAutoencoder, MotionDiT, save_cmd
-from vdopt.distill.common import Bypassed
+from vdopt.families.base import bypass
 from vdopt.families.reference import REFERENCE
 from vdopt.reference.model import TEACHER_CONFIG, build_teacher, load_reference
 
@@ -18,9 +18,7 @@ def random_cmd_file(path: Path, seed: int = 0, teacher_config: dict | None = Non
     torch.manual_seed(seed)
     model = build_teacher(config)
     removed = [name for name, _ in model.named_modules() if name and REFERENCE.is_temporal_block(name)]
-    for name in removed:
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).add_module(child, Bypassed())
+    bypass(model, removed)
     size = config["sample_size"]
     autoencoder = ContentMotionAutoencoder(width=16, motion_channels=2)
     motion = MotionDiT(motion_channels=2, width=32, depth=1, heads=2, frames=config["video_length"],

@@ -140,7 +140,8 @@ def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_p
     from safetensors.torch import load_file
 
     from vdopt.compiler import compile_program
-    from vdopt.distill.common import Bypassed, load_teacher
+    from vdopt.distill.common import load_teacher
+    from vdopt.families.base import Bypassed
     from vdopt.recipe import load_recipe
 
     out, _ = full_run

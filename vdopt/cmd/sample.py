@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vdopt.cmd.model import MOTION_NOISE_OFFSET, Decoder, MotionDenoiser, load_cmd
-from vdopt.distill.common import Bypassed
+from vdopt.families.base import bypass
 from vdopt.reference.model import DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptConditioner, ReferenceDenoiser, build_teacher
 from vdopt.recipe import SamplerSection
 from vdopt.sampler import flow_euler_update, step_table
@@ -28,10 +28,7 @@ class CMDGenerator:
     def __init__(self, weights: str | Path, teacher_config: dict | None = None, steps: int = DEFAULT_STEPS,
                  guidance_scale: float = DEFAULT_GUIDANCE, shift: float = DEFAULT_SHIFT):
         autoencoder, motion, content_state, conditioner_state, meta = load_cmd(weights)
-        model = build_teacher(teacher_config)
-        for path in meta.get("content_removed_blocks", []):
-            parent, _, name = path.rpartition(".")
-            model.get_submodule(parent).add_module(name, Bypassed())
+        model = bypass(build_teacher(teacher_config), meta.get("content_removed_blocks", []))
         model.load_state_dict(content_state)
         self.content_denoiser = ReferenceDenoiser(model.eval().requires_grad_(False))
         self.motion_denoiser = MotionDenoiser(motion)

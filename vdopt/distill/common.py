@@ -15,7 +15,7 @@ from vdopt.capture import check_state_dict, model_config, read_state_dict
 from vdopt.distill.config import DistillSection, PruneSpec
 from vdopt.errors import VdoptError
 from vdopt.families import descriptor_for
-from vdopt.families.base import ArchitectureDescriptor
+from vdopt.families.base import ArchitectureDescriptor, bypass
 from vdopt.recipe import Recipe
 from vdopt.sampler import step_table
 
@@ -88,13 +88,6 @@ class Teacher:
         return model, self.descriptor.adapter(model)
 
 
-class Bypassed(nn.Module):
-    """A removed block: hands its hidden states on unchanged, as prune_temporal's rerouted graph does."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
 def bypass_blocks(model: nn.Module, descriptor: ArchitectureDescriptor, spec: PruneSpec) -> dict[str, torch.Tensor]:
     """Replaces the blocks `spec` names with `Bypassed`; returns their weights (the export keeps them, so the weights
     file stays a whole model that reduce_steps loads before prune_temporal removes them)."""
@@ -106,11 +99,8 @@ def bypass_blocks(model: nn.Module, descriptor: ArchitectureDescriptor, spec: Pr
         chosen = descriptor.name_blocks(paths, spec.blocks, spec.what)
     except ValueError as exc:
         raise DistillError(f"distill.prune: {exc}.") from None
-    removed = {}
-    for path in chosen:
-        parent, _, name = path.rpartition(".")
-        removed |= {f"{path}.{k}": v.detach().clone() for k, v in model.get_submodule(path).state_dict().items()}
-        model.get_submodule(parent).add_module(name, Bypassed())
+    removed = {f"{path}.{k}": v.detach().clone() for path in chosen for k, v in model.get_submodule(path).state_dict().items()}
+    bypass(model, chosen)
     return removed
 
 

@@ -53,6 +53,21 @@ class KeywordDenoiser(nn.Module):
         return self.model(hidden_states=x, timestep=t, **dict(zip(self.cond_names, cond)), return_dict=False)[0]
 
 
+class Bypassed(nn.Module):
+    """A removed block: hands its hidden states on unchanged, as prune_temporal's rerouted graph does."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def bypass(model: nn.Module, paths: list[str]) -> nn.Module:
+    """`model` with the blocks at `paths` (module paths) replaced by `Bypassed`, in place."""
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        model.get_submodule(parent).add_module(name, Bypassed())
+    return model
+
+
 @dataclass(frozen=True)
 class ArchitectureDescriptor:
     family: str
