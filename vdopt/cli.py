@@ -19,7 +19,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                               dump_ir=args.dump_ir, force=args.force, verify=args.verify, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
     seconds = sum(p["seconds"] for s in manifest["segments"] for p in s["passes"])
-    print(f"wrote {args.output}: {len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
+    stages = manifest.get("stages") or []
+    staged = f"{len(stages)} stages ({' -> '.join(s['name'] for s in stages)}), " if stages else ""
+    print(f"wrote {args.output}: {staged}{len(manifest['segments'])} segment(s), backend {manifest['segments'][0]['backend']}, "
           f"{manifest['num_steps']} steps, passes {', '.join(p['name'] for p in manifest['passes']) or 'none'} ({seconds:.2f} s)")
     if manifest.get("verify"):
         from vdopt.verify import summary
