@@ -157,6 +157,10 @@ CASES = {  # case -> (bundle, how to break it, what the message says)
     "missing custom-op library": ("cached", drop_library, r"ops/vdopt_ops.so: listed in the manifest but missing"),
     "unlisted file": ("teacher", lambda b: (b / "segments" / "extra.so").write_bytes(b"\x7fELF"), r"'segments/extra.so' is in the "
                                                                                                  r"bundle but not in its manifest"),
+    "stage fed from nowhere": ("staged", lambda b: reseal(b, lambda m: m["stages"][1]["feeds"].update({"cond.content": "nowhere"})),
+                               r"stages\[1\]\.feeds\.cond\.content names no earlier stage's output"),
+    "stage noise offset edited": ("staged", lambda b: reseal(b, lambda m: m["stages"][1].update(noise_offset="x")),
+                                  r"stages\[1\]\.noise_offset has the wrong type"),
 }
 
 

@@ -410,7 +410,7 @@ Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(direct
     stage.kind = field<std::string>(directory, listed[k], "kind", here);
     stage.output = field<std::string>(directory, listed[k], "output", here);
     stage.feeds = field<std::map<std::string, std::string>>(directory, listed[k], "feeds", here);
-    stage.noise_offset = listed[k].value("noise_offset", int64_t{0});
+    stage.noise_offset = listed[k].contains("noise_offset") ? field<int64_t>(directory, listed[k], "noise_offset", here) : 0;
     if (stage.kind != "loop" && stage.kind != "call") malformed(directory, here + ".kind should be loop or call");
     if (stage.noise_offset < 0) malformed(directory, here + ".noise_offset should be a non-negative int");
     for (const auto& [input, source] : stage.feeds)
