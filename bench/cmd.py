@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from e2e import add_run_arguments, with_batch
+from e2e import add_run_arguments, interleaved_rounds, with_batch
 from results_file import write_results
 from vdopt.cmd.model import ContentMotionAutoencoder, Decoder, MotionDenoiser, MotionDiT, load_cmd
 from vdopt.compiler import compile_bundle
@@ -150,14 +150,8 @@ def main() -> None:
             sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False)
             return time.perf_counter() - start
 
-        seconds: dict[str, list[float]] = {name: [] for name in names}
-        load_start = os.getloadavg()
-        for r in range(args.rounds + 1):  # round 0 warms up
-            for name in names:
-                elapsed = generate(name, r % args.rounds)
-                if r:
-                    seconds[name].append(elapsed / args.batch)
-        load_end = os.getloadavg()
+        per_call, load_start, load_end = interleaved_rounds(list(names), generate, args.rounds)
+        seconds = {name: [s / args.batch for s in values] for name, values in per_call.items()}
 
         teacher_fn, _, teacher_label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
         print(f"wrote {contact_sheet(weights, cached(teacher_fn, teacher_label, args.cache), Path(args.sheet))}", flush=True)

@@ -54,6 +54,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, rounds: int, results: str
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / results))
 
 
+def interleaved_rounds(names: list[str], generate, rounds: int) -> tuple[dict[str, list[float]], tuple, tuple]:
+    """`generate(name, k)` for every program in each of `rounds` rounds, after a warm-up round: the seconds of each
+    call by program, and the load average before and after."""
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    load_start = os.getloadavg()
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names:
+            elapsed = generate(name, r % rounds)
+            if r:
+                seconds[name].append(elapsed)
+    return seconds, load_start, os.getloadavg()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="recipes/student_reference.yaml,recipes/pruned_student_reference.yaml")
@@ -89,14 +102,7 @@ def main() -> None:
             return time.perf_counter() - start
 
         names = [EAGER, *sessions]
-        seconds: dict[str, list[float]] = {name: [] for name in names}
-        load_start = os.getloadavg()
-        for r in range(args.rounds + 1):  # round 0 warms up
-            for name in names:
-                elapsed = generate(name, r % args.rounds)
-                if r:
-                    seconds[name].append(elapsed)
-        load_end = os.getloadavg()
+        seconds, load_start, load_end = interleaved_rounds(names, generate, args.rounds)
 
         teacher_fn, _, teacher_label = generator_for("teacher", 50, None, "cpu")
         rows = {}
