@@ -6,16 +6,22 @@ full-size Wan2.1 split is in test_full_size_fake.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from test_insert_cache import cached, recipe, sample
 from vdopt.capture import capture
+from vdopt.compiler import compile_program
 from vdopt.lower.split_conditional import PART_NAMES, conditionals, split_conditional
 from vdopt.lower.tensorrt_backend import build_settings
 from vdopt.program import DTYPES, resolve_size
+from vdopt.recipe import load_recipe
 
 STEPS = 6
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "vdopt/reference/weights/teacher.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,9 @@ def run_split(split, program, x, conds, steps):
                 name = "compute" if bool(values["flag"]) else "reuse"
                 branches.append(name)
             part = split.part(name).program
-            values.update(zip([s.name for s in part.outputs], modules[name](*(values[s.name] for s in part.inputs))))
+            outputs = modules[name](*(values[s.name] for s in part.inputs))
+            assert all(t.is_contiguous() for t in outputs), f"{name} hands over a view; the runtime would copy it"
+            values.update(zip([s.name for s in part.outputs], outputs))
         x = values["x_next"]
     return x, values, branches
 
@@ -115,3 +123,16 @@ def test_sizes_are_read_by_the_size_grammar_not_sympify(program, tmp_path):
     with pytest.raises(LoweringError, match="input 'x' has the size .* outside the size grammar"):
         split_conditional(program.replace(inputs=(hostile, *program.inputs[1:])))
     assert not marker.exists()
+
+
+def test_values_cross_a_cut_contiguous():
+    """The shipped cached teacher's head computes a transposed view and an expanded scalar that compute and tail
+    read: the head hands them over contiguous, so the runtime copies nothing between parts."""
+    program = compile_program(load_recipe(ROOT / "recipes" / "reference_cached.yaml"), TEACHER)
+    split = split_conditional(program)
+    values = dict(zip([s.name for s in program.inputs], program.example_inputs))
+    for name in ("head", "reuse", "compute"):
+        part = split.part(name).program
+        outputs = part.ep.module()(*(values[s.name] for s in part.inputs))
+        assert all(t.is_contiguous() for t in outputs), name
+        values.update(zip([s.name for s in part.outputs], outputs))

@@ -89,6 +89,22 @@ def build_part(root: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node
     return fx.GraphModule(root, graph), inputs
 
 
+def contiguous_outputs(part: fx.GraphModule, examples: list[torch.Tensor]) -> fx.GraphModule:
+    """The part with each output whose example is a view with other strides (a transpose, an expanded scalar)
+    cloned contiguous. Every part reads its inputs at contiguous strides, so a view handed across a cut would be
+    copied by the runtime between two calls; the compiled part writes it contiguous itself instead."""
+    output = next(n for n in part.graph.nodes if n.op == "output")
+    handed = list(output.args[0])
+    for k, example in enumerate(examples):
+        if not example.is_contiguous():
+            with part.graph.inserting_before(output):
+                handed[k] = part.graph.call_function(torch.ops.aten.clone.default, (handed[k],),
+                                                     {"memory_format": torch.contiguous_format})
+    output.args = (tuple(handed),)
+    part.recompile()
+    return part
+
+
 def fetch(root: torch.nn.Module, target: str):
     return functools.reduce(getattr, target.split("."), root)
 
@@ -216,11 +232,14 @@ def split_traced(program: StepProgram) -> SplitStep | None:
     tail, tail_in = build_part(module, tail_nodes, step_outputs)
 
     values = dict(zip(step_inputs, program.example_inputs))
-    values.update(zip(head_outputs, head(*(values[n] for n in head_in))))
+    examples = head(*(values[n] for n in head_in))
+    head = contiguous_outputs(head, examples)
+    values.update(zip(head_outputs, (t.contiguous() for t in examples)))
     # reuse gives results of the same shapes as compute without its data-dependent gather, which
     # fake tensors (full-size checks) cannot evaluate
     examples = reuse(*(values[n] for n in runtime_operands))
-    values.update({node: examples[node.args[1]] for node in results})
+    compute, reuse = (contiguous_outputs(part, examples) for part in (compute, reuse))
+    values.update({node: examples[node.args[1]].contiguous() for node in results})
     branch_specs = [spec(n) for n in results]
     parts = []
     for name, part, part_in, out_specs in (
