@@ -44,13 +44,13 @@ def vdopt_run(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("runtime"))
 
 
-def reference_recipe(name: str, steps: int | None = None, passes=None, split: str = "auto"):
+def reference_recipe(name: str, steps: int | None = None, passes=None, split: str = "auto", backend: str = "aoti"):
     data = load_recipe(ROOT / "recipes" / name).model_dump(mode="json")
     if steps is not None:
         data["sampler"]["steps"] = steps
     if passes is not None:
         data["passes"] = passes
-    data["lower"] = {**data["lower"], "backend": "aoti", "split_conditionals": split}
+    data["lower"] = {**data["lower"], "backend": backend, "split_conditionals": split}
     data.pop("verify", None)
     return parse_recipe(data)
 
@@ -159,6 +159,11 @@ CASES = {  # case -> (bundle, how to break it, what the message says)
                                                                                                  r"bundle but not in its manifest"),
     "stage fed from nowhere": ("staged", lambda b: reseal(b, lambda m: m["stages"][1]["feeds"].update({"cond.content": "nowhere"})),
                                r"stages\[1\]\.feeds\.cond\.content names no earlier stage's output"),
+    "TensorRT segment": ("teacher", lambda b: reseal(b, lambda m: m["segments"][0].update(backend="tensorrt")),
+                         r"is a TensorRT engine, (and this runtime was built without TensorRT|which runs on a CUDA device: pass "
+                         r"--device cuda)"),
+    "ONNX segment": ("teacher", lambda b: reseal(b, lambda m: m["segments"][0].update(backend="onnx")),
+                     r"segment step_0 is a onnx segment; the C\+\+ runtime runs AOTInductor and TensorRT segments"),
     "stage noise offset edited": ("staged", lambda b: reseal(b, lambda m: m["stages"][1].update(noise_offset="x")),
                                   r"stages\[1\]\.noise_offset has the wrong type"),
 }
@@ -194,16 +199,18 @@ def test_bad_arguments_say_how_to_call_it(vdopt_run, tmp_path):
 @needs_cmake
 def test_under_address_and_undefined_behaviour_sanitizers(bundles, tmp_path_factory, tmp_path):
     """The runtime built with -fsanitize=address,undefined runs a split cached bundle (custom-op library, the
-    conditional's parts) to the same latent. Leak checking is off: torch's own allocations live until exit."""
+    conditional's parts) and a staged one (three stages, values fed between them) to the same latents. Leak checking
+    is off: torch's own allocations live until exit."""
     sanitized = build(tmp_path_factory.mktemp("sanitized"), "-DVDOPT_SANITIZE=ON")
-    bundle = bundles["cached_split"]
-    cond, uncond, args = conditioning(bundle, tmp_path)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
-    result = run(sanitized, bundle, *args, "--seed", 3, "-o", tmp_path / "latent.safetensors", env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "runtime error" not in result.stderr and "AddressSanitizer" not in result.stderr
-    got = load_file(str(tmp_path / "latent.safetensors"))["latent"]
-    torch.testing.assert_close(got, Session(bundle).run(cond, uncond, seed=3, progress=False), atol=1e-6, rtol=0)
+    for name in ("cached_split", "staged"):
+        bundle = bundles[name]
+        cond, uncond, args = conditioning(bundle, tmp_path)
+        result = run(sanitized, bundle, *args, "--seed", 3, "-o", tmp_path / f"{name}.safetensors", env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "runtime error" not in result.stderr and "AddressSanitizer" not in result.stderr
+        got = load_file(str(tmp_path / f"{name}.safetensors"))["latent"]
+        torch.testing.assert_close(got, Session(bundle).run(cond, uncond, seed=3, progress=False), atol=1e-6, rtol=0)
 
 
 @needs_cmake
@@ -243,3 +250,40 @@ def test_prompts_go_through_the_bundles_encoder_package(vdopt_run, bundles, tmp_
     torch.testing.assert_close(load_file(str(tmp_path / "latent.safetensors"))["latent"], expected, atol=1e-6, rtol=0)
     result = run(vdopt_run, bundle, "--prompt", "purple circle moving up", "-o", tmp_path / "other.safetensors")
     assert result.returncode == 2 and "unknown colour 'purple'; expected one of red, green, blue, yellow" in result.stderr
+
+
+@needs_cmake
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_tensorrt_bundles_run_as_in_the_python_session(tmp_path_factory, tmp_path):
+    """Where TensorRT's C++ headers and libnvinfer are found (TensorRT_ROOT): the runtime built with them runs the
+    teacher's engine and a split cached bundle's engines (aten cache ops: no plugins) on CUDA to the Python Session's
+    latents, and refuses an engine that calls a vdopt plugin it has no creator for, by name."""
+    from test_tensorrt import HAS_TENSORRT
+
+    if not HAS_TENSORRT:
+        pytest.skip("TensorRT libraries are not loadable on this machine (no GPU build)")
+    directory = tmp_path_factory.mktemp("runtime_tensorrt")
+    root = [f"-DTensorRT_ROOT={os.environ['TensorRT_ROOT']}"] if "TensorRT_ROOT" in os.environ else []
+    runtime = build(directory, *root)
+    if "TENSORRT_INCLUDE_DIR:PATH=/" not in (directory / "CMakeCache.txt").read_text():
+        pytest.skip("CMake found no TensorRT C++ headers (NvInferRuntime.h); set TensorRT_ROOT to a TensorRT install")
+    aten_cache = {"name": "insert_cache", "params": {**CACHE["params"], "ops": "aten"}}
+    recipes = {"teacher": reference_recipe("reference.yaml", steps=3, backend="tensorrt"),
+               "cached_split": reference_recipe("reference.yaml", steps=6, passes=[aten_cache], backend="tensorrt")}
+    for name, recipe in recipes.items():
+        bundle = tmp_path / f"{name}.vdopt"
+        compile_bundle(recipe, TEACHER, bundle, verify=False)
+        cond, uncond = Session(bundle, device="cuda").prompt_encoder()(PROMPTS)
+        save_file({k: v.contiguous().cpu() for k, v in cond.items()}, str(tmp_path / "cond.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in uncond.items()}, str(tmp_path / "uncond.safetensors"))
+        result = run(runtime, bundle, "--cond", tmp_path / "cond.safetensors", "--uncond", tmp_path / "uncond.safetensors",
+                     "--device", "cuda", "--seed", 3, "-o", tmp_path / f"{name}.safetensors")
+        assert result.returncode == 0, result.stderr[-4000:]
+        expected = Session(bundle, device="cuda").run(cond, uncond, seed=3, progress=False).cpu()
+        torch.testing.assert_close(load_file(str(tmp_path / f"{name}.safetensors"))["latent"], expected, atol=1e-5, rtol=0)
+    fused = tmp_path / "fused.vdopt"
+    compile_bundle(reference_recipe("reference.yaml", steps=3, passes=[CACHE], backend="tensorrt"), TEACHER, fused, verify=False)
+    result = run(runtime, fused, "--cond", tmp_path / "cond.safetensors", "--uncond", tmp_path / "uncond.safetensors",
+                 "--device", "cuda", "-o", tmp_path / "fused.safetensors")
+    assert result.returncode == 2 and "vdopt::cache_decision, a TensorRT plugin with no creator registered" in result.stderr

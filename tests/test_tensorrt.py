@@ -122,12 +122,17 @@ def test_polygraphy_runs_every_part_of_a_split_bundle_at_its_profile_shapes(tmp_
     import subprocess
 
     from vdopt.compiler import compile_bundle
-    from vdopt.lower.tensorrt_backend import onnx_files_with_profiles, polygraphy_command
+    from vdopt.lower.tensorrt_backend import onnx_files_with_profiles, onnx_io_names, polygraphy_command
 
     torch.manual_seed(0)
     manifest = compile_bundle(cached_fused_recipe("onnx", "always"), None, tmp_path / "b.vdopt")
     checks = onnx_files_with_profiles(tmp_path / "b.vdopt", manifest)
     assert [path.name for path, _ in checks] == ["step_0.head.onnx", "step_0.compute.onnx", "step_0.reuse.onnx", "step_0.tail.onnx"]
+    for part in manifest["segments"][0]["parts"]:  # the names the C++ runtime binds an engine by (engine_binding)
+        inputs = [s["name"] for s in part["inputs"]]
+        outputs = [f"{s['name']}.next" if s["name"] in inputs else s["name"] for s in part["outputs"]]
+        onnx_file = next(f for f in part["files"] if f.endswith(".onnx"))
+        assert onnx_io_names(tmp_path / "b.vdopt" / onnx_file) == (inputs, outputs)
     head_profile = checks[0][1]
     assert head_profile["x"] == [[1, 4, 1, 4, 8], [2, 4, 3, 8, 8], [2, 4, 8, 16, 8]]  # opt: the traced example
     for path, profile in checks:

@@ -387,6 +387,7 @@ Bundle::Bundle(const fs::path& directory, bool verify_files) : directory_(direct
     op_libraries.push_back(field<std::string>(directory, libraries[k], "file", "op_libraries[" + std::to_string(k) + "]"));
     named(op_libraries.back(), where);
   }
+  if (manifest_.contains("custom_ops")) custom_ops = field<std::vector<std::string>>(directory, manifest_, "custom_ops", "manifest");
   if (manifest_.contains("prompt_encoder") && !manifest_["prompt_encoder"].is_null()) {
     const json& encoder = manifest_["prompt_encoder"];
     PromptEncoder parsed{field<std::string>(directory, encoder, "file", "prompt_encoder"),

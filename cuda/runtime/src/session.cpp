@@ -66,25 +66,28 @@ Session::Session(const fs::path& bundle, const std::string& device, bool verify_
   for (const auto& segment : bundle_.segments) segments.push_back(&segment);
   for (const auto& stage : bundle_.stages)
     for (const auto& segment : stage.program.segments) segments.push_back(&segment);
-  for (const Segment* segment : segments)
-    if (segment->backend != "aoti")
+  for (const Segment* segment : segments) {
+    if (segment->backend != "aoti" && segment->backend != "tensorrt")
       throw Error(bundle.string() + ": segment " + segment->name + " is a " + segment->backend + " segment; the C++ runtime "
-                  "runs AOTInductor segments (compile with lower.backend: aoti).");
+                  "runs AOTInductor and TensorRT segments (compile with lower.backend: aoti).");
+    if (segment->backend == "tensorrt" && !kWithTensorRT)
+      throw Error(bundle.string() + ": segment " + segment->name + " is a TensorRT engine, and this runtime was built without "
+                  "TensorRT (CMake found no NvInferRuntime.h and libnvinfer, or torch without CUDA). Rebuild it on a GPU "
+                  "machine with -DTensorRT_ROOT=DIR, or run the bundle with the Python Session.");
+    if (segment->backend == "tensorrt" && !device_.is_cuda())
+      throw Error(bundle.string() + ": segment " + segment->name + " is a TensorRT engine, which runs on a CUDA device: pass "
+                  "--device cuda.");
+  }
   for (const auto& library : bundle_.op_libraries) load_op_library(bundle_.file(library));
 }
 
 Session::~Session() = default;
 
-Session::Runner Session::package(const std::string& file) {
-  auto& loader = packages_[file];
-  if (!loader) loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(bundle_.file(file).string());
-  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> kept = loader;
+Runner Session::timed(Runner run) {
   RunTiming* timing = &timing_;
-  return [kept, timing](std::vector<at::Tensor> inputs) {
-    for (auto& tensor : inputs)  // AOTInductor reads inputs at their traced strides; is_contiguous() skips a dispatch
-      if (!tensor.is_contiguous()) tensor = tensor.contiguous();
+  return [run = std::move(run), timing](std::vector<at::Tensor> inputs) {
     const auto start = std::chrono::steady_clock::now();
-    std::vector<at::Tensor> outputs = kept->run(inputs);
+    std::vector<at::Tensor> outputs = run(std::move(inputs));
     const auto end = std::chrono::steady_clock::now();
     timing->segments_seconds += std::chrono::duration<double>(end - start).count();
     if (timing->first_call == std::chrono::steady_clock::time_point{}) timing->first_call = start;
@@ -93,10 +96,37 @@ Session::Runner Session::package(const std::string& file) {
   };
 }
 
-Session::Runner& Session::runner(const Segment& segment) {
+Runner Session::aoti(const std::string& file) {
+  auto& loader = packages_[file];
+  if (!loader) loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(bundle_.file(file).string());
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> kept = loader;
+  return [kept](std::vector<at::Tensor> inputs) {
+    for (auto& tensor : inputs)  // AOTInductor reads inputs at their traced strides; is_contiguous() skips a dispatch
+      if (!tensor.is_contiguous()) tensor = tensor.contiguous();
+    return kept->run(inputs);
+  };
+}
+
+Runner Session::load(const Segment& segment, const std::vector<std::string>& files, const EngineBinding& binding) {
+#if VDOPT_WITH_TENSORRT
+  if (segment.backend == "tensorrt")
+    return timed(tensorrt_runner(bundle_.file(files.at(0)), binding, segment.build, bundle_.custom_ops, device_));
+#else
+  (void)segment, (void)binding;  // the constructor refused TensorRT segments
+#endif
+  return timed(aoti(files.at(0)));
+}
+
+Runner& Session::runner(const Program& program, const Segment& segment) {
   auto found = runners_.find(segment.name);
   if (found != runners_.end()) return found->second;
-  if (segment.kind == "step") return runners_[segment.name] = package(segment.files.at(0));
+  const auto names = [](const std::vector<TensorSpec>& specs) {
+    std::vector<std::string> listed;
+    for (const auto& spec : specs) listed.push_back(spec.name);
+    return listed;
+  };
+  if (segment.kind == "step")
+    return runners_[segment.name] = load(segment, segment.files, engine_binding(names(segment.inputs), names(program.outputs)));
   // Values are wired by name in the manifest; here each name gets a slot once, so a step moves tensors by index.
   std::map<std::string, size_t> slot;
   const auto slot_of = [&slot](const std::string& name) { return slot.emplace(name, slot.size()).first->second; };
@@ -108,12 +138,12 @@ Session::Runner& Session::runner(const Segment& segment) {
   };
   std::map<std::string, Wired> parts;
   for (const auto& part : segment.parts) {
-    Wired wired{package(part.files.at(0)), {}, {}};
+    Wired wired{load(segment, part.files, engine_binding(part.inputs, part.outputs)), {}, {}};
     for (const auto& name : part.inputs) wired.reads.push_back(slot_of(name));
     for (const auto& name : part.outputs) wired.writes.push_back(slot_of(name));
     parts[part.name] = std::move(wired);
   }
-  for (const auto& spec : bundle_.outputs) step_outputs.push_back(slot_of(spec.name));
+  for (const auto& spec : program.outputs) step_outputs.push_back(slot_of(spec.name));
   const size_t flag = slot_of(segment.flag), slots = slot.size();
   const Wired head = parts.at("head"), compute = parts.at("compute"), reuse = parts.at("reuse"), tail = parts.at("tail");
   return runners_[segment.name] = [=](std::vector<at::Tensor> inputs) {
@@ -169,7 +199,7 @@ std::pair<Tensors, Tensors> Session::encode(const std::vector<std::string>& prom
   }
   const at::Tensor attrs = at::tensor(indices, at::TensorOptions().dtype(at::kLong))
                                .reshape({static_cast<int64_t>(prompts.size()), static_cast<int64_t>(encoder.attrs.size())});
-  const std::vector<at::Tensor> outputs = package(encoder.file)({attrs.to(device_)});
+  const std::vector<at::Tensor> outputs = timed(aoti(encoder.file))({attrs.to(device_)});
   std::pair<Tensors, Tensors> encoded;
   for (size_t k = 0; k < encoder.outputs.size() && k < outputs.size(); ++k) {
     const std::string& name = encoder.outputs[k];
@@ -225,7 +255,7 @@ at::Tensor Session::run(const Tensors& cond, const Tensors* uncond, const RunOpt
           if (!fed.count(spec.name)) throw Error(stage.name + ": input '" + spec.name + "' is fed by no earlier stage.");
           inputs.push_back(fed.at(spec.name));
         }
-        values[stage.output] = runner(segment)(std::move(inputs)).at(0);
+        values[stage.output] = runner(stage.program, segment)(std::move(inputs)).at(0);
         continue;
       }
       Tensors stage_cond = cond, stage_uncond = uncond ? *uncond : Tensors{};
@@ -287,7 +317,7 @@ at::Tensor Session::loop(const Program& program, const Tensors& cond, const Tens
     const auto options_ = at::TensorOptions().dtype(scalar_type(spec.dtype)).device(device_);
     state.push_back(spec.init == "ones" ? at::ones(dims, options_) : at::zeros(dims, options_));
   }
-  Runner& step = runner(*segment);
+  Runner& step = runner(program, *segment);
   std::vector<at::Tensor> indices;  // made before the loop: the loop itself only calls segments
   for (int64_t i = 0; i < program.num_steps; ++i)
     indices.push_back(at::scalar_tensor(i, at::TensorOptions().dtype(at::kLong).device(device_)));

@@ -101,6 +101,7 @@ class Bundle : public Program {
   std::string family;
   std::vector<Stage> stages;                    // empty for a one-stage bundle (the top level is its program)
   std::vector<std::string> op_libraries;        // bundle file names, loaded before any segment
+  std::vector<std::string> custom_ops;          // the vdopt ops the programs call ('vdopt::cache_decision', ...)
   std::optional<PromptEncoder> prompt_encoder;  // AOTInductor bundles of families that ship one
 
  private:

@@ -1,4 +1,5 @@
-// Running a vdopt bundle from C++: the same loop as vdopt.Session, on the bundle's AOTInductor segments.
+// Running a vdopt bundle from C++: the same loop as vdopt.Session, on the bundle's AOTInductor segments (and
+// TensorRT ones, on CUDA, in a runtime built with TensorRT: vdopt/tensorrt.h).
 //
 //   vdopt::Session session("clip.vdopt");                        // verified before anything is loaded
 //   at::Tensor latent = session.run({{"encoder_hidden_states", text}}, nullptr, {.seed = 0});
@@ -21,6 +22,7 @@
 #include <string>
 
 #include "vdopt/bundle.h"
+#include "vdopt/tensorrt.h"
 
 namespace torch::inductor {
 class AOTIModelPackageLoader;
@@ -61,9 +63,13 @@ class Session {
   const RunTiming& last_timing() const { return timing_; }
 
  private:
-  using Runner = std::function<std::vector<at::Tensor>(std::vector<at::Tensor>)>;
-  Runner& runner(const Segment& segment);
-  Runner package(const std::string& file);
+  // A program's segment as one callable: `x, *state = step(x, i, *cond, *uncond, *state)`, a split one wired by name.
+  Runner& runner(const Program& program, const Segment& segment);
+  // A segment's (or part's) compiled file, and for an engine its tensor names, as a callable whose time counts as
+  // segment time.
+  Runner load(const Segment& segment, const std::vector<std::string>& files, const EngineBinding& binding);
+  Runner aoti(const std::string& file);
+  Runner timed(Runner run);
   std::vector<at::Tensor> conditioning(const std::string& prefix, const Tensors& tensors, const Sizes& sizes,
                                        const Segment& segment, const std::vector<int64_t>& multiples) const;
   // One loop stage (or a one-stage bundle): noise of `seed + k` for sample k, the step `num_steps` times.
