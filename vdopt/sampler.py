@@ -12,6 +12,13 @@ import torch
 from vdopt.recipe import SamplerSection
 
 
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A loop's starting latent, float32 on the CPU: sample k from its own generator seeded `seed + k`, so a prompt
+    gives the same clip alone or in a batch (the C++ runtime draws the same: cuda/runtime/src/session.cpp)."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)
+                        for k in range(shape[0])])
+
+
 def diffusers_scheduler(sampler: SamplerSection):
     """The diffusers scheduler whose schedule a bundle with this sampler section follows."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler

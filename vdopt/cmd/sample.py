@@ -16,12 +16,7 @@ from vdopt.cmd.model import MOTION_NOISE_OFFSET, Decoder, MotionDenoiser, load_c
 from vdopt.families.base import bypass
 from vdopt.reference.model import DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS, PromptConditioner, ReferenceDenoiser, build_teacher
 from vdopt.recipe import SamplerSection
-from vdopt.sampler import flow_euler_update, step_table
-
-
-def stage_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Sample k's noise from its own generator seeded `seed + k` (vdopt.runtime.Session.initial_noise)."""
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + k)) for k in range(shape[0])])
+from vdopt.sampler import flow_euler_update, initial_noise, step_table
 
 
 class CMDGenerator:
@@ -55,10 +50,10 @@ class CMDGenerator:
         return self.conditioner.encode(prompts), self.conditioner.null(len(prompts)).contiguous()
 
     def content(self, cond: torch.Tensor, uncond: torch.Tensor, seed: int) -> torch.Tensor:
-        return self.loop(self.content_denoiser, stage_noise(seed, (cond.shape[0], *self.frame_shape)), [cond], [uncond])
+        return self.loop(self.content_denoiser, initial_noise(seed, (cond.shape[0], *self.frame_shape)), [cond], [uncond])
 
     def motion(self, cond: torch.Tensor, uncond: torch.Tensor, content: torch.Tensor, seed: int) -> torch.Tensor:
-        noise = stage_noise(seed + MOTION_NOISE_OFFSET, (cond.shape[0], *self.motion_shape))
+        noise = initial_noise(seed + MOTION_NOISE_OFFSET, (cond.shape[0], *self.motion_shape))
         return self.loop(self.motion_denoiser, noise, [cond, content], [uncond, content])
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from vdopt.lower import get_backend
 from vdopt.ops import load_library
 from vdopt.program import DTYPES, STEP_DIMS, StateSpec, TensorSpec, resolve_size
 from vdopt.ranges import named_range
+from vdopt.sampler import initial_noise
 from vdopt.validate import check_cond_tensor
 
 
@@ -145,11 +146,7 @@ class Session:
         return ordered
 
     def initial_noise(self, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """Sample k's noise comes from its own generator seeded `seed + k`, so a prompt gives the same clip
-        alone or in a batch."""
-        noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + k), dtype=torch.float32)
-                 for k in range(shape[0])]
-        return torch.stack(noise).to(self.device, self.dtype)
+        return initial_noise(seed, shape).to(self.device, self.dtype)
 
     def initial_state(self, shape: tuple[int, ...], specs: list[StateSpec]) -> list[torch.Tensor]:
         sizes = self.sizes_of(shape)
