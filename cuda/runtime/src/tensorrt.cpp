@@ -114,7 +114,6 @@ struct Engine {
 Runner tensorrt_runner(const std::filesystem::path& plan, const EngineBinding& binding, const nlohmann::json& build,
                        const std::vector<std::string>& custom_ops, const c10::Device& device) {
   const std::string where = plan.filename().string();
-  if (!device.is_cuda()) throw Error(where + ": a TensorRT segment runs on a CUDA device: pass --device cuda.");
   check_build_target(build, where, device);
   check_plugins(custom_ops, where);
   std::ifstream in(plan, std::ios::binary);

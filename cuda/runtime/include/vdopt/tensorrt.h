@@ -31,7 +31,8 @@ struct EngineBinding {
 EngineBinding engine_binding(const std::vector<std::string>& inputs, const std::vector<std::string>& outputs);
 
 #if VDOPT_WITH_TENSORRT
-// The engine in `plan` on a CUDA `device`, on torch's current stream. Refused, each with its own message: an engine
+// The engine in `plan` on `device`, on torch's current stream; `device` is CUDA (the Session refuses a TensorRT
+// bundle on any other before loading anything). Refused, each with its own message: an engine
 // built for another TensorRT or GPU (`build`, the manifest's record of both), one whose tensors are not `binding`'s
 // (the bundle was edited), and one that calls a vdopt op (`custom_ops`, 'vdopt::NAME') whose plugin creator is not
 // registered in this process. Every call checks the count, dtype, device and shape of its inputs.
