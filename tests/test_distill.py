@@ -165,6 +165,19 @@ def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_p
     assert_program_is_the_students_loop(program, student)
 
 
+def test_a_checkpoint_of_another_network_is_refused_by_name(workdir, full_run, tmp_path):
+    """Checkpoints copied from an unpruned run into a pruned run's directory: a clear error, not a state-dict traceback."""
+    from vdopt.distill.common import DistillError
+
+    out, _ = full_run
+    recipe = write_recipe(tmp_path / "pruned.yaml", prune={"blocks": [1]}, adv_weight=0.0)
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "trajectories", moved / "trajectories")
+    shutil.copytree(out / "checkpoints", moved / "checkpoints")
+    with pytest.raises(DistillError, match=r"ckpt_0000004.pt is a checkpoint of another network .*temporal_transformer_blocks.1"):
+        distill(recipe, workdir / "teacher.safetensors", moved, progress=False, threads=1)
+
+
 @pytest.mark.parametrize("blocks", [[5], ["transformer_blocks.0"]])
 def test_a_prune_spec_naming_no_temporal_block_is_refused(workdir, tmp_path, blocks):
     from vdopt.distill.common import DistillError, build_student, load_teacher

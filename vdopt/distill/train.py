@@ -194,6 +194,12 @@ class Trainer:
         if not found:
             return False
         state = torch.load(found[-1], map_location="cpu", weights_only=True)
+        model_keys, saved_keys = set(self.model.state_dict()), set(state["model"])
+        if model_keys != saved_keys:
+            differ = sorted(model_keys ^ saved_keys)
+            raise DistillError(f"{found[-1]} is a checkpoint of another network ({len(differ)} parameters differ, first "
+                               f"{differ[0]}): was {self.out} trained with another prune: spec or model? Use a fresh "
+                               f"output directory, or move its checkpoints/ away.")
         self.model.load_state_dict(state["model"])
         self.ema = state["ema"]
         self.disc.heads.load_state_dict(state["heads"])
