@@ -176,6 +176,13 @@ def test_inspect_lists_the_stages_in_running_order(bundles):
     assert lines[5].lstrip().startswith("decode: one call") and "output 'clip' ['batch', 3, 8, 32, 32]" in lines[5]
 
 
+def test_profile_refuses_a_staged_bundle_by_name(bundles, tmp_path, capsys):
+    from vdopt.cli import main as vdopt_main
+
+    assert vdopt_main(["profile", str(bundles["torch"]), "--prompt", "red circle moving up", "-o", str(tmp_path / "p")]) == 2
+    assert "runs in stages (content -> motion -> decode), which it does not attribute yet" in capsys.readouterr().err
+
+
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     import shutil
 

@@ -310,6 +310,10 @@ def timed_steps(session: Session, cond, uncond, seed: int) -> list[float]:
 def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: int = 0,
                    chrome_trace: Path | None = None, log: Callable[[str], None] = lambda m: None) -> Profile:
     """`session` was opened with profile=True."""
+    if session.stages:
+        raise RunInputError(f"vdopt profile attributes the steps of one loop; {session.path} runs in stages "
+                            f"({' -> '.join(s['name'] for s in session.stages)}), which it does not attribute yet. Time "
+                            f"a staged bundle with bench/cmd.py, or profile a one-stage bundle of the same recipe.")
     device = session.device
     backend = session.manifest["segments"][0]["backend"]
     batch = session.batch_of(cond)
