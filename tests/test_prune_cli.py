@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -42,8 +43,13 @@ def test_prune_writes_both_tables_and_a_recipe_that_compiles(latte, capsys):
         ("temporal_transformer_blocks", "temporal"), ("temporal_transformer_blocks", "temporal"),
         ("transformer_blocks", "blocks"), ("transformer_blocks", "blocks")]
     assert all("cost_ms" in row and "psnr_mean" in row for row in record["latency_and_sensitivity"])
-    # a 1 dB budget admits every subset: the one predicted to save the most is both temporal blocks
-    assert record["chosen"]["blocks"] == [f"denoiser.model.temporal_transformer_blocks.{k}" for k in (0, 1)]
+    # a 1 dB budget admits every subset of the temporal blocks: the one whose measured costs add up to the most. That is
+    # both blocks unless one measured no cost in its single timed round (a busy machine), so the expectation is derived
+    # from the table the run measured rather than from wall-clock luck.
+    temporal = [row for row in record["latency_and_sensitivity"] if row["kind"] == "temporal"]
+    subsets = [[row["block"] for row in s] for k in (1, 2) for s in itertools.combinations(temporal, k)]
+    cost = {row["block"]: row["cost_ms"] for row in temporal}
+    assert record["chosen"]["blocks"] == max(subsets, key=lambda s: sum(cost[b] for b in s))
     assert len(record["trials"]) == 3 and record["chosen"]["measured_ms"] > 0
     written = yaml.safe_load(out.read_text())
     assert [p["name"] for p in written["passes"]] == ["prune_temporal", "insert_cache"]
