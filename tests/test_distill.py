@@ -131,12 +131,18 @@ def test_the_exported_recipe_compiles_through_reduce_steps(workdir, full_run):
     assert_program_is_the_students_loop(program, student)
 
 
-def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_prunes_them(workdir, full_run, tmp_path):
-    """distill.prune: the student is trained with the blocks bypassed, starting from `init_weights`; the export is a
-    whole model (the bypassed blocks keep their starting weights) and a recipe that prunes them after reduce_steps;
-    the compiled program equals the eager student with those blocks bypassed."""
-    import shutil
+PRUNED_TEMPORAL_1 = {"blocks": [1]}
+PRUNED_BOTH_KINDS = [{"blocks": [1], "what": "temporal"}, {"blocks": ["transformer_blocks.1"], "what": "blocks"}]
 
+
+@pytest.mark.parametrize("prune, paths", [(PRUNED_TEMPORAL_1, ["temporal_transformer_blocks.1"]),
+                                          (PRUNED_BOTH_KINDS, ["temporal_transformer_blocks.1", "transformer_blocks.1"])],
+                         ids=["temporal", "both-kinds"])
+def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_prunes_them(workdir, full_run, tmp_path,
+                                                                                             prune, paths):
+    """distill.prune (one spec, or one per kind): the student is trained with the blocks bypassed, starting from
+    `init_weights`; the export is a whole model (the bypassed blocks keep their starting weights) and a recipe that
+    prunes them after reduce_steps; the compiled program equals the eager student with those blocks bypassed."""
     from safetensors.torch import load_file
 
     from vdopt.compiler import compile_program
@@ -145,24 +151,32 @@ def test_a_pruned_recovery_trains_without_the_blocks_and_exports_a_recipe_that_p
     from vdopt.recipe import load_recipe
 
     out, _ = full_run
-    recipe = write_recipe(tmp_path / "pruned.yaml", prune={"blocks": [1]}, init_weights=str(out / "student.safetensors"),
-                          adv_weight=0.0)
+    recipe = write_recipe(tmp_path / "pruned.yaml", prune=prune, init_weights=str(out / "student.safetensors"), adv_weight=0.0)
     pruned = tmp_path / "pruned"
     shutil.copytree(out / "trajectories", pruned / "trajectories")  # the same teacher solves serve every student
     summary = distill(recipe, workdir / "teacher.safetensors", pruned, progress=False, threads=1)
     assert summary["iterations"] == 4 and set(summary["last"]) == {"iteration", "traj"}
     start, exported = load_file(out / "student.safetensors"), load_file(pruned / "student.safetensors")
     assert exported.keys() == start.keys()
-    bypassed = [k for k in start if ".temporal_transformer_blocks.1." in k]
+    bypassed = [k for k in start if any(f".{path}." in k for path in paths)]
     assert bypassed and all(torch.equal(exported[k], start[k]) for k in bypassed)
     assert any(not torch.equal(exported[k], start[k]) for k in start if ".temporal_transformer_blocks.0." in k)
     compile_recipe = load_recipe(pruned / "recipe.yaml")
-    assert [(p.name, p.params.get("blocks")) for p in compile_recipe.passes] == [("reduce_steps", None), ("prune_temporal", [1])]
+    specs = prune if isinstance(prune, list) else [prune]
+    assert [(p.name, p.params.get("blocks")) for p in compile_recipe.passes] == [
+        ("reduce_steps", None), *(("prune_temporal", spec["blocks"]) for spec in specs)]
     program = compile_program(compile_recipe, workdir / "teacher.safetensors")
-    assert not any(k.startswith("denoiser.model.temporal_transformer_blocks.1.") for k in program.ep.state_dict)
+    assert not any(k.startswith(tuple(f"denoiser.model.{path}." for path in paths)) for k in program.ep.state_dict)
     student = load_teacher(load_distill_recipe(recipe)[0], pruned / "student.safetensors")
-    student.model.temporal_transformer_blocks[1] = Bypassed()
+    for path in paths:
+        parent, _, index = path.rpartition(".")
+        getattr(student.model, parent)[int(index)] = Bypassed()
     assert_program_is_the_students_loop(program, student)
+
+
+def test_two_prune_specs_of_one_kind_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match="one spec per kind"):
+        load_distill_recipe(write_recipe(tmp_path / "twice.yaml", prune=[{"blocks": [0]}, {"blocks": [1]}]))
 
 
 def test_a_checkpoint_of_another_network_is_refused_by_name(workdir, full_run, tmp_path):

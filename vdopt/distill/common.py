@@ -115,7 +115,9 @@ def build_student(teacher: "Teacher", distill: DistillSection) -> tuple[nn.Modul
         state = teacher.descriptor.checkpoint_state(read_state_dict(path))
         check_state_dict(model, state, path, teacher.descriptor.family)
         model.load_state_dict(state)
-    removed = bypass_blocks(model, teacher.descriptor, distill.prune) if distill.prune is not None else {}
+    removed = {}
+    for spec in distill.prune:
+        removed.update(bypass_blocks(model, teacher.descriptor, spec))
     return model, denoiser, removed
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from vdopt.cmd.model import AUTOENCODER_CONFIG, MOTION_CONFIG
 from vdopt.errors import RecipeError
@@ -78,18 +78,27 @@ class DistillSection(Strict):
     head_dim: int = Field(64, ge=4)
     ema_decay: float = Field(0.999, ge=0, le=1, description="EMA decay, reached after a warm-up: min(ema_decay, (1 + n) / (10 + n)) after iteration n.")
     # --- recovery of a pruned network (SnapGen-V) ---
-    prune: PruneSpec | None = Field(None, description="Train the student with these blocks removed (identity), as "
-                                    "prune_temporal removes them from the compiled program; the exported recipe prunes them.")
+    prune: list[PruneSpec] = Field(default_factory=list, description="Train the student with these blocks removed "
+                                   "(identity), as prune_temporal removes them from the compiled program; the exported recipe "
+                                   "prunes them. One spec, or a list with one spec per kind (temporal blocks and main blocks).")
     init_weights: str | None = Field(None, description="Start the student from this weights file (a distilled student) "
                                      "instead of the teacher's weights.")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = Field(0, ge=0, lt=2**31, description="Seed of the prompts, the noise and the data order.")
 
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _one_spec_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else [] if value is None else value
+
     @model_validator(mode="after")
     def _check(self) -> "DistillSection":
         if isinstance(self.prompts, int) and self.prompts < 1:
             raise ValueError("prompts must be a positive count or a list")
+        kinds = [spec.what for spec in self.prune]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("prune: give one spec per kind of block (what: temporal, what: blocks), each with all its blocks")
         return self
 
 

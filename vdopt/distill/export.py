@@ -47,13 +47,13 @@ def export_student(out: Path, teacher: Teacher, distill: DistillSection, schedul
     os.replace(tmp, weights)
     recipe = dict(compile_recipe)
     recipe["sampler"] = {**recipe.get("sampler", {}), "kind": "flow_euler", "steps": distill.student_steps, "guidance_scale": 1.0}
-    prune = [{"name": "prune_temporal", "params": distill.prune.model_dump(mode="json")}] if distill.prune is not None else []
+    prune = [{"name": "prune_temporal", "params": spec.model_dump(mode="json")} for spec in distill.prune]
     recipe["passes"] = [{"name": "reduce_steps", "params": {"weights": str(weights.resolve()), "timesteps": schedule.timesteps}},
                         *prune] + [p for p in recipe.get("passes", []) if (p if isinstance(p, str) else p.get("name")) not in
                                    ("reduce_steps", "prune_temporal")]
     header = (f"# Few-step student distilled by `vdopt distill` ({iterations} iterations) from {teacher.path}.\n"
               f"# {distill.student_steps} steps at timesteps {schedule.timesteps}, no guidance (distilled in)"
-              f"{f', trained without {distill.prune.what} blocks {distill.prune.blocks}' if distill.prune else ''}.\n"
+              f"{''.join(f', trained without {spec.what} blocks {spec.blocks}' for spec in distill.prune)}.\n"
               f"#   vdopt compile {out / RECIPE} {teacher.path} -o student.vdopt\n")
     recipe_path = out / RECIPE
     recipe_path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
