@@ -19,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from results_file import write_results
-from vdopt.compiler import compile_bundle
+from vdopt.compiler import compile_bundle, compile_program
 from vdopt.eval import suite
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
 from vdopt.recipe import load_recipe, parse_recipe, recipe_with
@@ -37,12 +39,21 @@ PRUNED = ROOT / "recipes" / "pruned_student_reference.yaml"
 def recipes(backend: str) -> dict:
     """student, pruned without recovery (the student's weights, the pruned recipe's blocks), pruned with recovery."""
     student, pruned = load_recipe(STUDENT), load_recipe(PRUNED)
-    prune = next(p for p in pruned.passes if p.name == "prune_temporal")
     ablation = student.model_dump(mode="json")
-    ablation["passes"] = [*ablation["passes"], {"name": "prune_temporal", "params": dict(prune.params)}]
+    ablation["passes"] = [*ablation["passes"], *({"name": p.name, "params": dict(p.params)} for p in pruned.passes
+                                                 if p.name == "prune_temporal")]
     return {"student": recipe_with(student, backend=backend),
             "pruned, no recovery": recipe_with(parse_recipe(ablation, "ablation"), backend=backend),
             "pruned + recovery (shipped)": recipe_with(pruned, backend=backend)}
+
+
+def flops_per_step(recipe) -> int:
+    """Network FLOPs (matmuls and attention) of one step for one clip, counted on the compiled step program: what
+    removing blocks can save at most, whatever the backend's fixed costs."""
+    program = compile_program(recipe, TEACHER)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        program.module()(*program.example_inputs)
+    return int(counter.get_total_flops()) // program.example_inputs[0].shape[0]
 
 
 def time_rounds(sessions: dict[str, Session], rounds: int) -> dict[str, list[float]]:
@@ -70,9 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(ROOT)  # the recipes name their weights relative to the repository root
 
-    sessions, compile_seconds = {}, {}
+    sessions, compile_seconds, flops = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-prune-") as tmp:
         for k, (name, recipe) in enumerate(recipes(args.backend).items()):
+            flops[name] = flops_per_step(recipe)
             start = time.perf_counter()
             compile_bundle(recipe, TEACHER, Path(tmp) / f"{k}.vdopt", verify=False)
             compile_seconds[name] = round(time.perf_counter() - start, 1)
@@ -90,13 +102,14 @@ def main() -> None:
             rows[name] = {"ms_per_step_median": round(statistics.median(times[name]), 3),
                           "ms_per_step_worst": round(max(times[name]), 3),
                           "ms_per_step": [round(t, 3) for t in times[name]], "compile_seconds": compile_seconds[name],
-                          "parameters": session.manifest["parameters"],
+                          "parameters": session.manifest["parameters"], "mflops_per_step": round(flops[name] / 1e6, 1),
                           **{key: result["all"][key] for key in ("accuracy", "fvd_ms", "temporal", "vs_reference")}}
             print(f"evaluated {name}: {suite.summary_lines(result)[2]}", flush=True)
 
     student, pruned = rows["student"], rows["pruned + recovery (shipped)"]
     per_round = [s / p for s, p in zip(student["ms_per_step"], pruned["ms_per_step"])]
     speedup = student["ms_per_step_median"] / pruned["ms_per_step_median"]
+    flops_ratio = student["mflops_per_step"] / pruned["mflops_per_step"]
     bars = {
         "step time >= 1.3x lower": speedup >= 1.3,
         "shape >= student - 3": pruned["accuracy"]["shape"] >= student["accuracy"]["shape"] - 0.03,
@@ -104,17 +117,18 @@ def main() -> None:
         "FVD-MS <= 1.15x student": pruned["fvd_ms"] <= 1.15 * student["fvd_ms"],
     }
     print(f"\n{args.prompts} clips (eval seed {args.seed}), {args.backend}, {args.rounds} interleaved rounds of one clip")
-    print(f"{'program':<30} {'params':>8} {'ms/step':>8} {'worst':>7} {'shape':>6} {'colour':>6} {'dir':>6} {'FVD-MS':>7} {'PSNR':>6}")
+    print(f"{'program':<30} {'params':>8} {'MFLOP':>7} {'ms/step':>8} {'worst':>7} {'shape':>6} {'colour':>6} {'dir':>6} {'FVD-MS':>7} {'PSNR':>6}")
     for name, row in rows.items():
         accuracy = row["accuracy"]
-        print(f"{name:<30} {row['parameters']:>8} {row['ms_per_step_median']:>8.2f} {row['ms_per_step_worst']:>7.2f} "
+        print(f"{name:<30} {row['parameters']:>8} {row['mflops_per_step']:>7.1f} {row['ms_per_step_median']:>8.2f} {row['ms_per_step_worst']:>7.2f} "
               f"{100 * accuracy['shape']:>6.1f} {100 * accuracy['colour']:>6.1f} {100 * accuracy['direction']:>6.1f} "
               f"{row['fvd_ms']:>7.1f} {row['vs_reference']['psnr_db']:>6.2f}")
-    print(f"student / pruned step time: {speedup:.2f}x (ratio of medians; worst round {min(per_round):.2f}x)")
+    print(f"student / pruned step time: {speedup:.2f}x (ratio of medians; worst round {min(per_round):.2f}x); "
+          f"FLOPs per step: {flops_ratio:.3f}x")
     for bar, ok in bars.items():
         print(f"  {'met' if ok else 'MISSED'}: {bar}")
     write_results(args.json, {"backend": args.backend, "prompts": args.prompts, "seed": args.seed, "rounds": args.rounds,
-                              "rows": rows, "speedup_median": round(speedup, 3), "speedup_worst_round": round(min(per_round), 3),
+                              "rows": rows, "speedup_median": round(speedup, 3), "flops_ratio": round(flops_ratio, 3), "speedup_worst_round": round(min(per_round), 3),
                               "speedup_per_round": [round(v, 3) for v in per_round], "bars": bars,
                               "pruned_recipe": yaml.safe_load(PRUNED.read_text()).get("passes")}, load_start, load_end)
 

@@ -66,7 +66,9 @@ def test_prune_bench(tmp_path):
           "--json", str(out))
     record = json.loads(out.read_text())
     assert set(record["rows"]) == {"student", "pruned, no recovery", "pruned + recovery (shipped)"}
-    assert record["rows"]["student"]["parameters"] > record["rows"]["pruned + recovery (shipped)"]["parameters"]
+    student, pruned = record["rows"]["student"], record["rows"]["pruned + recovery (shipped)"]
+    assert student["parameters"] > pruned["parameters"] and student["mflops_per_step"] > pruned["mflops_per_step"]
+    assert record["flops_ratio"] == pytest.approx(student["mflops_per_step"] / pruned["mflops_per_step"], abs=1e-3)
 
 
 def test_e2e_bench(tmp_path):
