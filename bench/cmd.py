@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from e2e import add_run_arguments, interleaved_rounds, with_batch
+from flops import forward_flops
 from results_file import write_results
 from vdopt.cmd.model import ContentMotionAutoencoder, Decoder, MotionDenoiser, MotionDiT, load_cmd
 from vdopt.compiler import compile_bundle
@@ -43,10 +43,7 @@ TARGET_SPEEDUP = 4.0
 
 
 def exported_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    ep = torch.export.export(module.eval(), inputs, strict=False)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        ep.module()(*inputs)
-    return int(counter.get_total_flops())
+    return forward_flops(torch.export.export(module.eval(), inputs, strict=False).module(), *inputs)
 
 
 def flop_rows(weights: Path, steps: int) -> dict[str, dict[str, int]]:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from backends import config_recipe, eager_denoiser
+from flops import forward_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"teacher": 2.5, "wide": 1.5}
@@ -77,10 +77,8 @@ def main() -> None:
         recipe, _, weights = config_recipe(name)
         denoiser = eager_denoiser(recipe, weights)
         x, t, context = step_inputs(denoiser)
+        flops = forward_flops(denoiser, x, t, context)
         with torch.no_grad():
-            with FlopCounterMode(display=False) as counter:
-                denoiser(x, t, context)
-            flops = counter.get_total_flops()
             denoiser(x, t, context)
             seconds = []
             for _ in range(args.repeats):
