@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
+from flops import forward_flops
 from results_file import write_results
 from vdopt.compiler import compile_bundle, compile_program
 from vdopt.eval import suite
@@ -51,9 +50,7 @@ def flops_per_step(recipe) -> int:
     """Network FLOPs (matmuls and attention) of one step for one clip, counted on the compiled step program: what
     removing blocks can save at most, whatever the backend's fixed costs."""
     program = compile_program(recipe, TEACHER)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        program.module()(*program.example_inputs)
-    return int(counter.get_total_flops()) // program.example_inputs[0].shape[0]
+    return forward_flops(program.module(), *program.example_inputs) // program.example_inputs[0].shape[0]
 
 
 def time_rounds(sessions: dict[str, Session], rounds: int) -> dict[str, list[float]]:
