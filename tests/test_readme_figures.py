@@ -383,6 +383,7 @@ SPECS = [
     Spec("pruned student", ("program", "parameters"), "bench/results/prune.json",
          lambda data, cells: data["rows"].get(cells[0].strip("`* ")), {
              "parameters": lambda r: [r["parameters"]],
+             "MFLOP / step": lambda r: [r["mflops_per_step"]],
              "ms / step: median": lambda r: [r["ms_per_step_median"]],
              "worst round": lambda r: [r["ms_per_step_worst"]],
              **EVAL_COLUMNS_FLAT,
