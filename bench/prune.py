@@ -23,8 +23,9 @@ import yaml
 
 from flops import forward_flops
 from results_file import write_results
-from vdopt.compiler import compile_bundle, compile_program
+from vdopt.compiler import compile_program, write_bundle
 from vdopt.eval import suite
+from vdopt.program import StepProgram
 from vdopt.eval.cli import cached, generate_from_bundle, generator_for
 from vdopt.recipe import load_recipe, parse_recipe, recipe_with
 from vdopt.runtime import Session
@@ -46,10 +47,9 @@ def recipes(backend: str) -> dict:
             "pruned + recovery (shipped)": recipe_with(pruned, backend=backend)}
 
 
-def flops_per_step(recipe) -> int:
+def flops_per_step(program: StepProgram) -> int:
     """Network FLOPs (matmuls and attention) of one step for one clip, counted on the compiled step program: what
     removing blocks can save at most, whatever the backend's fixed costs."""
-    program = compile_program(recipe, TEACHER)
     return forward_flops(program.module(), *program.example_inputs) // program.example_inputs[0].shape[0]
 
 
@@ -81,10 +81,11 @@ def main() -> None:
     sessions, compile_seconds, flops = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-prune-") as tmp:
         for k, (name, recipe) in enumerate(recipes(args.backend).items()):
-            flops[name] = flops_per_step(recipe)
             start = time.perf_counter()
-            compile_bundle(recipe, TEACHER, Path(tmp) / f"{k}.vdopt", verify=False)
+            program = compile_program(recipe, TEACHER)
+            write_bundle(program, recipe, Path(tmp) / f"{k}.vdopt", TEACHER)
             compile_seconds[name] = round(time.perf_counter() - start, 1)
+            flops[name] = flops_per_step(program)
             sessions[name] = Session(Path(tmp) / f"{k}.vdopt")
             print(f"compiled {name} on {args.backend} in {compile_seconds[name]} s", flush=True)
         load_start = os.getloadavg()
