@@ -293,6 +293,41 @@ def test_a_stage_killed_midway_resumes_to_the_uninterrupted_weights(tmp_path):
         torch.testing.assert_close(resumed[name], tensor, atol=0, rtol=0, msg=name)
 
 
+def test_under_symmetries_gives_each_clip_one_of_its_flips_transposes_and_time_reversals():
+    from vdopt.cmd.train import under_symmetries
+
+    clips = torch.randn(64, 3, 4, 6, 6)
+    out = under_symmetries(clips, torch.Generator().manual_seed(0))
+    def variants(c):
+        flips = [c.flip(d) if d else c for d in ([], [3], [2], [1], [3, 2], [3, 1], [2, 1], [3, 2, 1])]
+        return flips + [f.transpose(2, 3) for f in flips]
+
+    assert all(any(torch.equal(o, v) for v in variants(c)) for o, c in zip(out, clips))
+    unchanged = sum(torch.equal(o, c) for o, c in zip(out, clips))
+    assert 0 < unchanged < 16  # about 1 in 16 draws no symmetry at all
+    torch.testing.assert_close(under_symmetries(clips, torch.Generator().manual_seed(0)), out, atol=0, rtol=0)
+    oblong = torch.randn(8, 3, 4, 6, 8)
+    assert under_symmetries(oblong, torch.Generator().manual_seed(1)).shape == oblong.shape  # no transposition
+
+
+@pytest.mark.parametrize("fraction, from_teacher", [(1.0, 4), (0.5, 2), (0.0, 0)])
+def test_the_autoencoder_batch_mixes_teacher_samples_and_real_clips(fraction, from_teacher, tmp_path):
+    from vdopt.cmd.train import train_autoencoder
+    from vdopt.data.moving_shapes import make_batch
+    from vdopt.distill.common import Dist, load_teacher
+    from vdopt.distill.config import CMDSection
+
+    teacher = load_teacher(parse_recipe(cmd_recipe(Path("unused"), batch=1)), TEACHER)
+    section = CMDSection(**{**TINY_CMD, "autoencoder_batch": 4, "autoencoder_teacher_fraction": fraction})
+    samples = torch.zeros(5, 3, 8, 32, 32)  # all-zero "teacher samples": invariant under every symmetry
+    trainer = train_autoencoder(tmp_path, teacher, section, samples, seed=0, dist=Dist())
+    autoencoder = trainer.model.eval()
+    real = make_batch(4 - from_teacher, 0 * 7_919 + 3, split="train").video
+    clips = torch.cat([samples[:from_teacher], real])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.loss(3, torch.Generator()), (autoencoder(clips) - clips).pow(2).mean())
+
+
 def test_distill_names_the_stages_of_its_method(tmp_path):
     from vdopt.distill.cli import distill
     from vdopt.distill.common import DistillError

@@ -2,7 +2,10 @@
 
 1. `trajectories` (shared with step distillation): the teacher's guided samples for the recipe's prompts and seeds.
 2. `autoencoder`: the content-motion autoencoder on the family's own latent space (pixels for the reference model),
-   fresh clips of its training distribution (`make_batch`, train split), mean squared reconstruction error.
+   mean squared reconstruction error on a mix of the teacher's samples (under the clip's symmetries: flips,
+   transposition, time reversal) and fresh clips of its training distribution (`make_batch`, train split). Every
+   CMD clip is decoded from generated latents, so a decoder fitted to real clips alone redraws the teacher's
+   outputs worse than it reconstructs real ones.
 3. `content`: the content generator, the teacher run at one frame with its temporal blocks removed (at one frame
    a temporal block attends over a single key, so it is only a per-token MLP: removing it halves the stage's cost
    and the fine-tune absorbs it), fine-tuned by flow matching on encoded content frames with the prompt
@@ -155,13 +158,30 @@ def share(batch: int, dist: Dist) -> int:
     return batch // dist.world
 
 
-def train_autoencoder(out: Path, teacher: Teacher, section: CMDSection, seed: int, dist: Dist) -> StageTrainer:
+def under_symmetries(clips: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`clips [N, C, T, H, W]`, each flipped in x, in y, transposed (square frames) and reversed in time at random:
+    still clips of the same distribution, as far as an autoencoder (which never sees the prompt) is concerned."""
+    out = []
+    for clip, (fx, fy, swap, back) in zip(clips, torch.rand(len(clips), 4, generator=generator) < 0.5):
+        dims = [d for d, on in ((3, fx), (2, fy), (1, back)) if on]
+        clip = clip.flip(dims) if dims else clip
+        out.append(clip.transpose(2, 3) if swap and clip.shape[2] == clip.shape[3] else clip)
+    return torch.stack(out)
+
+
+def train_autoencoder(out: Path, teacher: Teacher, section: CMDSection, samples: torch.Tensor | None, seed: int,
+                      dist: Dist) -> StageTrainer:
     autoencoder = ContentMotionAutoencoder(**section.autoencoder)
     config = clip_config(teacher)
     per_rank = share(section.autoencoder_batch, dist)
+    from_teacher = 0 if samples is None else round(section.autoencoder_teacher_fraction * per_rank)
 
     def loss(n: int, generator: torch.Generator) -> torch.Tensor:
-        clips = make_batch(per_rank, seed * 7_919 + n * dist.world + dist.rank, split="train", config=config).video
+        clips = make_batch(per_rank - from_teacher, seed * 7_919 + n * dist.world + dist.rank, split="train", config=config).video
+        if from_teacher:
+            picks = torch.Generator().manual_seed(seed * 7_937 + n * dist.world + dist.rank)
+            chosen = samples[torch.randint(len(samples), (from_teacher,), generator=picks)]
+            clips = torch.cat([under_symmetries(chosen, picks), clips])
         return (autoencoder(clips) - clips).pow(2).mean()
 
     return StageTrainer(out, "autoencoder", autoencoder, loss, section.autoencoder_iterations, section.autoencoder_lr,
@@ -230,7 +250,8 @@ def run_stage(name: str, out: Path, teacher: Teacher, distill: DistillSection, d
     section = distill.cmd
     torch.manual_seed(distill.seed * 1_009 + STAGES.index(name))  # the fresh model's initial weights
     if name == "autoencoder":
-        trainer = train_autoencoder(out, teacher, section, distill.seed, dist)
+        samples = teacher_samples(data_fn(), prompts)[0] if section.autoencoder_teacher_fraction else None
+        trainer = train_autoencoder(out, teacher, section, samples, distill.seed, dist)
     elif name == "content":
         trainer = train_content(out, teacher, section, distill.seed, dist)
     else:

@@ -33,6 +33,10 @@ class CMDSection(Strict):
     autoencoder_iterations: int = Field(2000, ge=1)
     autoencoder_batch: int = Field(16, ge=1)
     autoencoder_lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    autoencoder_teacher_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of each autoencoder batch taken from the teacher's samples (flipped, "
+        "transposed, time-reversed at random), the rest fresh real clips: every CMD clip is decoded from generated "
+        "latents, so the decoder must be faithful on the teacher's outputs, not only on real clips.")
     content_iterations: int = Field(1500, ge=1)
     content_batch: int = Field(32, ge=1)
     content_lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
