@@ -2,8 +2,8 @@
 network FLOPs per clip of every stage and how they grow with the frame count, and the autoencoder's reconstruction.
 
 Both bundles sample at the teacher's 50 steps with guidance 3. Timing: interleaved rounds, one generation of `--batch`
-clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, and the
-ratio per round. Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS,
+clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, the
+ratio per round, and the CMD bundle's median milliseconds per clip in each stage (`Session.run(on_stage=...)`). Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS,
 track direction accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
 reproduces to float rounding (tests/test_differential.py), the CMD row is its bundle's own clips.
 FLOPs: `torch.utils.flop_counter` over the exported program of each network (one guided evaluation = a batch of 2)
@@ -141,14 +141,18 @@ def main() -> None:
         sessions = {name: Session(path) for name, path in bundles.items()}
         encoders = {name: session.prompt_encoder() for name, session in sessions.items()}
 
+        stage_seconds: dict[str, list[float]] = {}
+
         def generate(name: str, k: int) -> float:
             cond, uncond = encoders[name](prompts[k * args.batch:(k + 1) * args.batch])
             start = time.perf_counter()
-            sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False)
+            sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False,
+                               on_stage=lambda stage, s: stage_seconds.setdefault(stage, []).append(s / args.batch))
             return time.perf_counter() - start
 
         per_call, load_start, load_end = interleaved_rounds(list(names), generate, args.rounds)
         seconds = {name: [s / args.batch for s in values] for name, values in per_call.items()}
+        stage_ms = {stage: round(1000 * statistics.median(values[1:]), 2) for stage, values in stage_seconds.items()}  # [0]: warm-up
 
         teacher_fn, _, teacher_label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
         print(f"wrote {contact_sheet(weights, cached(teacher_fn, teacher_label, args.cache), Path(args.sheet))}", flush=True)
@@ -180,13 +184,15 @@ def main() -> None:
         print(f"{name:<10} {row['seconds_per_clip_median']:>8.3f} {row['seconds_per_clip_worst']:>8.3f} "
               f"{100 * row['accuracy']['shape']:>6.1f} {100 * row['accuracy']['colour']:>7.1f} "
               f"{100 * row['accuracy']['direction']:>6.1f} {row['fvd_ms']:>7.1f}")
+    print("CMD stages, ms per clip (median): " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms.items()))
     print(f"CMD: {speedup:.2f}x faster per clip (worst round {min(per_round):.2f}x); accuracy points lost {points}; "
           f"FVD-MS {cmd['fvd_ms'] / teacher['fvd_ms']:.2f}x the teacher's")
     for check, ok in checks.items():
         print(f"  {check}: {'met' if ok else 'NOT met'}")
     write_results(args.json, {"backend": args.backend, "batch": args.batch, "rounds": args.rounds, "prompts": args.prompts,
                               "seed": args.seed, "recipe": args.recipe, "rows": rows, "speedup_median": round(speedup, 3),
-                              "speedup_worst_round": round(min(per_round), 3), "points_lost": points, "checks": checks,
+                              "speedup_worst_round": round(min(per_round), 3), "cmd_stage_ms_per_clip": stage_ms,
+                              "points_lost": points, "checks": checks,
                               "autoencoder": autoencoder, "flops_per_clip": flops}, load_start, load_end)
 
 

@@ -157,6 +157,16 @@ def test_a_prompt_gives_the_same_clip_alone_or_in_a_batch(bundles):
     torch.testing.assert_close(alone[0], both[1], atol=1e-6, rtol=1e-6)
 
 
+def test_on_stage_reports_every_stage_in_running_order_with_its_wall_clock(bundles):
+    session = Session(bundles["torch"])
+    reported: list[tuple[str, float]] = []
+    start = time.perf_counter()
+    session.run(*encode(session), seed=3, progress=False, on_stage=lambda name, seconds: reported.append((name, seconds)))
+    elapsed = time.perf_counter() - start
+    assert [name for name, _ in reported] == ["content", "motion", "decode"]
+    assert all(seconds > 0 for _, seconds in reported) and sum(seconds for _, seconds in reported) <= elapsed
+
+
 def test_the_runtime_fills_the_unconditional_content_itself(bundles):
     """Given an unconditional prompt, or none (the manifest's null rules), the motion stage's uncond branch sees the
     content frame as well."""

@@ -11,6 +11,7 @@ range (`vdopt/step i`, `vdopt/part compute`) for `torch.profiler` and Nsight (NV
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -224,34 +225,43 @@ class Session:
         return view
 
     def run_stages(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, seed: int,
-                   progress: bool, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+                   progress: bool, on_step: Callable[[int, list[torch.Tensor]], None] | None = None,
+                   on_stage: Callable[[str, float], None] | None = None) -> torch.Tensor:
         """Each stage in turn: a loop from its own noise with the bundle's conditioning plus what it is fed, or one call
         on what it is fed; the last stage's output is the result. `on_step` sees the first stage's steps, the stage
-        the manifest's top level describes."""
+        the manifest's top level describes; `on_stage(name, seconds)` each stage's wall clock (device synchronised)."""
         values: dict[str, torch.Tensor] = {}
         for entry in self.stages:
             stage = self.stage(entry)
             fed = {name: values[source] for name, source in entry["feeds"].items()}
+            start = time.perf_counter()
             with named_range(f"vdopt/stage {entry['name']}"):
                 if entry["kind"] == "call":
                     segment = entry["segments"][0]
                     values[entry["output"]] = stage.runner(segment)(*(fed[s["name"]] for s in segment["inputs"]))[0]
-                    continue
-                extra = {name.removeprefix("cond."): value for name, value in fed.items()}
-                stage_uncond = None if uncond is None else {**uncond, **null_cond(
-                    {k: v for k, v in entry["null_cond"].items() if k in extra}, extra)}
-                values[entry["output"]] = stage.run({**cond, **extra}, stage_uncond, seed=seed + entry.get("noise_offset", 0),
-                                                    progress=progress, on_step=on_step if entry is self.stages[0] else None)
+                else:
+                    extra = {name.removeprefix("cond."): value for name, value in fed.items()}
+                    stage_uncond = None if uncond is None else {**uncond, **null_cond(
+                        {k: v for k, v in entry["null_cond"].items() if k in extra}, extra)}
+                    values[entry["output"]] = stage.run({**cond, **extra}, stage_uncond, seed=seed + entry.get("noise_offset", 0),
+                                                        progress=progress, on_step=on_step if entry is self.stages[0] else None)
+            if on_stage is not None:
+                if values[entry["output"]].is_cuda:
+                    torch.cuda.synchronize()
+                on_stage(entry["name"], time.perf_counter() - start)
         return values[self.stages[-1]["output"]]
 
     def run(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
             frames: int | None = None, height: int | None = None, width: int | None = None,
-            progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+            progress: bool = True, on_step: Callable[[int, list[torch.Tensor]], None] | None = None,
+            on_stage: Callable[[str, float], None] | None = None) -> torch.Tensor:
+        """The clip (a latent) for `cond`; `on_step(i, state)` after each step, `on_stage(name, seconds)` after each stage
+        of a staged bundle."""
         if self.stages:
             if (frames, height, width) != (None, None, None):
                 raise RunInputError("this bundle runs in stages (content -> motion -> decode) at the sizes it was compiled "
                                     "for; it takes no frames, height or width.")
-            return self.run_stages(cond, uncond, seed, progress, on_step)
+            return self.run_stages(cond, uncond, seed, progress, on_step, on_stage)
         shape = self.latent_shape(self.batch_of(cond), frames, height, width)
         segment = self.segment_for(shape)
         run_step = self.runner(segment)
