@@ -7,12 +7,14 @@ never how long anything took.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from vdopt.cli import main
@@ -154,11 +156,11 @@ def test_kernel_events_take_the_next_call_site_of_their_name():
     assert cursor(event("graph_0_cpp_fused_gelu_11")) is None  # another kernel, not a suffix match of gelu_1
 
 
-def cached_reference_recipe(backend: str, steps: int = 8):
+def cached_reference_recipe(backend: str, steps: int = 8, kernel_profile: bool = False):
     data = load_recipe(ROOT / "recipes/reference.yaml").model_dump(mode="json")
     data["model"]["input"]["batch"] = {"min": 1, "max": 2}
     data["sampler"]["steps"] = steps
-    data["lower"] = {"backend": backend}
+    data["lower"] = {"backend": backend, "kernel_profile": kernel_profile}
     data["passes"] = [{"name": "insert_cache", "params": {"policy": "first_blocks", "first": 1, "threshold": 1e6,
                                                           "max_reuse": 2, "warmup": 1, "final": 0}}]
     return parse_recipe(data)
@@ -222,7 +224,9 @@ def test_nsys_missing_is_one_clear_error(torch_bundle, tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("backend", ["aoti", "onnx"])
 def test_compiled_backends_attribute_time_to_modules(backend, torch_bundle, tmp_path):
     path = tmp_path / f"cached_{backend}.vdopt"
-    compile_bundle(cached_reference_recipe(backend), TEACHER, path, verify=False)
+    compile_bundle(cached_reference_recipe(backend, kernel_profile=True), TEACHER, path, verify=False)
+    if backend == "aoti":
+        assert kernel_records(path) > 0
     session = Session(path, profile=True)
     cond, uncond = session.prompt_encoder()(PROMPTS)
     profile = profile_bundle(session, cond, uncond)
@@ -231,6 +235,31 @@ def test_compiled_backends_attribute_time_to_modules(backend, torch_bundle, tmp_
     assert session.manifest["segments"][0]["runtime"] == get_backend(backend).runtime
     if backend == "onnx":
         check_onnx_options(session.runner(session.manifest["segments"][0]).options, torch.get_num_threads())
+
+
+def kernel_records(bundle: Path) -> int:
+    """Profiler records in the AOTInductor packages' generated wrappers (one per recorded kernel call)."""
+    count = 0
+    for package in (bundle / "segments").glob("*.pt2"):
+        with zipfile.ZipFile(package) as archive:
+            count += sum(archive.read(name).decode().count("RAIIAtenRecordFunctionHandle")
+                         for name in archive.namelist() if name.endswith("wrapper.cpp"))
+    return count
+
+
+def test_aoti_kernels_are_compiled_without_profiler_records_unless_asked(tmp_path, capsys):
+    path = tmp_path / "plain_aoti.vdopt"
+    compile_bundle(cached_reference_recipe("aoti", steps=2), TEACHER, path, verify=False)
+    assert kernel_records(path) == 0
+    session = Session(path, profile=True)
+    profile = profile_bundle(session, *session.prompt_encoder()(PROMPTS))
+    assert "without kernel records" in profile.attribution and "--kernel-profile" in profile.attribution
+    assert all(not step.module_ms for step in profile.steps) and len(profile.steps) == 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cached_reference_recipe("aoti", steps=2).model_dump(mode="json")))
+    assert main(["compile", str(recipe), str(TEACHER), "-o", str(tmp_path / "recorded.vdopt"), "--kernel-profile"]) == 0
+    assert kernel_records(tmp_path / "recorded.vdopt") > 0
+    assert Session(tmp_path / "recorded.vdopt").manifest["recipe"]["lower"]["kernel_profile"] is True
 
 
 def check_onnx_options(options, threads: int):

@@ -15,8 +15,13 @@ from vdopt.errors import VdoptError
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from vdopt.compiler import compile_bundle
+    from vdopt.recipe import load_recipe, parse_recipe
 
-    manifest = compile_bundle(args.recipe, args.model, args.output, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
+    recipe = args.recipe
+    if args.kernel_profile:
+        data = load_recipe(args.recipe).model_dump(mode="json")
+        recipe = parse_recipe({**data, "lower": {**data["lower"], "kernel_profile": True}}, args.recipe)
+    manifest = compile_bundle(recipe, args.model, args.output, trust_pickle=args.trust_pickle, trust_code=args.trust_code,
                               dump_ir=args.dump_ir, force=args.force, verify=args.verify, log=lambda m: print(f"[vdopt] {m}", file=sys.stderr))
     seconds = sum(p["seconds"] for s in manifest["segments"] for p in s["passes"])
     stages = manifest.get("stages") or []
@@ -119,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the bundle against the unoptimised program on the recipe's verify.prompts and refuse to "
                         "write it if it misses the verify: budget (default: when the recipe states a budget)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="aoti: compile the kernels with profiler records (lower.kernel_profile), for `vdopt profile`'s "
+                        "per-module table; they slow every kernel call a little, small graphs most")
     p.add_argument("--force", action="store_true", default=False,
                    help="replace an existing bundle at -o (swapped in atomically once the new one is complete); "
                         "without it an existing bundle is refused. Files and non-bundle directories are never replaced")

@@ -167,6 +167,11 @@ class LowerSection(Strict):
                             "runtime reads the one-byte flag and runs one branch. auto: only for backends whose "
                             "conditionals may run both branches (tensorrt).",
     )
+    kernel_profile: bool = Field(
+        False, description="aoti: compile every kernel with a profiler record (`cpp.enable_kernel_profile`), so `vdopt "
+                           "profile` can attribute time to modules. Off by default: the records cost each kernel call even "
+                           "when no profiler listens (bench/results/kernel_profile.json).",
+    )
 
     @model_validator(mode="before")
     @classmethod

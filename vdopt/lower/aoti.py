@@ -1,10 +1,12 @@
 """`aoti`: the step program compiled ahead of time by AOTInductor into a `.pt2` package.
 
 The package runs from Python (`aoti_load_package`) or C++ (`AOTIModelPackageLoader`) without
-the Python model code. Its kernels are compiled with profiler records (`cpp.enable_kernel_profile`:
-a branch on whether a profiler listens when none does), and a `.modules.json` beside it lists each
-kernel call of the generated wrapper in source order with the module path of the graph nodes it
-computes, so `vdopt profile` can attribute kernel time to modules.
+the Python model code. A `.modules.json` beside it lists each kernel call of the generated wrapper in
+source order with the module path of the graph nodes it computes; with `lower.kernel_profile` the
+kernels are compiled with profiler records (`cpp.enable_kernel_profile`), and `vdopt profile` matches
+the recorded kernels to those call sites to attribute time to modules. The records are opt-in: they
+cost every kernel call even when no profiler listens, most on small graphs
+(`bench/kernel_profile.py`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def cond_operands_keep_traced_strides():
         ir.Conditional.create = create
 
 
-INDUCTOR_CONFIGS = {"cpp.enable_kernel_profile": True}
+KERNEL_PROFILE_CONFIGS = {"cpp.enable_kernel_profile": True}
+
+
+def inductor_configs(program: StepProgram) -> dict[str, bool]:
+    return dict(KERNEL_PROFILE_CONFIGS) if program.recipe.lower.kernel_profile else {}
+
+
 SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -206,7 +214,7 @@ class AotiBackend:
     name = "aoti"
     splits_conditionals = False  # runs `torch.cond` lazily
     needs_op_library = True  # the package calls vdopt's ops by name through its proxy executor
-    runtime = {"threads": "torch.get_num_threads() (OpenMP)", "inductor_configs": INDUCTOR_CONFIGS,
+    runtime = {"threads": "torch.get_num_threads() (OpenMP)", "inductor_configs": {"lower.kernel_profile": KERNEL_PROFILE_CONFIGS},
                "rewrites": ["tanh_gelu_as_sigmoid"]}
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
@@ -214,7 +222,7 @@ class AotiBackend:
         try:
             ep = for_inductor(program.ep)
             with cond_operands_keep_traced_strides():
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / name), inductor_configs=INDUCTOR_CONFIGS)
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / name), inductor_configs=inductor_configs(program))
         except Exception as exc:  # noqa: BLE001 - inductor raises many types; report the op and module
             raise unsupported_op_error(self.name, program.ep, str(exc), first_line(exc)) from exc
         modules = f"{stem}.aoti{MODULE_MAP_SUFFIX}"

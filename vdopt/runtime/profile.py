@@ -125,10 +125,16 @@ def decisions(trace: CacheTrace, num_steps: int) -> list[tuple[str, int | None]]
     return out
 
 
+def has_kernel_records(session: Session) -> bool:
+    """Whether the bundle's AOTInductor kernels were compiled with profiler records (`lower.kernel_profile`; bundles
+    made before the option always were)."""
+    return bool(session.manifest.get("recipe", {}).get("lower", {}).get("kernel_profile", True))
+
+
 def module_map_of(session: Session) -> list[dict[str, str]] | None:
-    """The AOTInductor call-site map of the bundle's (first) segment, if it has one."""
+    """The AOTInductor call-site map of the bundle's (first) segment, if it has one and its kernels are recorded."""
     files = [f for s in session.manifest["segments"] for f in s.get("files", []) if f.endswith(MODULE_MAP_SUFFIX)]
-    if not files:
+    if not files or not has_kernel_records(session):
         return None
     return parse_module_map(bundle_file(session.path, files[0], session.manifest).read_text(), files[0])
 
@@ -346,6 +352,9 @@ def profile_bundle(session: Session, cond: dict, uncond: dict | None, *, seed: i
         namer, attribution = KernelCursor(module_map), "AOTInductor kernels matched to wrapper call sites"
     elif ort_reports:
         namer, attribution = (lambda event: None), "ONNX Runtime's per-node profile"
+    elif backend == "aoti" and not has_kernel_records(session):
+        namer, attribution = (lambda event: None), ("none (AOTInductor bundle compiled without kernel records: recompile "
+                                                     "it with `vdopt compile --kernel-profile` or lower.kernel_profile: true)")
     else:
         namer, attribution = (lambda event: None), f"none ({backend} bundle without a module map: recompile it)"
     ort_modules = ort_step_modules(ort_reports[0], session.num_steps) if ort_reports else None
