@@ -1,8 +1,8 @@
 """What a cached step costs when it skips its body, against the uncached step's non-body work.
 
 Compiles the shipped teacher uncached (`recipes/reference.yaml`) and cached
-(`recipes/reference_cached.yaml`, whose body is the whole block stack) with the same backend, profiles
-both with `vdopt profile`'s machinery, and reports:
+(`recipes/reference_cached.yaml`, whose body is the whole block stack) with the same backend (aoti with kernel
+records, as `vdopt profile` needs), profiles both with `vdopt profile`'s machinery, and reports:
 - the uncached step's non-body work: its step time without the profiler times the share of the
   profiled step *not* spent in block modules;
 - the skip path: the cached bundle's reuse steps, timed without the profiler, and where their time
@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-skip-") as tmp:
         sessions = {}
         for name, recipe in recipes.items():
-            recipe = recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": args.backend})})
+            recipe = recipe.model_copy(update={"lower": recipe.lower.model_copy(update={"backend": args.backend, "kernel_profile": True})})
             path = Path(tmp) / f"{name}.vdopt"
             compile_bundle(recipe, TEACHER, path, verify=False)
             sessions[name] = Session(path, profile=True)
