@@ -1,5 +1,6 @@
 """CMD form vs the teacher (issue 21): wall clock per clip on the same backend, side by side, the quality row of each,
-network FLOPs per clip of every stage and how they grow with the frame count, and the autoencoder's reconstruction.
+network FLOPs per clip of every stage and how they grow with the frame count, and the autoencoder's reconstruction
+of held-out real clips and of the teacher's own clips.
 
 Both bundles sample at the teacher's 50 steps with guidance 3. Timing: interleaved rounds, one generation of `--batch`
 clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, the
@@ -95,6 +96,26 @@ def autoencoder_row(weights: Path, n: int) -> dict:
     return row
 
 
+def teacher_reconstruction_row(weights: Path, clips: torch.Tensor, prompts: list[str]) -> dict:
+    """The autoencoder on the teacher's own clips (what the CMD form must imitate, and what its decoder must draw):
+    PSNR against them, and the classifier's attribute accuracy on them and on their reconstructions."""
+    from vdopt.eval.classifier import load_classifier
+    from vdopt.eval.metrics import attribute_accuracy, psnr
+
+    autoencoder = load_cmd(weights)[0]
+    with torch.no_grad():
+        recon = torch.cat([autoencoder(chunk) for chunk in clips.split(32)]).clamp(-1, 1)
+    values = psnr(recon, clips)
+    classifier = load_classifier()
+    original, rebuilt = (attribute_accuracy(classifier.predict(x)[0], prompts) for x in (clips, recon))
+    row = {"clips": len(clips), "psnr_mean": round(float(values.mean()), 2), "psnr_worst": round(float(values.min()), 2),
+           "accuracy_teacher": original, "accuracy_reconstructed": rebuilt,
+           "points_lost": {k: round(100 * (original[k] - rebuilt[k]), 2) for k in ("shape", "colour", "direction", "all")}}
+    print(f"autoencoder over the teacher's {len(clips)} clips: PSNR {row['psnr_mean']:.2f} dB (worst {row['psnr_worst']:.2f}); "
+          f"accuracy points lost on reconstructions {row['points_lost']}", flush=True)
+    return row
+
+
 def contact_sheet(weights: Path, teacher_fn, path: Path, n: int = 8) -> Path:
     """Content frame (held over the clip's frames), decoded CMD clip and the teacher's clip, side by side, for the first
     `n` evaluation prompts (the eager CMD sampler equals its bundle within 1e-5, tests/test_cmd.py)."""
@@ -159,7 +180,11 @@ def main() -> None:
         rows = {}
         for name in names:
             generate_fn = cached(teacher_fn, teacher_label, args.cache) if name == "teacher" else generate_from_bundle(bundles[name])
-            result = suite.evaluate(generate_fn, args.prompts, args.seed, label=name, progress=False)["all"]
+            evaluated = suite.evaluate(generate_fn, args.prompts, args.seed, label=name, progress=False)
+            result = evaluated["all"]
+            if name == "teacher":
+                teacher_reconstruction = teacher_reconstruction_row(weights, evaluated["_videos"],
+                                                                    suite.prompt_set(args.prompts, args.seed)[0])
             rows[name] = {"seconds_per_clip_median": round(statistics.median(seconds[name]), 4),
                           "seconds_per_clip_worst": round(max(seconds[name]), 4),
                           "seconds_per_clip": [round(s, 4) for s in seconds[name]],
@@ -193,7 +218,8 @@ def main() -> None:
                               "seed": args.seed, "recipe": args.recipe, "rows": rows, "speedup_median": round(speedup, 3),
                               "speedup_worst_round": round(min(per_round), 3), "cmd_stage_ms_per_clip": stage_ms,
                               "points_lost": points, "checks": checks,
-                              "autoencoder": autoencoder, "flops_per_clip": flops}, load_start, load_end)
+                              "autoencoder": autoencoder, "autoencoder_on_teacher_clips": teacher_reconstruction,
+                              "flops_per_clip": flops}, load_start, load_end)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,12 @@ def test_cmd_bench(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["rows"]) == {"teacher", "cmd"} and set(record["flops_per_clip"]) == {"8", "16", "32"}
     assert record["autoencoder"]["clips"] == 4 and (tmp_path / "sheet.png").is_file()
+    assert record["autoencoder_on_teacher_clips"]["clips"] == 4
+    assert set(record["cmd_stage_ms_per_clip"]) == {"content", "motion", "decode"}
+
+
+def test_kernel_profile_bench(tmp_path):
+    out = tmp_path / "kernel_profile.json"
+    bench("kernel_profile.py", "--recipes", "recipes/reference.yaml", "--rounds", "1", "--json", str(out))
+    row = json.loads(out.read_text())["rows"]["reference"]
+    assert len(row["seconds_per_clip_off"]) == len(row["seconds_per_clip_on"]) == 1 and row["slowdown_median"] > 0
