@@ -338,34 +338,6 @@ def test_the_autoencoder_batch_mixes_teacher_samples_and_real_clips(fraction, fr
         torch.testing.assert_close(trainer.loss(3, torch.Generator()), (autoencoder(clips) - clips).pow(2).mean())
 
 
-@pytest.mark.parametrize("fraction, from_teacher", [(0.5, 2), (0.0, 0)])
-def test_the_content_batch_mixes_teacher_content_frames_and_real_ones(fraction, from_teacher, tmp_path):
-    from safetensors.torch import save_file
-
-    from vdopt.cmd.model import ContentMotionAutoencoder
-    from vdopt.cmd.train import conditioner_of, stage_weights, train_content
-    from vdopt.data.moving_shapes import make_batch
-    from vdopt.distill.common import Dist, load_teacher
-    from vdopt.distill.config import CMDSection
-    from vdopt.reference.train import flow_matching_loss
-
-    teacher = load_teacher(parse_recipe(cmd_recipe(Path("unused"), batch=1)), TEACHER)
-    section = CMDSection(**{**TINY_CMD, "content_batch": 4, "content_teacher_fraction": fraction})
-    autoencoder = ContentMotionAutoencoder(**section.autoencoder).eval()
-    stage_weights(tmp_path, "autoencoder").parent.mkdir(parents=True)
-    save_file(autoencoder.state_dict(), str(stage_weights(tmp_path, "autoencoder")))
-    samples = (torch.randn(5, 3, 8, 32, 32), torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 0, 0], [1, 1, 1]]))
-    trainer = train_content(tmp_path, teacher, section, samples, seed=0, dist=Dist(), progress=False)
-    real = make_batch(4 - from_teacher, 0 * 7_927 + 3, split="train")
-    picks = torch.randint(5, (from_teacher,), generator=torch.Generator().manual_seed(0 * 7_949 + 3))
-    with torch.no_grad():
-        frames = autoencoder.encode(torch.cat([samples[0][picks], real.video]))[0].unsqueeze(2)
-        attrs = torch.cat([samples[1][picks], real.attrs])
-        denoiser = teacher.descriptor.adapter(trainer.model)
-        expected = flow_matching_loss(denoiser, conditioner_of(teacher), frames, attrs, torch.Generator().manual_seed(7))
-        torch.testing.assert_close(trainer.loss(3, torch.Generator().manual_seed(7)), expected)
-
-
 def test_distill_names_the_stages_of_its_method(tmp_path):
     from vdopt.distill.cli import distill
     from vdopt.distill.common import DistillError

@@ -197,37 +197,19 @@ def frozen_autoencoder(out: Path, section: CMDSection) -> ContentMotionAutoencod
     return autoencoder.eval().requires_grad_(False)
 
 
-def encode_samples(autoencoder: ContentMotionAutoencoder, clips: torch.Tensor, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(content frames [N, C, 1, H, W], motion latents) of the teacher's samples under the frozen autoencoder."""
-    contents, motions = [], []
-    with torch.no_grad():
-        for chunk in tqdm(clips.split(64), desc="cmd encode teacher samples", disable=not progress, leave=False):
-            content, motion = autoencoder.encode(chunk)
-            contents.append(content)
-            motions.append(motion)
-    return torch.cat(contents).unsqueeze(2), torch.cat(motions)
-
-
-def train_content(out: Path, teacher: Teacher, section: CMDSection, samples: tuple[torch.Tensor, torch.Tensor] | None,
-                  seed: int, dist: Dist, progress: bool) -> StageTrainer:
+def train_content(out: Path, teacher: Teacher, section: CMDSection, seed: int, dist: Dist) -> StageTrainer:
     autoencoder = frozen_autoencoder(out, section)
     conditioner = conditioner_of(teacher)
     model, denoiser, _ = content_model(teacher)
     model.requires_grad_(True)
     config = clip_config(teacher)
     per_rank = share(section.content_batch, dist)
-    from_teacher = 0 if samples is None else round(section.content_teacher_fraction * per_rank)
-    teacher_frames = encode_samples(autoencoder, samples[0], progress and dist.main)[0] if from_teacher else None
 
     def loss(n: int, generator: torch.Generator) -> torch.Tensor:
-        batch = make_batch(per_rank - from_teacher, seed * 7_927 + n * dist.world + dist.rank, split="train", config=config)
+        batch = make_batch(per_rank, seed * 7_927 + n * dist.world + dist.rank, split="train", config=config)
         with torch.no_grad():
-            frames, attrs = autoencoder.encode(batch.video)[0].unsqueeze(2), batch.attrs
-        if from_teacher:
-            picks = torch.randint(len(teacher_frames), (from_teacher,),
-                                  generator=torch.Generator().manual_seed(seed * 7_949 + n * dist.world + dist.rank))
-            frames, attrs = torch.cat([teacher_frames[picks], frames]), torch.cat([samples[1][picks], attrs])
-        return flow_matching_loss(denoiser, conditioner, frames, attrs, generator)
+            frames = autoencoder.encode(batch.video)[0].unsqueeze(2)
+        return flow_matching_loss(denoiser, conditioner, frames, batch.attrs, generator)
 
     return StageTrainer(out, "content", model, loss, section.content_iterations, section.content_lr, section, seed, dist)
 
@@ -237,7 +219,13 @@ def train_motion(out: Path, teacher: Teacher, section: CMDSection, data: dict[st
     autoencoder = frozen_autoencoder(out, section)
     conditioner = conditioner_of(teacher)
     clips, attrs = teacher_samples(data, prompts)
-    contents, motions = encode_samples(autoencoder, clips, progress and dist.main)
+    contents, motions = [], []
+    with torch.no_grad():
+        for chunk in tqdm(clips.split(64), desc="cmd encode teacher samples", disable=not progress or not dist.main, leave=False):
+            content, motion = autoencoder.encode(chunk)
+            contents.append(content)
+            motions.append(motion)
+    contents, motions = torch.cat(contents).unsqueeze(2), torch.cat(motions)
     model = MotionDiT(**{**section.motion, "motion_channels": motions.shape[1], "content_channels": contents.shape[1],
                          "frames": motions.shape[2], "motion_width": motions.shape[4], "content_size": contents.shape[3]})
     denoiser = MotionDenoiser(model)
@@ -265,8 +253,7 @@ def run_stage(name: str, out: Path, teacher: Teacher, distill: DistillSection, d
         samples = teacher_samples(data_fn(), prompts)[0] if section.autoencoder_teacher_fraction else None
         trainer = train_autoencoder(out, teacher, section, samples, distill.seed, dist)
     elif name == "content":
-        samples = teacher_samples(data_fn(), prompts) if section.content_teacher_fraction else None
-        trainer = train_content(out, teacher, section, samples, distill.seed, dist, progress)
+        trainer = train_content(out, teacher, section, distill.seed, dist)
     else:
         trainer = train_motion(out, teacher, section, data_fn(), prompts, distill.seed, dist, progress)
     trainer.resume()

@@ -102,8 +102,7 @@ def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compi
 
     summary: dict[str, Any] = {"method": "cmd"}
     shards: list[Path] = []
-    if ("trajectories" in stages or "motion" in stages or ("autoencoder" in stages and section.cmd.autoencoder_teacher_fraction)
-            or ("content" in stages and section.cmd.content_teacher_fraction)):
+    if "trajectories" in stages or "motion" in stages or ("autoencoder" in stages and section.cmd.autoencoder_teacher_fraction):
         shards = make_trajectories(out, teacher, section, prompts, schedule, dist, progress)
         log(f"trajectories: {len(shards)} shard(s) in {out / 'trajectories'}")
     for name in (s for s in TRAINING if s in stages):

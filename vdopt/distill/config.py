@@ -40,9 +40,6 @@ class CMDSection(Strict):
     content_iterations: int = Field(1500, ge=1)
     content_batch: int = Field(32, ge=1)
     content_lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
-    content_teacher_fraction: float = Field(
-        0.0, ge=0, le=1, description="Share of each content batch taken from the teacher's samples' content frames with "
-        "their prompts (a distillation, as for the motion generator), the rest fresh real clips'.")
     motion: dict[str, int] = Field(default_factory=lambda: {k: v for k, v in MOTION_CONFIG.items() if k in MOTION_KEYS},
                                    description="MotionDiT arguments (width, depth, heads, patches; sizes come from the data).")
     motion_iterations: int = Field(3000, ge=1)
