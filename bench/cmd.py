@@ -4,8 +4,9 @@ of held-out real clips and of the teacher's own clips.
 
 Both bundles sample at the teacher's 50 steps with guidance 3. Timing: interleaved rounds, one generation of `--batch`
 clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, the
-ratio per round, and the CMD bundle's median milliseconds per clip in each stage (`Session.run(on_stage=...)`). Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS,
-track direction accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
+ratio per round, and the CMD bundle's median milliseconds per clip in each stage (`Session.run(on_stage=...)`).
+Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS, track direction
+accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
 reproduces to float rounding (tests/test_differential.py), the CMD row is its bundle's own clips.
 FLOPs: `torch.utils.flop_counter` over the exported program of each network (one guided evaluation = a batch of 2)
 times the steps, at 8, 16 and 32 frames (the teacher's temporal position table sized to each; weights do not change
@@ -73,24 +74,33 @@ def flop_rows(weights: Path, steps: int) -> dict[str, dict[str, int]]:
     return rows
 
 
-def autoencoder_row(weights: Path, n: int) -> dict:
-    """Reconstruction of `n` real clips the autoencoder never trained on (the evaluation prompt set, a quarter of them
-    held-out attribute triples, seeds apart from the training batches): PSNR, and the classifier's attribute accuracy
-    on the originals and on the reconstructions."""
+def reconstruction(weights: Path, clips: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict, dict]:
+    """The autoencoder's reconstructions of `clips`: (PSNR per clip, the classifier's attribute accuracy on the clips,
+    on the reconstructions)."""
     from vdopt.eval.classifier import load_classifier
     from vdopt.eval.metrics import attribute_accuracy, psnr
 
     autoencoder = load_cmd(weights)[0]
-    prompts, _, _ = suite.prompt_set(n, seed=1)
-    clips = suite.real_clips(prompts, base_seed=9_000_000)
     with torch.no_grad():
         recon = torch.cat([autoencoder(chunk) for chunk in clips.split(32)]).clamp(-1, 1)
-    values = psnr(recon, clips)
     classifier = load_classifier()
     original, rebuilt = (attribute_accuracy(classifier.predict(x)[0], prompts) for x in (clips, recon))
+    return psnr(recon, clips), original, rebuilt
+
+
+def points_lost(original: dict, rebuilt: dict) -> dict[str, float]:
+    return {k: round(100 * (original[k] - rebuilt[k]), 2) for k in ("shape", "colour", "direction", "all")}
+
+
+def autoencoder_row(weights: Path, n: int) -> dict:
+    """Reconstruction of `n` real clips the autoencoder never trained on (the evaluation prompt set, a quarter of them
+    held-out attribute triples, seeds apart from the training batches): PSNR, and the classifier's attribute accuracy
+    on the originals and on the reconstructions."""
+    prompts, _, _ = suite.prompt_set(n, seed=1)
+    values, original, rebuilt = reconstruction(weights, suite.real_clips(prompts, base_seed=9_000_000), prompts)
     row = {"clips": n, "psnr_mean": round(float(values.mean()), 2), "psnr_worst": round(float(values.min()), 2),
            "psnr_p5": round(float(values.quantile(0.05)), 2), "accuracy_original": original, "accuracy_reconstructed": rebuilt,
-           "points_lost": {k: round(100 * (original[k] - rebuilt[k]), 2) for k in ("shape", "colour", "direction", "all")}}
+           "points_lost": points_lost(original, rebuilt)}
     print(f"autoencoder over {n} held-out real clips: PSNR {row['psnr_mean']:.2f} dB (worst {row['psnr_worst']:.2f}, 5th pct "
           f"{row['psnr_p5']:.2f}); accuracy points lost on reconstructions {row['points_lost']}", flush=True)
     return row
@@ -99,18 +109,9 @@ def autoencoder_row(weights: Path, n: int) -> dict:
 def teacher_reconstruction_row(weights: Path, clips: torch.Tensor, prompts: list[str]) -> dict:
     """The autoencoder on the teacher's own clips (what the CMD form must imitate, and what its decoder must draw):
     PSNR against them, and the classifier's attribute accuracy on them and on their reconstructions."""
-    from vdopt.eval.classifier import load_classifier
-    from vdopt.eval.metrics import attribute_accuracy, psnr
-
-    autoencoder = load_cmd(weights)[0]
-    with torch.no_grad():
-        recon = torch.cat([autoencoder(chunk) for chunk in clips.split(32)]).clamp(-1, 1)
-    values = psnr(recon, clips)
-    classifier = load_classifier()
-    original, rebuilt = (attribute_accuracy(classifier.predict(x)[0], prompts) for x in (clips, recon))
+    values, original, rebuilt = reconstruction(weights, clips, prompts)
     row = {"clips": len(clips), "psnr_mean": round(float(values.mean()), 2), "psnr_worst": round(float(values.min()), 2),
-           "accuracy_teacher": original, "accuracy_reconstructed": rebuilt,
-           "points_lost": {k: round(100 * (original[k] - rebuilt[k]), 2) for k in ("shape", "colour", "direction", "all")}}
+           "accuracy_teacher": original, "accuracy_reconstructed": rebuilt, "points_lost": points_lost(original, rebuilt)}
     print(f"autoencoder over the teacher's {len(clips)} clips: PSNR {row['psnr_mean']:.2f} dB (worst {row['psnr_worst']:.2f}); "
           f"accuracy points lost on reconstructions {row['points_lost']}", flush=True)
     return row

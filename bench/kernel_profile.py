@@ -17,16 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from e2e import interleaved_rounds, with_batch
+from e2e import ROOT, TEACHER, interleaved_rounds, with_batch
 from results_file import write_results
 from vdopt.compiler import compile_bundle
 from vdopt.eval import suite
 from vdopt.recipe import load_recipe, parse_recipe
 from vdopt.runtime import Session
-
-ROOT = Path(__file__).resolve().parent.parent
-TEACHER = ROOT / "vdopt" / "reference" / "weights" / "teacher.safetensors"
-
 
 def aoti_recipe(path: str, batch: int, kernel_profile: bool):
     data = with_batch(load_recipe(path), batch).model_dump(mode="json")
