@@ -247,6 +247,15 @@ def kernel_records(bundle: Path) -> int:
     return count
 
 
+@pytest.mark.parametrize("manifest, recorded", [
+    ({"recipe": {"lower": {"kernel_profile": False}}}, False), ({"recipe": {"lower": {"kernel_profile": True}}}, True),
+    ({"recipe": {"lower": {}}}, True), ({}, True), ({"recipe": "not a dict"}, True), ({"recipe": {"lower": 3}}, True)])
+def test_kernel_records_are_read_from_the_manifest_without_trusting_its_shape(manifest, recorded):
+    from vdopt.runtime.profile import has_kernel_records
+
+    assert has_kernel_records(SimpleNamespace(manifest=manifest)) is recorded
+
+
 def test_aoti_kernels_are_compiled_without_profiler_records_unless_asked(tmp_path, capsys):
     path = tmp_path / "plain_aoti.vdopt"
     compile_bundle(cached_reference_recipe("aoti", steps=2), TEACHER, path, verify=False)

@@ -128,7 +128,9 @@ def decisions(trace: CacheTrace, num_steps: int) -> list[tuple[str, int | None]]
 def has_kernel_records(session: Session) -> bool:
     """Whether the bundle's AOTInductor kernels were compiled with profiler records (`lower.kernel_profile`; bundles
     made before the option always were)."""
-    return bool(session.manifest.get("recipe", {}).get("lower", {}).get("kernel_profile", True))
+    recipe = session.manifest.get("recipe")
+    lower = recipe.get("lower") if isinstance(recipe, dict) else None
+    return (lower.get("kernel_profile", True) if isinstance(lower, dict) else True) is not False
 
 
 def module_map_of(session: Session) -> list[dict[str, str]] | None:
