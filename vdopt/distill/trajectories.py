@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from vdopt.distill.common import Dist, PromptEncoder, Schedule, Teacher, latent_shape
 from vdopt.distill.config import DistillSection, fingerprint
-from vdopt.sampler import flow_euler_update
+from vdopt.sampler import flow_euler_update, initial_noise
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -54,10 +54,6 @@ def shard_is_complete(path: Path, digest: str) -> bool:
             return (f.metadata() or {}).get("fingerprint") == digest
     except Exception:  # noqa: BLE001 - a torn or foreign file is made again
         return False
-
-
-def initial_noise(shape: tuple[int, ...], seed: int, sample: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + sample))
 
 
 @torch.no_grad()
@@ -94,7 +90,7 @@ def make_trajectories(out: Path, teacher: Teacher, distill: DistillSection, prom
         ids = list(range(s * distill.shard_size, min((s + 1) * distill.shard_size, total)))
         prompt_ids = [j // distill.seeds_per_prompt for j in ids]
         cond, uncond = encode(prompt_ids)
-        noise = torch.cat([initial_noise(latent_shape(teacher.recipe, teacher, 1), distill.seed, j) for j in ids])
+        noise = initial_noise(distill.seed * 1_000_003 + ids[0], latent_shape(teacher.recipe, teacher, len(ids)))
         latents = solve(teacher, noise, cond, uncond, schedule, on_step=lambda: bar.update(1))
         tensors = {"latents": torch.stack(latents, dim=1).contiguous(), "sample_ids": torch.tensor(ids),
                    "prompt_ids": torch.tensor(prompt_ids), **{f"cond.{k}": v.contiguous() for k, v in cond.items()}}
