@@ -276,6 +276,68 @@ def test_a_tiny_cmd_distillation_end_to_end(tmp_path):
                                atol=1e-5, rtol=1e-5)
     again = distill(tmp_path / "r.yaml", TEACHER, tmp_path / "out", progress=False)  # every stage done: nothing retrains
     assert again["weights"] == summary["weights"]
+    exported = {k.removeprefix("autoencoder."): v for k, v in load_file(summary["weights"]).items() if k.startswith("autoencoder.")}
+    for name, tensor in load_file(str(tmp_path / "out" / "cmd" / "decoder.safetensors")).items():
+        torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0, msg=name)  # the fine-tuned decoder is shipped
+
+
+class Estimates(torch.nn.Module):
+    """A content denoiser whose clean-frame estimate is `conditional` under a prompt and `unconditional` under the
+    null prompt, at every noise level (as velocity, the way the reference denoiser answers)."""
+
+    def __init__(self, conditioner, conditional: torch.Tensor, unconditional: torch.Tensor):
+        super().__init__()
+        self.null, self.conditional, self.unconditional = conditioner.null(1), conditional, unconditional
+
+    def forward(self, x, t, context):
+        from vdopt.reference.model import velocity_from_sample
+
+        is_null = torch.isclose(context, self.null.expand_as(context)).flatten(1).all(1).view(-1, 1, 1, 1, 1)
+        x0 = torch.where(is_null, torch.cat([self.unconditional] * 2), torch.cat([self.conditional] * 2))
+        return velocity_from_sample(x, x0, t)
+
+
+def test_with_generator_errors_replaces_half_the_frames_by_the_guided_estimate():
+    from vdopt.cmd.train import conditioner_of, with_generator_errors
+    from vdopt.distill.common import load_teacher
+
+    conditioner = conditioner_of(load_teacher(parse_recipe(cmd_recipe(Path("unused"), batch=1)), TEACHER))
+    contents, conditional, unconditional = (torch.randn(64, 3, 1, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    attrs = torch.tensor([[0, 1, 2]] * 64)
+    out = with_generator_errors(Estimates(conditioner, conditional, unconditional), conditioner, contents, attrs, 0.4, 3.0,
+                                torch.Generator().manual_seed(0))
+    guided = unconditional + 3.0 * (conditional - unconditional)
+    kept = torch.tensor([torch.equal(o, c) for o, c in zip(out, contents)])
+    assert 16 < int(kept.sum()) < 48
+    torch.testing.assert_close(out[~kept], guided[~kept], atol=1e-4, rtol=1e-4)  # the estimate, whatever the noise level
+    exact = Estimates(conditioner, contents, contents)  # a generator without errors leaves every frame as it was
+    torch.testing.assert_close(with_generator_errors(exact, conditioner, contents, attrs, 0.4, 3.0, torch.Generator()), contents,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_the_decoder_stage_trains_the_decoder_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    from vdopt.cmd.model import ContentMotionAutoencoder
+    from vdopt.cmd.train import content_model, stage_weights, train_decoder
+    from vdopt.distill.common import Dist, load_teacher
+    from vdopt.distill.config import CMDSection
+
+    teacher = load_teacher(parse_recipe(cmd_recipe(Path("unused"), batch=1)), TEACHER)
+    section = CMDSection(**{**TINY_CMD, "decoder_iterations": 3})
+    stage_weights(tmp_path, "autoencoder").parent.mkdir(parents=True)
+    save_file(ContentMotionAutoencoder(**section.autoencoder).state_dict(), str(stage_weights(tmp_path, "autoencoder")))
+    save_file(content_model(teacher)[0].state_dict(), str(stage_weights(tmp_path, "content")))
+    samples = (torch.rand(4, 3, 8, 32, 32) * 2 - 1, torch.tensor([[0, 0, 0]] * 4))
+    trainer = train_decoder(tmp_path, teacher, section, samples, seed=0, dist=Dist())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.run(None, progress=False)
+    after = load_file(str(stage_weights(tmp_path, "decoder")))
+    decoding = {f"{name}." for name, module in trainer.model.named_children() if module in trainer.model.decoding_modules()}
+    assert decoding == {"content_embed.", "from_x.", "from_y.", "decoder.", "unpatch.", "out."}
+    for name, tensor in before.items():
+        changed = not torch.equal(after[name], tensor)
+        assert changed == name.startswith(tuple(decoding)) or not tensor.is_floating_point(), name
 
 
 def test_a_stage_killed_midway_resumes_to_the_uninterrupted_weights(tmp_path):
@@ -318,6 +380,27 @@ def test_under_symmetries_gives_each_clip_one_of_its_flips_transposes_and_time_r
     torch.testing.assert_close(under_symmetries(clips, torch.Generator().manual_seed(0)), out, atol=0, rtol=0)
     oblong = torch.randn(8, 3, 4, 6, 8)
     assert under_symmetries(oblong, torch.Generator().manual_seed(1)).shape == oblong.shape  # no transposition
+
+
+def test_under_prompt_symmetries_moves_each_object_the_way_its_new_prompt_says():
+    from vdopt.cmd.train import under_prompt_symmetries
+    from vdopt.data.moving_shapes import ALL_COMBOS, HELD_OUT_COMBOS, SHAPES, make_clip
+    from vdopt.eval.metrics import direction_of_motion, object_track
+
+    seen = [a for a in ALL_COMBOS if a not in set(HELD_OUT_COMBOS)]
+    clips = torch.stack([make_clip(a, seed=k).video for k, a in enumerate(seen)])
+    attrs = torch.tensor(seen)
+    out, out_attrs = under_prompt_symmetries(clips, attrs)
+    torch.testing.assert_close(out[:len(seen)], clips, atol=0, rtol=0)
+    images = out_attrs[len(seen):]
+    assert not set(map(tuple, out_attrs.tolist())) & set(map(tuple, HELD_OUT_COMBOS))
+    assert SHAPES.index("triangle") not in images[:, 0].tolist()
+    symmetric = [a for a in seen if SHAPES[a[0]] != "triangle"]
+    held_out_symmetric = sum(SHAPES[a[0]] != "triangle" for a in HELD_OUT_COMBOS)
+    assert len(symmetric) * 3 - 3 * held_out_symmetric <= len(images) < len(symmetric) * 3  # some land on held-out triples
+    moving = [(clip, a) for clip, a in zip(out, out_attrs.tolist()) if direction_of_motion(object_track(clip)) is not None]
+    assert len(moving) > 0.9 * len(out)
+    assert all(direction_of_motion(object_track(clip)) == a[2] for clip, a in moving)
 
 
 @pytest.mark.parametrize("fraction, from_teacher", [(1.0, 4), (0.5, 2), (0.0, 0)])

@@ -26,7 +26,7 @@ RECIPE = "recipe.yaml"
 def export_cmd(out: Path, teacher: Teacher, distill: DistillSection, compile_recipe: dict[str, Any]) -> tuple[Path, Path]:
     section = distill.cmd
     autoencoder = ContentMotionAutoencoder(**section.autoencoder)
-    autoencoder.load_state_dict(load_file(str(stage_weights(out, "autoencoder"))))
+    autoencoder.load_state_dict(load_file(str(stage_weights(out, "decoder"))))  # the autoencoder, its decoder fine-tuned
     with safe_open(str(stage_weights(out, "motion")), "pt") as f:
         motion = MotionDiT(**json.loads(f.metadata()["config"]))
     motion.load_state_dict(load_file(str(stage_weights(out, "motion"))))

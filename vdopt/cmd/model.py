@@ -96,6 +96,10 @@ class ContentMotionAutoencoder(nn.Module):
         motion = torch.cat([self.to_x(h.mean(dim=3)), self.to_y(h.mean(dim=4))], dim=3)
         return content, torch.tanh(motion).unsqueeze(3)
 
+    def decoding_modules(self) -> list[nn.Module]:
+        """The modules `decode` runs (the decoder stage of `vdopt distill --method cmd` fine-tunes these alone)."""
+        return [self.content_embed, self.from_x, self.from_y, self.decoder, self.unpatch, self.out]
+
     def decode(self, content: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
         rows, cols = content.shape[2] // self.patch, content.shape[3] // self.patch
         plane = motion.squeeze(3)

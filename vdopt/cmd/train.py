@@ -12,7 +12,12 @@
    (10 % prompt dropout to the null sequence, for guidance).
 4. `motion`: the motion DiT by flow matching on the teacher's samples encoded by the autoencoder (a distillation: the
    motion generator never sees real data), the content frame in context, the prompt as conditioning (10 % dropout).
-5. `export`: `cmd.safetensors` (EMA weights of every part) and a recipe whose `rewrite_content_motion` pass uses it.
+   The samples are taken also under the data's symmetries that keep a prompt a prompt (`under_prompt_symmetries`:
+   transposed and rotated circles and squares, the direction remapped, held-out triples left out).
+5. `decoder`: the autoencoder's decoder fine-tuned (encoder frozen) on content frames carrying the content generator's
+   errors (`with_generator_errors`, `cmd.content_corruption`): every CMD clip is decoded from a generated content
+   frame, and a decoder that has only seen encoded ones draws the generator's errors into the clip.
+6. `export`: `cmd.safetensors` (EMA weights of every part) and a recipe whose `rewrite_content_motion` pass uses it.
 
 Every training stage checkpoints (`cmd/<stage>/ckpt.pt`: model, EMA, optimiser, iteration) every
 `cmd.checkpoint_every` iterations and on a stop, and resumes from it; a finished stage leaves
@@ -34,13 +39,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vdopt.cmd.model import ContentMotionAutoencoder, MotionDenoiser, MotionDiT
-from vdopt.data.moving_shapes import ClipConfig, make_batch, parse_prompt
+from vdopt.data.moving_shapes import DIRECTION_VEC, DIRECTIONS, HELD_OUT_COMBOS, SHAPES, Attrs, ClipConfig, make_batch, parse_prompt
 from vdopt.distill.common import Dist, DistillError, Teacher, atomic_save, bypass_blocks
 from vdopt.distill.config import CMDSection, DistillSection, PruneSpec
-from vdopt.reference.model import PromptConditioner
+from vdopt.reference.model import SIGMA_MIN, PromptConditioner
 from vdopt.reference.train import flow_matching_loss
 
-STAGES = ("autoencoder", "content", "motion")
+STAGES = ("autoencoder", "content", "motion", "decoder")
 
 
 def stage_weights(out: Path, stage: str) -> Path:
@@ -169,6 +174,33 @@ def under_symmetries(clips: torch.Tensor, generator: torch.Generator) -> torch.T
     return torch.stack(out)
 
 
+# The symmetries of moving-shapes clips that keep a clip a clip of a prompt: each maps the clip [C, T, H, W] and the
+# direction's (dx, dy). They are the ones that keep the background texture's stripes (sin(fx x + fy y), fx, fy > 0)
+# in their family; a triangle (apex up) is kept by none but the identity.
+PROMPT_SYMMETRIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[int, int], tuple[int, int]]]] = {
+    "transpose": (lambda clip: clip.transpose(2, 3), lambda dx, dy: (dy, dx)),
+    "rotate 180": (lambda clip: clip.flip((2, 3)), lambda dx, dy: (-dx, -dy)),
+    "anti-transpose": (lambda clip: clip.flip((2, 3)).transpose(2, 3), lambda dx, dy: (-dy, -dx)),
+}
+SYMMETRIC_SHAPES = (SHAPES.index("circle"), SHAPES.index("square"))
+
+
+def under_prompt_symmetries(clips: torch.Tensor, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(clips [N, C, T, H, W], attrs [N, 3])` and their images under `PROMPT_SYMMETRIES` with the direction remapped,
+    for the shapes the symmetries keep; an image whose (shape, colour, direction) is a held-out triple is left out, so
+    the motion generator still never sees one. The teacher's 720 samples are few for a DiT trained for ~500 epochs."""
+    by_vector = {vector: index for index, vector in enumerate(DIRECTION_VEC[d] for d in DIRECTIONS)}
+    held_out = set(HELD_OUT_COMBOS)
+    out_clips, out_attrs = [clips], [attrs]
+    for clip_map, vector_map in PROMPT_SYMMETRIES.values():
+        for clip, (shape, colour, direction) in zip(clips, attrs.tolist()):
+            image = Attrs(shape, colour, by_vector[vector_map(*DIRECTION_VEC[DIRECTIONS[direction]])])
+            if shape in SYMMETRIC_SHAPES and image not in held_out:
+                out_clips.append(clip_map(clip)[None])
+                out_attrs.append(torch.tensor([image], dtype=attrs.dtype))
+    return torch.cat(out_clips), torch.cat(out_attrs)
+
+
 def train_autoencoder(out: Path, teacher: Teacher, section: CMDSection, samples: torch.Tensor | None, seed: int,
                       dist: Dist) -> StageTrainer:
     autoencoder = ContentMotionAutoencoder(**section.autoencoder)
@@ -214,11 +246,68 @@ def train_content(out: Path, teacher: Teacher, section: CMDSection, seed: int, d
     return StageTrainer(out, "content", model, loss, section.content_iterations, section.content_lr, section, seed, dist)
 
 
+def trained_content_denoiser(out: Path, teacher: Teacher) -> nn.Module:
+    path = stage_weights(out, "content")
+    if not path.is_file():
+        raise DistillError(f"{path}: the content stage has not finished; run it first.")
+    model, denoiser, _ = content_model(teacher)
+    model.load_state_dict(load_file(str(path)))
+    return denoiser.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def with_generator_errors(denoiser: nn.Module, conditioner: PromptConditioner, contents: torch.Tensor, attrs: torch.Tensor,
+                          sigma_max: float, guidance: float, generator: torch.Generator) -> torch.Tensor:
+    """`contents [B, C, 1, H, W]`, a random half replaced by the content generator's guided estimate of each from it
+    noised to a level drawn in [0, sigma_max]: content frames with the errors the generator makes, for the decoder to
+    learn from (the noise-conditioning augmentation of cascaded diffusion models)."""
+    b = len(contents)
+    sigma = (torch.rand(b, generator=generator) * sigma_max).view(b, 1, 1, 1, 1)
+    noisy = (1 - sigma) * contents + sigma * torch.randn(contents.shape, generator=generator)
+    timestep = sigma.flatten().repeat(2) * 1000.0
+    context = torch.cat([conditioner.encode_attrs(attrs), conditioner.null(b)])
+    conditional, unconditional = denoiser(torch.cat([noisy, noisy]), timestep, context).split(b)
+    estimate = noisy - sigma.clamp_min(SIGMA_MIN) * (unconditional + guidance * (conditional - unconditional))
+    clean = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1, 1)
+    return torch.where(clean, contents, estimate)
+
+
+def train_decoder(out: Path, teacher: Teacher, section: CMDSection, samples: tuple[torch.Tensor, torch.Tensor] | None,
+                  seed: int, dist: Dist) -> StageTrainer:
+    """The autoencoder's decoder fine-tuned, its encoder frozen (so the generators' data stays what they learnt), on
+    content frames with the content generator's errors (`with_generator_errors`): the decoder draws every CMD clip
+    from a generated content frame, not an encoded one. Batches mix real clips and the teacher's samples (under
+    `under_prompt_symmetries`: the estimate needs each clip's prompt) as the autoencoder stage does."""
+    autoencoder = frozen_autoencoder(out, section)
+    for module in autoencoder.decoding_modules():
+        module.requires_grad_(True)
+    denoiser, conditioner = trained_content_denoiser(out, teacher), conditioner_of(teacher)
+    guidance = teacher.recipe.sampler.guidance_scale
+    config = clip_config(teacher)
+    per_rank = share(section.autoencoder_batch, dist)
+    from_teacher = 0 if samples is None else round(section.autoencoder_teacher_fraction * per_rank)
+
+    def loss(n: int, generator: torch.Generator) -> torch.Tensor:
+        batch = make_batch(per_rank - from_teacher, seed * 7_949 + n * dist.world + dist.rank, split="train", config=config)
+        clips, attrs = batch.video, batch.attrs
+        if from_teacher:
+            picks = torch.randint(len(samples[0]), (from_teacher,),
+                                  generator=torch.Generator().manual_seed(seed * 7_951 + n * dist.world + dist.rank))
+            clips, attrs = torch.cat([samples[0][picks], clips]), torch.cat([samples[1][picks], attrs])
+        with torch.no_grad():
+            content, motion = autoencoder.encode(clips)
+            content = with_generator_errors(denoiser, conditioner, content.unsqueeze(2), attrs, section.content_corruption,
+                                            guidance, generator)[:, :, 0]
+        return (autoencoder.decode(content, motion) - clips).pow(2).mean()
+
+    return StageTrainer(out, "decoder", autoencoder, loss, section.decoder_iterations, section.decoder_lr, section, seed, dist)
+
+
 def train_motion(out: Path, teacher: Teacher, section: CMDSection, data: dict[str, torch.Tensor], prompts: list[str],
                  seed: int, dist: Dist, progress: bool) -> StageTrainer:
     autoencoder = frozen_autoencoder(out, section)
     conditioner = conditioner_of(teacher)
-    clips, attrs = teacher_samples(data, prompts)
+    clips, attrs = under_prompt_symmetries(*teacher_samples(data, prompts))
     contents, motions = [], []
     with torch.no_grad():
         for chunk in tqdm(clips.split(64), desc="cmd encode teacher samples", disable=not progress or not dist.main, leave=False):
@@ -254,8 +343,11 @@ def run_stage(name: str, out: Path, teacher: Teacher, distill: DistillSection, d
         trainer = train_autoencoder(out, teacher, section, samples, distill.seed, dist)
     elif name == "content":
         trainer = train_content(out, teacher, section, distill.seed, dist)
-    else:
+    elif name == "motion":
         trainer = train_motion(out, teacher, section, data_fn(), prompts, distill.seed, dist, progress)
+    else:
+        samples = under_prompt_symmetries(*teacher_samples(data_fn(), prompts)) if section.autoencoder_teacher_fraction else None
+        trainer = train_decoder(out, teacher, section, samples, distill.seed, dist)
     trainer.resume()
     if trainer.iteration:
         log(f"cmd {name}: resuming at iteration {trainer.iteration}/{trainer.iterations} from {trainer.ckpt}")

@@ -10,7 +10,7 @@ from typing import Any
 
 
 STAGES = ("trajectories", "train", "export")
-CMD_STAGES = ("trajectories", "autoencoder", "content", "motion", "export")
+CMD_STAGES = ("trajectories", "autoencoder", "content", "motion", "decoder", "export")
 
 
 def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Path, *, stages: tuple[str, ...] | None = None,
@@ -102,7 +102,8 @@ def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compi
 
     summary: dict[str, Any] = {"method": "cmd"}
     shards: list[Path] = []
-    if "trajectories" in stages or "motion" in stages or ("autoencoder" in stages and section.cmd.autoencoder_teacher_fraction):
+    if ("trajectories" in stages or "motion" in stages
+            or ({"autoencoder", "decoder"} & set(stages) and section.cmd.autoencoder_teacher_fraction)):
         shards = make_trajectories(out, teacher, section, prompts, schedule, dist, progress)
         log(f"trajectories: {len(shards)} shard(s) in {out / 'trajectories'}")
     for name in (s for s in TRAINING if s in stages):
@@ -122,7 +123,7 @@ def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compi
 
 def _only_training_length(previous: dict, current: dict) -> bool:
     loose = ("iterations", "checkpoint_every", "keep_checkpoints")
-    loose_cmd = ("autoencoder_iterations", "content_iterations", "motion_iterations", "checkpoint_every")
+    loose_cmd = ("autoencoder_iterations", "content_iterations", "motion_iterations", "decoder_iterations", "checkpoint_every")
 
     def strip(section: dict) -> dict:
         kept = {k: v for k, v in section.items() if k not in loose}

@@ -27,7 +27,7 @@ class PruneSpec(Strict):
 
 
 class CMDSection(Strict):
-    """`distill.cmd`: the CMD form's three training stages (vdopt.cmd.train)."""
+    """`distill.cmd`: the CMD form's four training stages (vdopt.cmd.train)."""
 
     autoencoder: dict[str, int] = Field(default_factory=lambda: dict(AUTOENCODER_CONFIG), description="ContentMotionAutoencoder arguments.")
     autoencoder_iterations: int = Field(2000, ge=1)
@@ -45,6 +45,12 @@ class CMDSection(Strict):
     motion_iterations: int = Field(3000, ge=1)
     motion_batch: int = Field(32, ge=1)
     motion_lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    decoder_iterations: int = Field(1500, ge=1)
+    decoder_lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
+    content_corruption: float = Field(
+        0.4, ge=0, le=1, description="The decoder stage's content frames: for half of each batch, the content "
+        "generator's guided estimate of the frame from it noised to a level drawn in [0, this] (0: clean frames only), "
+        "so the decoder learns to draw a clip from a content frame with the generator's errors in it.")
     ema_decay: float = Field(0.999, ge=0, le=1)
     checkpoint_every: int = Field(200, ge=1)
 
