@@ -233,6 +233,20 @@ def test_resume_refuses_different_settings(workdir, full_run, tmp_path):
         distill(changed, workdir / "teacher.safetensors", out, progress=False)
 
 
+def test_resume_reads_settings_added_since_as_their_defaults(workdir, full_run, tmp_path):
+    out, _ = full_run
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    settings = json.loads((older / "distill.json").read_text())
+    del settings["distill"]["cmd"]["content_corruption"]  # a distill.json written before the option existed
+    (older / "distill.json").write_text(json.dumps(settings))
+    assert "weights" in distill(workdir / "recipe.yaml", workdir / "teacher.safetensors", older, progress=False)
+    settings["distill"]["cmd"]["content_corruption"] = 0.1  # not the default: a different setting
+    (older / "distill.json").write_text(json.dumps(settings))
+    with pytest.raises(Exception, match="different settings"):
+        distill(workdir / "recipe.yaml", workdir / "teacher.safetensors", older, progress=False)
+
+
 def test_recipe_errors_name_the_key(tmp_path):
     bad = write_recipe(tmp_path / "bad.yaml", student_steps=9)
     with pytest.raises(RecipeError, match="student_steps"):

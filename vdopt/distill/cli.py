@@ -52,7 +52,7 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
         current = {"recipe": compile_recipe, "distill": section.model_dump(mode="json"), "teacher": str(Path(teacher_path).resolve())}
         if dist.main:
             if settings.is_file():
-                previous = json.loads(settings.read_text())
+                previous = with_defaults(json.loads(settings.read_text()))
                 changed = [k for k in ("recipe", "distill") if previous.get(k) != current[k]]
                 # iterations / checkpoint cadence may grow on resume; anything else must match
                 if changed and not _only_training_length(previous, current):
@@ -119,6 +119,19 @@ def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compi
             summary.update(weights=str(weights), recipe=str(recipe_file))
             log(f"export: {weights} and {recipe_file}")
     return summary
+
+
+def with_defaults(settings: dict) -> dict:
+    """A distill.json as this version reads it: settings added since it was written take their defaults (so a run made
+    before a new option, which would have used the default, still resumes)."""
+    from pydantic import ValidationError
+
+    from vdopt.distill.config import DistillSection
+
+    try:
+        return {**settings, "distill": DistillSection.model_validate(settings.get("distill", {})).model_dump(mode="json")}
+    except (ValidationError, TypeError):
+        return settings  # compared as written: a setting since removed or renamed is a difference
 
 
 def _only_training_length(previous: dict, current: dict) -> bool:
