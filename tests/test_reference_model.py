@@ -167,6 +167,7 @@ def test_velocity_from_sample_is_the_flow_velocity_clamped_at_sigma_min():
     v = RM.velocity_from_sample(x_s, x0, s * 1000)
     torch.testing.assert_close(v[:2], (noise - x0)[:2])
     torch.testing.assert_close(v[2], (x_s[2] - x0[2]) / RM.SIGMA_MIN)
+    torch.testing.assert_close(RM.sample_from_velocity(x_s, v, s * 1000), x0)  # the inverse, below SIGMA_MIN too
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / RM.WEIGHTS_FILE).exists(), reason="teacher weights not shipped yet")

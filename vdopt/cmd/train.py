@@ -42,7 +42,7 @@ from vdopt.cmd.model import ContentMotionAutoencoder, MotionDenoiser, MotionDiT
 from vdopt.data.moving_shapes import DIRECTION_VEC, DIRECTIONS, HELD_OUT_COMBOS, SHAPES, Attrs, ClipConfig, make_batch, parse_prompt
 from vdopt.distill.common import Dist, DistillError, Teacher, atomic_save, bypass_blocks
 from vdopt.distill.config import CMDSection, DistillSection, PruneSpec
-from vdopt.reference.model import SIGMA_MIN, PromptConditioner
+from vdopt.reference.model import PromptConditioner, sample_from_velocity
 from vdopt.reference.train import flow_matching_loss
 
 STAGES = ("autoencoder", "content", "motion", "decoder")
@@ -267,7 +267,7 @@ def with_generator_errors(denoiser: nn.Module, conditioner: PromptConditioner, c
     timestep = sigma.flatten().repeat(2) * 1000.0
     context = torch.cat([conditioner.encode_attrs(attrs), conditioner.null(b)])
     conditional, unconditional = denoiser(torch.cat([noisy, noisy]), timestep, context).split(b)
-    estimate = noisy - sigma.clamp_min(SIGMA_MIN) * (unconditional + guidance * (conditional - unconditional))
+    estimate = sample_from_velocity(noisy, unconditional + guidance * (conditional - unconditional), timestep[:b])
     clean = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1, 1)
     return torch.where(clean, contents, estimate)
 

@@ -135,9 +135,17 @@ class ReferenceDenoiser(nn.Module):
         return velocity_from_sample(x, x0.to(x.dtype), t)
 
 
+def _sigma(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    return (timestep.to(x.dtype) / 1000.0).clamp_min(SIGMA_MIN).reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def velocity_from_sample(x: torch.Tensor, x0: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    sigma = (timestep.to(x.dtype) / 1000.0).clamp_min(SIGMA_MIN).reshape(-1, *([1] * (x.dim() - 1)))
-    return (x - x0) / sigma
+    return (x - x0) / _sigma(x, timestep)
+
+
+def sample_from_velocity(x: torch.Tensor, velocity: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The clean sample a denoiser's velocity stands for (the inverse of `velocity_from_sample`)."""
+    return x - _sigma(x, timestep) * velocity
 
 
 class PromptConditioner(nn.Module):
