@@ -9,7 +9,9 @@ conditioner) and rewrites the captured program into three step programs:
 - `content` (loop): the captured family's own model at one frame with the content generator's weights (the teacher
   fine-tuned on content frames, its temporal blocks removed), the captured program's sampler, steps and guidance;
 - `motion` (loop): the motion DiT over the motion latent `[B, c, T, 1, W' + H']`, the content frame as a
-  conditioning input fed from the first stage, the same sampler, steps and guidance;
+  conditioning input fed from the first stage, the same sampler and steps, and the guidance scale the weights record
+  for it (`motion_guidance`: the DiT learnt the teacher's guided samples, which carry the teacher's guidance already;
+  absent, the sampler's);
 - `decode` (call): the autoencoder's decoder, `(content, motion) -> clip`.
 
 The pass returns the content stage's program carrying the other two in `extras["stages"]`, so the passes after it
@@ -26,7 +28,7 @@ import torch
 
 from vdopt.capture import StepModule, export_step, io_specs
 from vdopt.cmd.family import MOTION
-from vdopt.cmd.model import MOTION_NOISE_OFFSET, Decoder, load_cmd
+from vdopt.cmd.model import MOTION_NOISE_OFFSET, Decoder, load_cmd, motion_guidance
 from vdopt.families.base import bypass
 from vdopt.errors import PassError
 from vdopt.pass_manager import Pass, register_fact
@@ -34,10 +36,11 @@ from vdopt.program import Stage, StepProgram, TensorSpec
 
 
 def stage_program(program: StepProgram, denoiser: torch.nn.Module, x: torch.Tensor, conds: dict[str, torch.Tensor],
-                  descriptor, config: dict) -> StepProgram:
-    """A loop stage: `denoiser` under the captured program's sampler, steps and guidance, exported at `x`'s sizes
-    (static but for the batch)."""
-    sampler = program.recipe.sampler
+                  descriptor, config: dict, guidance_scale: float) -> StepProgram:
+    """A loop stage: `denoiser` under the captured program's sampler and steps at `guidance_scale`, exported at `x`'s
+    sizes (static but for the batch)."""
+    sampler = program.recipe.sampler.model_copy(update={"guidance_scale": guidance_scale})
+    recipe = program.recipe.model_copy(update={"sampler": sampler})
     table = {k: torch.tensor(v, dtype=torch.float32) for k, v in program.step_table.items()}
     step = StepModule(denoiser.eval().requires_grad_(False), table, sampler.kind, sampler.prediction, sampler.guidance_scale,
                       len(conds), program.guidance)
@@ -48,7 +51,7 @@ def stage_program(program: StepProgram, denoiser: torch.nn.Module, x: torch.Tens
     dims = {"batch": program.dims["batch"], **{k: (s, s) for k, s in zip(("frames", "height", "width"), x.shape[2:])}}
     ep = export_step(step, example, dims, (1, 1, 1))
     inputs, outputs = io_specs(ep, names, ["x_next"], dims)
-    return StepProgram(ep=ep, recipe=program.recipe, descriptor=descriptor, model_config=config, inputs=inputs,
+    return StepProgram(ep=ep, recipe=recipe, descriptor=descriptor, model_config=config, inputs=inputs,
                        outputs=outputs, state=(), step_table=program.step_table, dims=dims, example_inputs=example,
                        guidance=program.guidance)
 
@@ -95,10 +98,11 @@ def rewrite_content_motion(program: StepProgram, weights: str) -> StepProgram:
     with torch.no_grad():
         frames, motion_latent = autoencoder.encode(torch.zeros_like(x))
     frames = frames.unsqueeze(2)  # the content loop's latent, [B, C, 1, H, W]
+    guidance = program.recipe.sampler.guidance_scale
     content = stage_program(program, content_generator(program, content_state, meta.get("content_removed_blocks", [])),
-                            frames, cond, program.descriptor, program.model_config)
+                            frames, cond, program.descriptor, program.model_config, guidance)
     motion_stage = stage_program(program, MOTION.adapter(motion), torch.zeros_like(motion_latent), {**cond, "content": frames},
-                                 MOTION, motion.config)
+                                 MOTION, motion.config, motion_guidance(meta, guidance))
     decode = decode_program(program, Decoder(autoencoder), frames, motion_latent)
     stages = (Stage("motion", "loop", motion_stage, "motion", {"cond.content": "content"}, MOTION_NOISE_OFFSET),
               Stage("decode", "call", decode, "clip", {"content": "content", "motion": "motion"}))

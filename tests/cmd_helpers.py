@@ -13,7 +13,7 @@ from vdopt.families.reference import REFERENCE
 from vdopt.reference.model import TEACHER_CONFIG, build_teacher, load_reference
 
 
-def random_cmd_file(path: Path, seed: int = 0, teacher_config: dict | None = None) -> Path:
+def random_cmd_file(path: Path, seed: int = 0, teacher_config: dict | None = None, info: dict | None = None) -> Path:
     config = dict(TEACHER_CONFIG if teacher_config is None else teacher_config)
     torch.manual_seed(seed)
     model = build_teacher(config)
@@ -27,4 +27,4 @@ def random_cmd_file(path: Path, seed: int = 0, teacher_config: dict | None = Non
         for p in motion.parameters():  # the zero-initialised modulations too, so every input reaches the output
             p.add_(0.05 * torch.randn_like(p))
     conditioner = load_reference()[1].state_dict()  # the teacher's, as `vdopt distill --method cmd` keeps it
-    return save_cmd(path, autoencoder, motion, model.state_dict(), conditioner, {"content_removed_blocks": removed})
+    return save_cmd(path, autoencoder, motion, model.state_dict(), conditioner, {"content_removed_blocks": removed, **(info or {})})

@@ -42,6 +42,7 @@ from vdopt.safety import UnsafeInputError
 TEACHER = WEIGHTS_DIR / WEIGHTS_FILE
 PROMPTS = ["red circle moving up", "blue square moving down-left"]
 STEPS = 3
+MOTION_GUIDANCE = 2.0  # the motion loop's own scale, recorded in the weights; the sampler's is 3
 
 
 def cmd_recipe(weights: Path, backend: str = "torch", batch: int | dict = {"min": 1, "max": 2}) -> dict:  # noqa: B006
@@ -53,7 +54,7 @@ def cmd_recipe(weights: Path, backend: str = "torch", batch: int | dict = {"min"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    return random_cmd_file(tmp_path_factory.mktemp("cmd") / "cmd.safetensors")
+    return random_cmd_file(tmp_path_factory.mktemp("cmd") / "cmd.safetensors", info={"motion_guidance": MOTION_GUIDANCE})
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,7 @@ def test_each_stage_equals_its_eager_reference(bundles, eager, backend):
     session = Session(bundles[backend])
     cond, uncond = encode(session)
     content_stage, motion_stage, decode_stage = (session.stage(e) for e in session.stages)
+    assert [entry["sampler"]["guidance_scale"] for entry in session.stages[:2]] == [3.0, MOTION_GUIDANCE] == [3.0, eager.motion_guidance]
     c, u = eager.encode(PROMPTS)
     content = content_stage.run(cond, uncond, seed=5, progress=False)
     torch.testing.assert_close(content, eager.content(c, u, 5), atol=1e-5, rtol=1e-5)
@@ -147,6 +149,26 @@ def test_each_stage_equals_its_eager_reference(bundles, eager, backend):
     whole = session.run(cond, uncond, seed=5, progress=False)
     assert whole.shape == (2, 3, 8, 32, 32)
     torch.testing.assert_close(whole, eager(PROMPTS, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_the_motion_loop_runs_at_the_guidance_its_weights_record(bundles, weights, eager):
+    """(test_each_stage_equals_its_eager_reference holds the stage to the eager loop at the recorded scale.)"""
+    session = Session(bundles["torch"])
+    cond, uncond = encode(session)
+    content = session.stage(session.stages[0]).run(cond, uncond, seed=5, progress=False)
+    motion = session.stage(session.stages[1]).run({**cond, "content": content}, {**uncond, "content": content},
+                                                   seed=5 + session.stages[1]["noise_offset"], progress=False)
+    c, u = eager.encode(PROMPTS)
+    at_sampler_scale = CMDGenerator(weights, steps=STEPS, guidance_scale=3.0)
+    at_sampler_scale.motion_guidance = 3.0
+    assert (motion - at_sampler_scale.motion(c, u, content, 5)).abs().max() > 1e-3  # the scale matters at these weights
+
+
+@pytest.mark.parametrize("value", ["2", -1.0, float("nan"), True])
+def test_a_weights_file_with_a_bad_motion_guidance_is_refused(captured, tmp_path, value):
+    bad = random_cmd_file(tmp_path / "cmd.safetensors", info={"motion_guidance": value})
+    with pytest.raises(PassError, match="motion_guidance should be a non-negative number"):
+        PassManager([(load_pass("rewrite_content_motion"), {"weights": str(bad)})]).run(captured)
 
 
 def test_a_prompt_gives_the_same_clip_alone_or_in_a_batch(bundles):
@@ -181,8 +203,8 @@ def test_the_runtime_fills_the_unconditional_content_itself(bundles):
 def test_inspect_lists_the_stages_in_running_order(bundles):
     text = describe(bundles["aoti"])
     lines = text[text.index("stages (3"):].splitlines()
-    assert lines[1].lstrip().startswith("content: loop, 3 steps")
-    assert lines[3].lstrip().startswith("motion: loop, 3 steps") and "cond.content <- content" in lines[3]
+    assert lines[1].lstrip().startswith("content: loop, 3 steps, guidance 3.0")
+    assert lines[3].lstrip().startswith("motion: loop, 3 steps, guidance 2.0") and "cond.content <- content" in lines[3]
     assert lines[5].lstrip().startswith("decode: one call") and "output 'clip' ['batch', 3, 8, 32, 32]" in lines[5]
 
 
@@ -264,7 +286,7 @@ def distill_recipe(path: Path, **cmd) -> Path:
 def test_a_tiny_cmd_distillation_end_to_end(tmp_path):
     from vdopt.distill.cli import distill
 
-    summary = distill(distill_recipe(tmp_path / "r.yaml"), TEACHER, tmp_path / "out", progress=False)
+    summary = distill(distill_recipe(tmp_path / "r.yaml", motion_guidance=2.5), TEACHER, tmp_path / "out", progress=False)
     assert summary["method"] == "cmd" and Path(summary["weights"]).is_file()
     recipe = yaml.safe_load(Path(summary["recipe"]).read_text())
     assert recipe["passes"][0] == {"name": "rewrite_content_motion", "params": {"weights": str(Path(summary["weights"]).resolve())}}
@@ -274,8 +296,13 @@ def test_a_tiny_cmd_distillation_end_to_end(tmp_path):
     clip = session.run(*session.prompt_encoder()("green triangle moving left"), seed=0, progress=False)
     torch.testing.assert_close(clip, CMDGenerator(summary["weights"], steps=STEPS)(["green triangle moving left"], 0),
                                atol=1e-5, rtol=1e-5)
-    again = distill(tmp_path / "r.yaml", TEACHER, tmp_path / "out", progress=False)  # every stage done: nothing retrains
-    assert again["weights"] == summary["weights"]
+    assert CMDGenerator(summary["weights"]).motion_guidance == 2.5
+    written = lambda: {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cmd").glob("*.safetensors")}  # noqa: E731
+    trained = written()
+    # every stage done: nothing retrains; the motion guidance, read at export only, may change
+    again = distill(distill_recipe(tmp_path / "r.yaml", motion_guidance=1.5), TEACHER, tmp_path / "out", progress=False)
+    assert again["weights"] == summary["weights"] and CMDGenerator(summary["weights"]).motion_guidance == 1.5
+    assert len(trained) == 4 and written() == trained
     exported = {k.removeprefix("autoencoder."): v for k, v in load_file(summary["weights"]).items() if k.startswith("autoencoder.")}
     for name, tensor in load_file(str(tmp_path / "out" / "cmd" / "decoder.safetensors")).items():
         torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0, msg=name)  # the fine-tuned decoder is shipped

@@ -247,6 +247,17 @@ def test_resume_reads_settings_added_since_as_their_defaults(workdir, full_run, 
         distill(workdir / "recipe.yaml", workdir / "teacher.safetensors", older, progress=False)
 
 
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe\x00"])
+def test_resume_refuses_a_settings_file_that_is_not_settings(workdir, tmp_path, content):
+    from vdopt.distill.common import DistillError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "distill.json").write_bytes(content)
+    with pytest.raises(DistillError, match="distill.json: .*use a new output directory or delete it"):
+        distill(workdir / "recipe.yaml", workdir / "teacher.safetensors", out, progress=False)
+
+
 def test_recipe_errors_name_the_key(tmp_path):
     bad = write_recipe(tmp_path / "bad.yaml", student_steps=9)
     with pytest.raises(RecipeError, match="student_steps"):

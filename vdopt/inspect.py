@@ -226,7 +226,7 @@ def stage_lines(m: dict[str, Any]) -> list[str]:
     lines = [f"stages ({len(m['stages'])}, run in this order; the lines above describe the first):"]
     for stage in m["stages"]:
         fed = ", ".join(f"{k} <- {v}" for k, v in stage["feeds"].items()) or "the bundle's conditioning"
-        how = (f"loop, {stage['num_steps']} steps, guidance {'on' if stage['guidance'] else 'off'}, latent "
+        how = (f"loop, {stage['num_steps']} steps, guidance {stage['sampler']['guidance_scale'] if stage['guidance'] else 'off'}, latent "
                f"{next(s['shape'] for s in stage['inputs'] if s['name'] == 'x')}" if stage["kind"] == "loop" else "one call")
         lines.append(f"  {stage['name']}: {how}; {stage.get('parameters', 0):,} parameters; fed {fed}; output '{stage['output']}' "
                      f"{stage['outputs'][0]['shape']}")

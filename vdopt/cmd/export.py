@@ -33,8 +33,9 @@ def export_cmd(out: Path, teacher: Teacher, distill: DistillSection, compile_rec
     content = load_file(str(stage_weights(out, "content")))
     _, _, removed = content_model(teacher)
     conditioner = {k.removeprefix("conditioner."): v for k, v in teacher.state.items() if k.startswith("conditioner.")}
+    guidance = {} if section.motion_guidance is None else {"motion_guidance": section.motion_guidance}
     weights = save_cmd(out / CMD_FILE, autoencoder, motion, content, conditioner,
-                       {"content_removed_blocks": removed, "teacher": str(teacher.path)})
+                       {"content_removed_blocks": removed, "teacher": str(teacher.path), **guidance})
     recipe = dict(compile_recipe)
     recipe["passes"] = [{"name": "rewrite_content_motion", "params": {"weights": str(weights.resolve())}},
                         *[p for p in recipe.get("passes", []) if (p if isinstance(p, str) else p.get("name")) != "rewrite_content_motion"]]

@@ -39,6 +39,13 @@ MOTION_CONFIG: dict = {"motion_channels": 4, "content_channels": 3, "width": 64,
 MOTION_NOISE_OFFSET = 1_000_003  # the motion loop's sample k starts from the noise of seed `seed + this + k`
 
 
+def motion_guidance(meta: dict, guidance_scale: float) -> float:
+    """The motion loop's guidance scale: the one the CMD weights record (`vdopt distill`'s `cmd.motion_guidance`: the
+    motion DiT learnt the teacher's guided samples, which carry the teacher's guidance already), else the sampler's."""
+    recorded = meta.get("motion_guidance")
+    return guidance_scale if recorded is None else float(recorded)
+
+
 def sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """`[N] -> [N, dim]` sine-cosine codes (computed in the graph, so any frame count works)."""
     freqs = torch.exp(torch.arange(dim // 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / (dim // 2)))
@@ -238,6 +245,9 @@ def load_cmd(path: str | os.PathLike) -> tuple[ContentMotionAutoencoder, MotionD
         meta = json.loads((f.metadata() or {}).get("cmd", "null") or "null")
     if not isinstance(meta, dict) or "autoencoder" not in meta or "motion" not in meta:
         raise ValueError(f"{path}: not a CMD weights file (no `cmd` metadata with the autoencoder and motion configs)")
+    guidance = meta.get("motion_guidance")
+    if guidance is not None and (type(guidance) not in (int, float) or not math.isfinite(guidance) or guidance < 0):
+        raise ValueError(f"{path}: the `cmd` metadata's motion_guidance should be a non-negative number, not {guidance!r}")
     state = load_file(str(path))
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     autoencoder = ContentMotionAutoencoder(**meta["autoencoder"])

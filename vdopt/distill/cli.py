@@ -52,10 +52,10 @@ def distill(recipe_path: str | Path, teacher_path: str | Path, output: str | Pat
         current = {"recipe": compile_recipe, "distill": section.model_dump(mode="json"), "teacher": str(Path(teacher_path).resolve())}
         if dist.main:
             if settings.is_file():
-                previous = with_defaults(json.loads(settings.read_text()))
+                previous = with_defaults(read_settings(settings))
                 changed = [k for k in ("recipe", "distill") if previous.get(k) != current[k]]
-                # iterations / checkpoint cadence may grow on resume; anything else must match
-                if changed and not _only_training_length(previous, current):
+                # iteration counts, checkpoint cadence and export-only settings may change on resume; nothing else
+                if changed and not _only_resumable_changes(previous, current):
                     raise DistillError(f"{out}: holds a distillation with different settings ({', '.join(changed)}); "
                                        f"use a new output directory or delete {settings}.")
             settings.write_text(json.dumps(current, indent=2, default=str))
@@ -121,6 +121,20 @@ def distill_cmd(out: Path, teacher, section, prompts: list[str], schedule, compi
     return summary
 
 
+def read_settings(path: Path) -> dict:
+    """The settings an output directory's distill.json records."""
+    from vdopt.distill.common import DistillError
+
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DistillError(f"{path}: unreadable ({exc}); use a new output directory or delete it.") from None
+    if not isinstance(settings, dict):
+        raise DistillError(f"{path}: holds {type(settings).__name__}, not a distillation's settings; use a new output "
+                           f"directory or delete it.")
+    return settings
+
+
 def with_defaults(settings: dict) -> dict:
     """A distill.json as this version reads it: settings added since it was written take their defaults (so a run made
     before a new option, which would have used the default, still resumes)."""
@@ -134,9 +148,10 @@ def with_defaults(settings: dict) -> dict:
         return settings  # compared as written: a setting since removed or renamed is a difference
 
 
-def _only_training_length(previous: dict, current: dict) -> bool:
+def _only_resumable_changes(previous: dict, current: dict) -> bool:
     loose = ("iterations", "checkpoint_every", "keep_checkpoints")
-    loose_cmd = ("autoencoder_iterations", "content_iterations", "motion_iterations", "decoder_iterations", "checkpoint_every")
+    loose_cmd = ("autoencoder_iterations", "content_iterations", "motion_iterations", "decoder_iterations", "checkpoint_every",
+                 "motion_guidance")
 
     def strip(section: dict) -> dict:
         kept = {k: v for k, v in section.items() if k not in loose}

@@ -45,6 +45,10 @@ class CMDSection(Strict):
     motion_iterations: int = Field(3000, ge=1)
     motion_batch: int = Field(32, ge=1)
     motion_lr: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    motion_guidance: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="The motion loop's guidance scale, recorded in cmd.safetensors (the "
+        "motion DiT learns the teacher's guided samples, which carry the teacher's guidance already); None: the "
+        "recipe's guidance_scale. Read at export only.")
     decoder_iterations: int = Field(1500, ge=1)
     decoder_lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
     content_corruption: float = Field(
