@@ -228,6 +228,7 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     (lambda m: m["stages"][2].update(kind="shell"), "kind should be one of loop, call"),
     (lambda m: m["stages"][1]["segments"][0].update(files=["../../outside.pt2"]), "outside|\\.\\."),
     (lambda m: m["stages"][1].pop("num_steps"), "lacks num_steps"),
+    (lambda m: m["stages"][1]["sampler"].update(guidance_scale="2"), "sampler.guidance_scale should be a number"),
     (lambda m: m.update(schema_version=2), "schema 3"),
 ])
 def test_an_edited_stage_is_refused(bundles, tmp_path, edit, message):

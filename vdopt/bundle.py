@@ -355,6 +355,9 @@ def check_stages(path: Path, manifest: dict[str, Any]) -> None:
         if kind == "loop":
             problems += [f"{here} lacks {key}, which running a loop stage needs" for key in ("latent", "num_steps", "guidance")
                          if key not in stage]
+            sampler = stage.get("sampler")
+            if not (isinstance(sampler, dict) and type(sampler.get("guidance_scale")) in (int, float)):
+                problems.append(f"{here}.sampler.guidance_scale should be a number")
         outputs.add(output if isinstance(output, str) else "")
     if problems:
         raise BundleError(f"{path}: the manifest's stages do not have the form this vdopt reads: {'; '.join(problems[:3])}. "
