@@ -17,14 +17,12 @@ import os
 
 import torch
 
-from cmd_parts import quality
+from cmd_parts import cached_teacher_clips, quality
 from e2e import ROOT
 from results_file import write_results
 from vdopt.cmd.sample import CMDGenerator
 from vdopt.eval import suite
 from vdopt.eval.classifier import load_classifier
-from vdopt.eval.cli import cached, generator_for
-from vdopt.reference.model import DEFAULT_STEPS
 
 
 @torch.no_grad()
@@ -43,10 +41,7 @@ def main() -> None:
     prompts, seeds, _ = suite.prompt_set(args.prompts, seed=args.prompt_seed)
     classifier = load_classifier()
     real_features = classifier.predict(suite.real_clips(prompts, suite.REAL_SEED_A))[1]
-    teacher_fn, _, label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
-    teacher_clips = torch.cat([cached(teacher_fn, label, args.cache)(prompts[i:i + 16], seeds[i:i + 16])
-                               for i in range(0, len(prompts), 16)]).clamp(-1, 1)
-    rows = {"teacher": quality(classifier, teacher_clips, prompts, real_features)}
+    rows = {"teacher": quality(classifier, cached_teacher_clips(prompts, seeds, args.cache), prompts, real_features)}
     generator = CMDGenerator(args.weights)
     encoded = [generator.encode([prompt]) for prompt in prompts]
     contents = [generator.content(cond, uncond, int(seed)) for (cond, uncond), seed in zip(encoded, seeds)]

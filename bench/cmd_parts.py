@@ -38,6 +38,13 @@ def quality(classifier, clips: torch.Tensor, prompts: list[str], real_features: 
             "fvd_ms": round(metrics.frechet_distance_features(features, real_features), 2)}
 
 
+def cached_teacher_clips(prompts: list[str], seeds: list[int], cache: str) -> torch.Tensor:
+    """The eager teacher's clips (clip k from seed `seeds[k]`), made in batches of 16 and kept in / read from `cache`."""
+    teacher_fn, _, label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
+    return torch.cat([cached(teacher_fn, label, cache)(prompts[i:i + 16], seeds[i:i + 16])
+                      for i in range(0, len(prompts), 16)]).clamp(-1, 1)
+
+
 @torch.no_grad()
 def part_rows(weights: Path, teacher_clips: torch.Tensor, prompts: list[str], seeds: list[int], classifier,
               real_features: torch.Tensor) -> dict[str, dict]:
@@ -73,12 +80,10 @@ def main() -> None:
 
     load_start = os.getloadavg()
     prompts, seeds, _ = suite.prompt_set(args.prompts, seed=0)
-    teacher_fn, _, label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
-    teacher_clips = torch.cat([cached(teacher_fn, label, args.cache)(prompts[i:i + 16], seeds[i:i + 16])
-                               for i in range(0, len(prompts), 16)]).clamp(-1, 1)
+    teacher = cached_teacher_clips(prompts, seeds, args.cache)
     classifier = load_classifier()
     real_features = classifier.predict(suite.real_clips(prompts, suite.REAL_SEED_A))[1]
-    rows = {path: part_rows(Path(path), teacher_clips, prompts, [int(s) for s in seeds], classifier, real_features)
+    rows = {path: part_rows(Path(path), teacher, prompts, [int(s) for s in seeds], classifier, real_features)
             for path in args.weights.split(",")}
     write_results(args.json, {"prompts": args.prompts, "seed": 0, "rows": rows}, load_start, os.getloadavg())
 
