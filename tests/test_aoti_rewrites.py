@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import torch
 from torch import nn
 
@@ -43,3 +45,55 @@ def test_tanh_gelu_becomes_a_sigmoid_and_exact_gelu_stays():
 def test_a_program_without_tanh_gelu_is_returned_as_it_is():
     ep = torch.export.export(nn.Sequential(nn.Linear(4, 4), nn.GELU()), (torch.randn(2, 4),))
     assert for_inductor(ep) is ep
+
+
+class Convolutions(nn.Module):
+    """A 3x3x3 convolution at batch 1 (the size PyTorch's CPU heuristic runs natively), a strided grouped 2-D one
+    without bias, and a transposed one (left to Inductor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3d = nn.Conv3d(6, 8, 3, padding=1)
+        self.conv2d = nn.Conv2d(8, 4, 3, stride=2, padding=(1, 0), groups=2, bias=False)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+    def forward(self, x):
+        h = self.conv3d(x).mean(dim=2)
+        return self.up(self.conv2d(h))
+
+
+def test_cpu_convolutions_become_onednn_and_compute_the_same():
+    torch.manual_seed(0)
+    model = Convolutions().eval()
+    x = torch.randn(1, 6, 4, 10, 10)
+    ep = torch.export.export(model, (x,))
+    before = str(ep.graph)
+
+    rewritten = for_inductor(ep)
+
+    assert str(ep.graph) == before
+    assert count(rewritten, aten.conv3d.default) == count(rewritten, aten.conv2d.default) == 0
+    assert count(rewritten, torch.ops.mkldnn._convolution_pointwise.default) == 2
+    assert count(rewritten, aten.conv_transpose2d.input) == 1
+    torch.testing.assert_close(rewritten.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    stacks = [n.meta["nn_module_stack"] for n in rewritten.graph.nodes if n.target is torch.ops.mkldnn._convolution_pointwise.default]
+    assert [list(s.values())[-1][0] for s in stacks] == ["conv3d", "conv2d"]
+
+
+def test_a_double_precision_convolution_stays():
+    model = nn.Conv2d(2, 2, 3).double().eval()
+    ep = torch.export.export(model, (torch.randn(1, 2, 5, 5, dtype=torch.float64),))
+    assert for_inductor(ep) is ep
+
+
+def test_the_compiled_package_calls_onednn_and_computes_the_eager_convolutions(tmp_path):
+    torch.manual_seed(0)
+    model = Convolutions().eval()
+    x = torch.randn(1, 6, 4, 10, 10)
+    package = torch._inductor.aoti_compile_and_package(for_inductor(torch.export.export(model, (x,))),
+                                                       package_path=str(tmp_path / "conv.pt2"))
+    with zipfile.ZipFile(package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp"))
+    assert wrapper.count("mkldnn__convolution_pointwise(") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), model(x), rtol=1e-5, atol=1e-5)
