@@ -2,9 +2,10 @@
 network FLOPs per clip of every stage and how they grow with the frame count, and the autoencoder's reconstruction
 of held-out real clips and of the teacher's own clips.
 
-Both bundles sample at the teacher's 50 steps with guidance 3. Timing: interleaved rounds, one generation of `--batch`
-clips per program per round, same prompts and seeds; the per-clip median and the worst round are reported, the
-ratio per round, and the CMD bundle's median milliseconds per clip in each stage (`Session.run(on_stage=...)`).
+Both bundles sample at the teacher's 50 steps with guidance 3 (the CMD motion loop at the scale its weights record).
+Timing: interleaved rounds, one generation of `--batch` clips per program per round, same prompts and seeds; the
+per-clip median and the worst round are reported, the ratio per round, and the CMD bundle's median milliseconds per
+clip in each stage (`Session.run(on_stage=...)`).
 Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS, track direction
 accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
 reproduces to float rounding (tests/test_differential.py), the CMD row is its bundle's own clips.
