@@ -96,3 +96,11 @@ def test_kernel_profile_bench(tmp_path):
     bench("kernel_profile.py", "--recipes", "recipes/reference.yaml", "--rounds", "1", "--json", str(out))
     row = json.loads(out.read_text())["rows"]["reference"]
     assert len(row["seconds_per_clip_off"]) == len(row["seconds_per_clip_on"]) == 1 and row["slowdown_median"] > 0
+
+
+def test_onednn_convolution_bench(tmp_path):
+    out = tmp_path / "onednn.json"
+    bench("onednn_convolution.py", "--rounds", "1", "--calls", "2", "--json", str(out))
+    record = json.loads(out.read_text())
+    assert len(record["eager_convolutions"]) == 8 and record["largest_clip_difference"] < 1e-3
+    assert {set(row["stage_ms_median"]) for row in record["bundles"].values()} == {frozenset({"content", "motion", "decode"})}
