@@ -105,8 +105,8 @@ def convolution_as_onednn(graph: fx.Graph, conv: fx.Node) -> None:
     """A convolution as oneDNN's (`mkldnn._convolution_pointwise`, which Inductor lowers to its own oneDNN kernel).
 
     For a batch of one, PyTorch's CPU convolution picks its native unfold + GEMM kernel for 3x3 filters on small inputs
-    (`ConvParams::use_mkldnn`, "for some case, native is faster"); here it is 4-7x slower than oneDNN, and the CMD
-    decode stage's convolutions took 15 ms of its 16 per clip."""
+    (`ConvParams::use_mkldnn`, "for some case, native is faster"); on the CMD decoder's convolutions it is 2.7-6.3x
+    slower than oneDNN, and the decode stage ran 14.1 ms per clip instead of 3.0 (bench/onednn_convolution.py)."""
     dims = CONVOLUTIONS[conv.target]
     args = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), conv.args)) | conv.kwargs
     stride, padding, dilation = ([v[0]] * dims if len(v) == 1 else list(v)
