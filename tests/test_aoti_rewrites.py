@@ -97,3 +97,17 @@ def test_the_compiled_package_calls_onednn_and_computes_the_eager_convolutions(t
     assert wrapper.count("mkldnn__convolution_pointwise(") == 2
     with torch.no_grad():
         torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class ConvolutionInABranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, flag):
+        return torch.cond(flag, lambda x: self.conv(x), lambda x: x.clone(), (x,))
+
+
+def test_a_convolution_inside_a_cond_branch_stays():
+    ep = torch.export.export(ConvolutionInABranch().eval(), (torch.randn(1, 2, 6, 6), torch.tensor(True)))
+    assert for_inductor(ep) is ep

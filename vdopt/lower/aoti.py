@@ -124,7 +124,9 @@ def tanh_gelu_sites(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.target is torch.ops.aten.gelu.default and n.kwargs.get("approximate") == "tanh"]
 
 
-REWRITES = ((tanh_gelu_sites, tanh_gelu_as_sigmoid), (onednn_convolution_sites, convolution_as_onednn))
+# (finder, rewrite, also inside `torch.cond` branches): Inductor cannot lower a oneDNN convolution in a branch (its
+# operands there are fake tensors it cannot realise; a cached Sana-Video step failed to compile).
+REWRITES = ((tanh_gelu_sites, tanh_gelu_as_sigmoid, True), (onednn_convolution_sites, convolution_as_onednn, False))
 
 
 def for_inductor(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -133,7 +135,7 @@ def for_inductor(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     lays out a concatenation of permuted tensors so that the view is impossible (Latte, CogVideoX)."""
     def sites(program):
         return [(gm, node, rewrite) for gm in program.graph_module.modules() if isinstance(gm, fx.GraphModule)
-                for find, rewrite in REWRITES for node in find(gm.graph)]
+                for find, rewrite, in_branches in REWRITES if in_branches or gm is program.graph_module for node in find(gm.graph)]
 
     if not sites(ep):
         return ep
