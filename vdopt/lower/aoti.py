@@ -254,7 +254,7 @@ class AotiBackend:
     splits_conditionals = False  # runs `torch.cond` lazily
     needs_op_library = True  # the package calls vdopt's ops by name through its proxy executor
     runtime = {"threads": "torch.get_num_threads() (OpenMP)", "inductor_configs": {"lower.kernel_profile": KERNEL_PROFILE_CONFIGS},
-               "rewrites": ["tanh_gelu_as_sigmoid", "convolution_as_onednn"]}
+               "rewrites": [rewrite.__name__ for _, rewrite, _ in REWRITES]}
 
     def lower(self, program: StepProgram, directory: Path, stem: str) -> list[str]:
         name = f"{stem}.aoti.pt2"
