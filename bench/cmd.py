@@ -3,9 +3,10 @@ network FLOPs per clip of every stage and how they grow with the frame count, an
 of held-out real clips and of the teacher's own clips.
 
 Both bundles sample at the teacher's 50 steps with guidance 3 (the CMD motion loop at the scale its weights record).
-Timing: interleaved rounds, one generation of `--batch` clips per program per round, same prompts and seeds; the
-per-clip median and the worst round are reported, the ratio per round, and the CMD bundle's median milliseconds per
-clip in each stage (`Session.run(on_stage=...)`).
+Timing: interleaved rounds; each round runs, for every program, one generation of `--batch` clips (a single clip's
+latency at the default 1) and one of `--set-batch` clips (the cost per clip of making a set of clips, default 4),
+same prompts and seeds. Per batch: the per-clip median and the worst round, the ratio of the medians and the least
+ratio of a round, and the CMD bundle's median milliseconds per clip in each stage (`Session.run(on_stage=...)`).
 Quality: `vdopt.eval.suite` over `--prompts` clips (shape / colour / direction accuracy, FVD-MS, track direction
 accuracy); the teacher's row is the eager teacher's clips (cached in `--cache`), which its bundle
 reproduces to float rounding (tests/test_differential.py), the CMD row is its bundle's own clips.
@@ -13,7 +14,7 @@ FLOPs: `torch.utils.flop_counter` over the exported program of each network (one
 times the steps, at 8, 16 and 32 frames (the teacher's temporal position table sized to each; weights do not change
 FLOPs). Writes JSON.
 
-    python bench/cmd.py [--recipe recipes/cmd_reference.yaml] [--backend aoti] [--batch 1] [--rounds 5]
+    python bench/cmd.py [--recipe recipes/cmd_reference.yaml] [--backend aoti] [--batch 1] [--set-batch 4] [--rounds 5]
         [--prompts 256] [--cache out/evcache] [--json bench/results/cmd.json]
 """
 
@@ -137,12 +138,26 @@ def contact_sheet(weights: Path, teacher_fn, path: Path, n: int = 8) -> Path:
     return suite.contact_sheet(rows, prompts, path)
 
 
+def timing_row(seconds: list[float]) -> dict:
+    return {"seconds_per_clip_median": round(statistics.median(seconds), 4), "seconds_per_clip_worst": round(max(seconds), 4),
+            "seconds_per_clip": [round(s, 4) for s in seconds]}
+
+
+def speedup_row(teacher: list[float], cmd: list[float]) -> dict[str, float]:
+    """The ratio of the medians, and the least ratio of a round (each round times both programs back to back)."""
+    return {"median": round(statistics.median(teacher) / statistics.median(cmd), 3),
+            "least_round": round(min(t / c for t, c in zip(teacher, cmd)), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/cmd_reference.yaml")
     parser.add_argument("--teacher-recipe", default="recipes/reference.yaml")
     parser.add_argument("--backend", default="aoti")
     add_run_arguments(parser, rounds=5, results="cmd.json")
+    parser.add_argument("--set-batch", type=int, default=4,
+                        help="also time generations of this many clips (the cost per clip of making a set of clips), "
+                             "interleaved with the --batch ones; 0: only --batch")
     parser.add_argument("--sheet", default=str(ROOT / "docs" / "cmd_contact_sheet.png"), help="contact sheet PNG")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -151,31 +166,35 @@ def main() -> None:
     weights = Path(next(p.params["weights"] for p in cmd_recipe.passes if p.name == "rewrite_content_motion"))
     autoencoder = autoencoder_row(weights, args.prompts)
     flops = flop_rows(weights, DEFAULT_STEPS)
-    prompts, seeds, _ = suite.prompt_set(args.rounds * args.batch, seed=0)
+    batches = sorted({args.batch, args.set_batch} - {0})
+    prompts, seeds, _ = suite.prompt_set(args.rounds * max(batches), seed=0)
     names = {"teacher": args.teacher_recipe, "cmd": args.recipe}
     with tempfile.TemporaryDirectory(prefix="vdopt-bench-cmd-") as tmp:
         bundles = {}
         for name, recipe_path in names.items():
             start = time.perf_counter()
             bundles[name] = Path(tmp) / f"{name}.vdopt"
-            compile_bundle(with_batch(recipe_with(load_recipe(recipe_path), backend=args.backend), args.batch), TEACHER,
+            compile_bundle(with_batch(recipe_with(load_recipe(recipe_path), backend=args.backend), max(batches)), TEACHER,
                            bundles[name], verify=False)
             print(f"compiled {name} ({args.backend}) in {time.perf_counter() - start:.1f} s", flush=True)
         sessions = {name: Session(path) for name, path in bundles.items()}
         encoders = {name: session.prompt_encoder() for name, session in sessions.items()}
 
-        stage_seconds: dict[str, list[float]] = {}
+        programs = {f"{name} x{batch}": (name, batch) for batch in batches for name in names}
+        stage_seconds: dict[int, dict[str, list[float]]] = {batch: {} for batch in batches}
 
-        def generate(name: str, k: int) -> float:
-            cond, uncond = encoders[name](prompts[k * args.batch:(k + 1) * args.batch])
+        def generate(key: str, k: int) -> float:
+            name, batch = programs[key]
+            cond, uncond = encoders[name](prompts[k * batch:(k + 1) * batch])
             start = time.perf_counter()
             sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False,
-                               on_stage=lambda stage, s: stage_seconds.setdefault(stage, []).append(s / args.batch))
+                               on_stage=lambda stage, s: stage_seconds[batch].setdefault(stage, []).append(s / batch))
             return time.perf_counter() - start
 
-        per_call, load_start, load_end = interleaved_rounds(list(names), generate, args.rounds)
-        seconds = {name: [s / args.batch for s in values] for name, values in per_call.items()}
-        stage_ms = {stage: round(1000 * statistics.median(values[1:]), 2) for stage, values in stage_seconds.items()}  # [0]: warm-up
+        per_call, load_start, load_end = interleaved_rounds(list(programs), generate, args.rounds)
+        seconds = {program: [s / program[1] for s in per_call[label]] for label, program in programs.items()}
+        stage_ms = {batch: {stage: round(1000 * statistics.median(values[1:]), 2) for stage, values in stages.items()}
+                    for batch, stages in stage_seconds.items()}  # [0]: the warm-up round
 
         teacher_fn, _, teacher_label = generator_for("teacher", DEFAULT_STEPS, None, "cpu")
         print(f"wrote {contact_sheet(weights, cached(teacher_fn, teacher_label, args.cache), Path(args.sheet))}", flush=True)
@@ -187,38 +206,44 @@ def main() -> None:
             if name == "teacher":
                 teacher_reconstruction = teacher_reconstruction_row(weights, evaluated["_videos"],
                                                                     suite.prompt_set(args.prompts, args.seed)[0])
-            rows[name] = {"seconds_per_clip_median": round(statistics.median(seconds[name]), 4),
-                          "seconds_per_clip_worst": round(max(seconds[name]), 4),
-                          "seconds_per_clip": [round(s, 4) for s in seconds[name]],
-                          "accuracy": result["accuracy"], "fvd_ms": result["fvd_ms"],
+            timing = {str(batch): timing_row(seconds[(name, batch)]) for batch in batches}
+            rows[name] = {**timing[str(args.batch)], "by_batch": timing, "accuracy": result["accuracy"], "fvd_ms": result["fvd_ms"],
                           "track_direction_accuracy": result["temporal"]["track_direction_accuracy"]}
             print(f"evaluated {name}: shape {100 * result['accuracy']['shape']:.1f} %, colour "
                   f"{100 * result['accuracy']['colour']:.1f} %, direction {100 * result['accuracy']['direction']:.1f} %, "
                   f"FVD-MS {result['fvd_ms']:.1f}", flush=True)
 
-    per_round = [t / c for t, c in zip(seconds["teacher"], seconds["cmd"])]
-    speedup = rows["teacher"]["seconds_per_clip_median"] / rows["cmd"]["seconds_per_clip_median"]
+    speedups = {str(batch): speedup_row(seconds[("teacher", batch)], seconds[("cmd", batch)]) for batch in batches}
     teacher, cmd = rows["teacher"], rows["cmd"]
     points = {k: round(100 * (teacher["accuracy"][k] - cmd["accuracy"][k]), 1) for k in ("shape", "colour", "direction")}
     checks = {"autoencoder PSNR >= 30 dB": autoencoder["psnr_mean"] >= 30,
               "reconstruction accuracy within 1 point": max(autoencoder["points_lost"][k] for k in ("shape", "colour", "direction")) <= 1,
-              "speedup >= 4x": speedup >= TARGET_SPEEDUP, "shape within 5 points": points["shape"] <= 5,
+              **{f"speedup >= 4x, {batch} clip(s) per generation": speedups[str(batch)]["median"] >= TARGET_SPEEDUP
+                 for batch in batches},
+              "shape within 5 points": points["shape"] <= 5,
               "colour within 5 points": points["colour"] <= 5, "direction within 5 points": points["direction"] <= 5,
               "FVD-MS <= 1.5x teacher": cmd["fvd_ms"] <= 1.5 * teacher["fvd_ms"]}
-    print(f"\n{args.backend}, {args.batch} clip(s) per generation, {args.rounds} interleaved rounds; quality over {args.prompts} clips")
-    print(f"{'program':<10} {'s/clip':>8} {'worst':>8} {'shape':>6} {'colour':>7} {'dir':>6} {'FVD-MS':>7}")
-    for name, row in rows.items():
-        print(f"{name:<10} {row['seconds_per_clip_median']:>8.3f} {row['seconds_per_clip_worst']:>8.3f} "
-              f"{100 * row['accuracy']['shape']:>6.1f} {100 * row['accuracy']['colour']:>7.1f} "
-              f"{100 * row['accuracy']['direction']:>6.1f} {row['fvd_ms']:>7.1f}")
-    print("CMD stages, ms per clip (median): " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms.items()))
-    print(f"CMD: {speedup:.2f}x faster per clip (worst round {min(per_round):.2f}x); accuracy points lost {points}; "
-          f"FVD-MS {cmd['fvd_ms'] / teacher['fvd_ms']:.2f}x the teacher's")
+    print(f"\n{args.backend}, {args.rounds} interleaved rounds; quality over {args.prompts} clips")
+    print(f"{'program':<10} {'batch':>5} {'s/clip':>8} {'worst':>8} {'shape':>6} {'colour':>7} {'dir':>6} {'FVD-MS':>7}")
+    for batch in batches:
+        for name, row in rows.items():
+            timing = row["by_batch"][str(batch)]
+            print(f"{name:<10} {batch:>5} {timing['seconds_per_clip_median']:>8.3f} {timing['seconds_per_clip_worst']:>8.3f} "
+                  f"{100 * row['accuracy']['shape']:>6.1f} {100 * row['accuracy']['colour']:>7.1f} "
+                  f"{100 * row['accuracy']['direction']:>6.1f} {row['fvd_ms']:>7.1f}")
+    for batch in batches:
+        print(f"{batch} clip(s) per generation: CMD {speedups[str(batch)]['median']:.2f}x faster per clip (least round "
+              f"{speedups[str(batch)]['least_round']:.2f}x); stages, ms per clip (median): "
+              + ", ".join(f"{stage} {ms:.1f}" for stage, ms in stage_ms[batch].items()))
+    print(f"CMD: accuracy points lost {points}; FVD-MS {cmd['fvd_ms'] / teacher['fvd_ms']:.2f}x the teacher's")
     for check, ok in checks.items():
         print(f"  {check}: {'met' if ok else 'NOT met'}")
-    write_results(args.json, {"backend": args.backend, "batch": args.batch, "rounds": args.rounds, "prompts": args.prompts,
-                              "seed": args.seed, "recipe": args.recipe, "rows": rows, "speedup_median": round(speedup, 3),
-                              "speedup_worst_round": round(min(per_round), 3), "cmd_stage_ms_per_clip": stage_ms,
+    write_results(args.json, {"backend": args.backend, "batch": args.batch, "batches": batches, "rounds": args.rounds,
+                              "prompts": args.prompts, "seed": args.seed, "recipe": args.recipe, "rows": rows,
+                              "speedup_median": speedups[str(args.batch)]["median"],
+                              "speedup_worst_round": speedups[str(args.batch)]["least_round"], "speedup_by_batch": speedups,
+                              "cmd_stage_ms_per_clip": stage_ms[args.batch],
+                              "cmd_stage_ms_per_clip_by_batch": {str(b): ms for b, ms in stage_ms.items()},
                               "points_lost": points, "checks": checks,
                               "autoencoder": autoencoder, "autoencoder_on_teacher_clips": teacher_reconstruction,
                               "flops_per_clip": flops}, load_start, load_end)

@@ -89,6 +89,8 @@ def test_cmd_bench(tmp_path):
     assert record["autoencoder"]["clips"] == 4 and (tmp_path / "sheet.png").is_file()
     assert record["autoencoder_on_teacher_clips"]["clips"] == 4
     assert set(record["cmd_stage_ms_per_clip"]) == {"content", "motion", "decode"}
+    assert record["batches"] == [1, 4] and set(record["speedup_by_batch"]) == set(record["rows"]["cmd"]["by_batch"]) == {"1", "4"}
+    assert len(record["rows"]["teacher"]["by_batch"]["4"]["seconds_per_clip"]) == 1
 
 
 def test_kernel_profile_bench(tmp_path):
