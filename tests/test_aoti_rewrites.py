@@ -111,3 +111,61 @@ class ConvolutionInABranch(nn.Module):
 def test_a_convolution_inside_a_cond_branch_stays():
     ep = torch.export.export(ConvolutionInABranch().eval(), (torch.randn(1, 2, 6, 6), torch.tensor(True)))
     assert for_inductor(ep) is ep
+
+
+class PatchEmbeddings(nn.Module):
+    """A DiT's 2-D patch embedding (kernel = stride), a 3-D one without bias (kernel 1x2x2 over time too), and a
+    strided convolution whose kernel is not its stride (oneDNN's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch2d = nn.Conv2d(5, 16, 4, stride=4)
+        self.patch3d = nn.Conv3d(5, 16, (1, 2, 2), stride=(1, 2, 2), bias=False)
+        self.strided = nn.Conv2d(5, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        frame = x[:, :, 0]
+        return (self.patch2d(frame).flatten(2).transpose(1, 2), self.patch3d(x).flatten(2).transpose(1, 2),
+                self.strided(frame))
+
+
+def test_patch_embeddings_become_one_matmul_each_and_compute_the_same():
+    torch.manual_seed(0)
+    model = PatchEmbeddings().eval()
+    x = torch.randn(2, 5, 3, 16, 16)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    before = str(ep.graph)
+
+    rewritten = for_inductor(ep)
+
+    assert str(ep.graph) == before
+    assert count(rewritten, aten.conv2d.default) == count(rewritten, aten.conv3d.default) == 0
+    assert count(rewritten, aten.addmm.default) == count(rewritten, aten.mm.default) == 1
+    assert count(rewritten, torch.ops.mkldnn._convolution_pointwise.default) == 1  # the strided 3x3 one
+    for batch in (1, 2, 5):  # the batch stays dynamic
+        y = torch.randn(batch, 5, 3, 16, 16)
+        torch.testing.assert_close(rewritten.module()(y), model(y), rtol=1e-5, atol=1e-5)
+    stacks = {list(n.meta["nn_module_stack"].values())[-1][0] for n in rewritten.graph.nodes
+              if n.target in (aten.addmm.default, aten.mm.default, aten.permute.default, aten.clone.default)}
+    assert stacks == {"patch2d", "patch3d"}
+    assert all(isinstance(n.meta.get("val"), torch.Tensor) for n in rewritten.graph.nodes if n.op == "call_function")
+
+
+def test_a_patch_embedding_that_does_not_tile_its_input_stays_a_convolution():
+    model = nn.Conv2d(3, 4, 4, stride=4).eval()  # 18 is not a multiple of 4: the last row and column are dropped
+    ep = torch.export.export(model, (torch.randn(1, 3, 18, 18),))
+    rewritten = for_inductor(ep)
+    assert count(rewritten, aten.addmm.default) == 0 and count(rewritten, torch.ops.mkldnn._convolution_pointwise.default) == 1
+
+
+def test_the_compiled_package_runs_a_patch_embedding_as_a_gemm(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Conv2d(5, 16, 4, stride=4).eval()
+    x = torch.randn(2, 5, 16, 16)
+    package = torch._inductor.aoti_compile_and_package(for_inductor(torch.export.export(model, (x,))),
+                                                       package_path=str(tmp_path / "patch.pt2"))
+    with zipfile.ZipFile(package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".wrapper.cpp"))
+    assert "convolution" not in wrapper and wrapper.count("addmm_out(") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), model(x), rtol=1e-5, atol=1e-5)

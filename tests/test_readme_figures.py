@@ -292,6 +292,14 @@ E2E_COLUMNS = {  # bench/e2e.py's rows
     "FVD-MS": lambda r: [r["fvd_ms"]],
 }
 
+def cmd_row(data: dict, cells: list[str]) -> dict | None:
+    """bench/cmd.py's row for a label like 'cmd, 4 clips / generation': the program's quality and its timing at that batch."""
+    name, _, batch = cells[0].strip("`* ").partition(", ")
+    row = data["rows"].get(name)
+    timing = row and row["by_batch"].get(batch.split(" ")[0])
+    return None if timing is None else {**row, **timing}
+
+
 SPECS = [
     Spec("backend clip time", ("config", "clip s"), "bench/results/backends.json", backends_row, {
         "clip s: median": lambda r: [r["clip_s_median"]],
@@ -416,8 +424,7 @@ SPECS = [
          }),
     Spec("end to end", ("program", "clips / s"), "bench/results/e2e.json",
          lambda data, cells: data["rows"].get(cells[0].strip("`* ").removesuffix(" (best)")), E2E_COLUMNS),
-    Spec("CMD form", ("program", "s / clip: median"), "bench/results/cmd.json",
-         lambda data, cells: data["rows"].get(cells[0].strip("`* ")), {
+    Spec("CMD form", ("program", "s / clip: median"), "bench/results/cmd.json", cmd_row, {
              "s / clip: median": lambda r: [r["seconds_per_clip_median"]],
              "worst round": lambda r: [r["seconds_per_clip_worst"]],
              **EVAL_COLUMNS_FLAT,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import json
+import math
 import re
 import zipfile
 from contextlib import contextmanager
@@ -93,12 +94,81 @@ def tanh_gelu_as_sigmoid(graph: fx.Graph, gelu: fx.Node) -> None:
 CONVOLUTIONS = {torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
 
 
+def convolution_args(conv: fx.Node) -> dict:
+    """An `aten.conv2d/conv3d` node's arguments by name, stride, padding and dilation one entry per spatial dimension."""
+    dims = CONVOLUTIONS[conv.target]
+    args = {"bias": None, "groups": 1} | dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                                                   conv.args)) | conv.kwargs
+    for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+        value = list(args.get(name, [default]))
+        args[name] = value * dims if len(value) == 1 else value
+    return args
+
+
+def is_cpu_float32_convolution(node: fx.Node) -> bool:
+    return (node.target in CONVOLUTIONS and isinstance(node.meta.get("val"), torch.Tensor)
+            and node.meta["val"].device.type == "cpu" and node.meta["val"].dtype == torch.float32)
+
+
+def is_patch_embedding(node: fx.Node) -> bool:
+    """A CPU float32 convolution whose kernel is its stride (a DiT's patch embedding: non-overlapping patches), over
+    channel and spatial sizes known when compiling that the kernel divides (the batch may vary)."""
+    if not is_cpu_float32_convolution(node):
+        return False
+    args = convolution_args(node)
+    kernel = list(args["weight"].meta["val"].shape[2:])
+    sizes = args["input"].meta["val"].shape[1:]
+    return (args["stride"] == kernel and not any(args["padding"]) and set(args["dilation"]) == {1} and args["groups"] == 1
+            and all(isinstance(s, int) for s in sizes) and all(s % k == 0 for s, k in zip(sizes[1:], kernel)))
+
+
+def patch_embedding_sites(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if is_patch_embedding(n)]
+
+
+def patch_embedding_as_matmul(graph: fx.Graph, conv: fx.Node) -> None:
+    """A patch embedding as one matmul over the patches: [B, C, n1·k1, n2·k2] -> rows (B·n1·n2) of C·k1·k2 values.
+
+    PyTorch's and oneDNN's CPU convolutions run a 4x4 stride-4 embedding of 5 channels at a few percent of the
+    machine's GEMM rate (75 µs for 1.3 MFLOP at a batch of 2); as a copy and a GEMM, the one-frame CMD content step and
+    the motion step ran 1.1-1.2x faster (bench/aoti_rewrites.py)."""
+    aten = torch.ops.aten
+    args = convolution_args(conv)
+    x, weight = args["input"], args["weight"]
+    channels, *sizes = x.meta["val"].shape[1:]
+    out_channels, _, *kernel = weight.meta["val"].shape
+    counts = [s // k for s, k in zip(sizes, kernel)]
+    patch = channels * math.prod(kernel)
+    dims = len(kernel)
+    meta = {k: v for k, v in conv.meta.items() if k != "val"}
+    fake_mode = torch._guards.detect_fake_mode([x.meta["val"]])
+
+    def call(op, *op_args):
+        node = graph.call_function(op, op_args)
+        node.meta = dict(meta)
+        with fake_mode:
+            node.meta["val"] = op(*fx.node.map_arg(op_args, lambda a: a.meta["val"]))
+        return node
+
+    with graph.inserting_before(conv):
+        split = call(aten.reshape.default, x, [-1, channels, *(n for pair in zip(counts, kernel) for n in pair)])
+        patches = call(aten.permute.default, split, [0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2)])
+        rows = call(aten.reshape.default, patches, [-1, patch])
+        columns = call(aten.t.default, call(aten.reshape.default, weight, [out_channels, patch]))
+        product = (call(aten.addmm.default, args["bias"], rows, columns) if args["bias"] is not None
+                   else call(aten.mm.default, rows, columns))
+        grid = call(aten.reshape.default, product, [-1, *counts, out_channels])
+        out = call(aten.clone.default, call(aten.permute.default, grid, [0, dims + 1, *range(1, dims + 1)]))
+    conv.replace_all_uses_with(out)
+    graph.erase_node(conv)
+
+
 def onednn_convolution_sites(graph: fx.Graph) -> list[fx.Node]:
-    """The float32 CPU convolutions `convolution_as_onednn` can take (none where torch was built without oneDNN)."""
+    """The float32 CPU convolutions `convolution_as_onednn` can take (none where torch was built without oneDNN), but
+    patch embeddings, which `patch_embedding_as_matmul` takes."""
     if not torch.backends.mkldnn.is_available():
         return []
-    return [n for n in graph.nodes if n.target in CONVOLUTIONS and isinstance(n.meta.get("val"), torch.Tensor)
-            and n.meta["val"].device.type == "cpu" and n.meta["val"].dtype == torch.float32]
+    return [n for n in graph.nodes if is_cpu_float32_convolution(n) and not is_patch_embedding(n)]
 
 
 def convolution_as_onednn(graph: fx.Graph, conv: fx.Node) -> None:
@@ -107,14 +177,11 @@ def convolution_as_onednn(graph: fx.Graph, conv: fx.Node) -> None:
     For a batch of one, PyTorch's CPU convolution picks its native unfold + GEMM kernel for 3x3 filters on small inputs
     (`ConvParams::use_mkldnn`, "for some case, native is faster"); on the CMD decoder's convolutions it is 2.7-6.3x
     slower than oneDNN, and the decode stage ran 14.1 ms per clip instead of 3.0 (bench/onednn_convolution.py)."""
-    dims = CONVOLUTIONS[conv.target]
-    args = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), conv.args)) | conv.kwargs
-    stride, padding, dilation = ([v[0]] * dims if len(v) == 1 else list(v)
-                                 for v in (args.get("stride", [1]), args.get("padding", [0]), args.get("dilation", [1])))
+    args = convolution_args(conv)
     with graph.inserting_before(conv):
         onednn = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
-                                     (args["input"], args["weight"], args.get("bias"), padding, stride, dilation,
-                                      args.get("groups", 1), "none", [None], ""))
+                                     (args["input"], args["weight"], args["bias"], args["padding"], args["stride"],
+                                      args["dilation"], args["groups"], "none", [None], ""))
     onednn.meta = dict(conv.meta)
     conv.replace_all_uses_with(onednn)
     graph.erase_node(conv)
@@ -125,8 +192,10 @@ def tanh_gelu_sites(graph: fx.Graph) -> list[fx.Node]:
 
 
 # (finder, rewrite, also inside `torch.cond` branches): Inductor cannot lower a oneDNN convolution in a branch (its
-# operands there are fake tensors it cannot realise; a cached Sana-Video step failed to compile).
-REWRITES = ((tanh_gelu_sites, tanh_gelu_as_sigmoid, True), (onednn_convolution_sites, convolution_as_onednn, False))
+# operands there are fake tensors it cannot realise; a cached Sana-Video step failed to compile); patch embeddings,
+# which run before any cache branch, are taken in the root graph only too.
+REWRITES = ((tanh_gelu_sites, tanh_gelu_as_sigmoid, True), (patch_embedding_sites, patch_embedding_as_matmul, False),
+            (onednn_convolution_sites, convolution_as_onednn, False))
 
 
 def for_inductor(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
