@@ -4,9 +4,8 @@ At a batch of one PyTorch's CPU convolution runs small 3x3 filters with its nati
 (`ConvParams::use_mkldnn`: "for some case, native is faster"). Two measurements:
 - each convolution shape of the CMD decoder at batch 1, eager: `F.conv3d` (PyTorch's choice) against oneDNN's
   (`mkldnn._convolution_pointwise`), best of 5 rounds of `--calls` calls each;
-- the CMD bundle compiled for AOTInductor with the rewrite and without it (the rewrite list without
-  `convolution_as_onednn`), the same clips in interleaved rounds: seconds per clip, milliseconds per stage, and how
-  far apart the two bundles' clips are.
+- the CMD bundle compiled for AOTInductor with the rewrite and without it (`bench/aoti_rewrites.py`): the same clips in
+  interleaved rounds, seconds per clip, milliseconds per stage, and how far apart the two bundles' clips are.
 Writes JSON.
 
     python bench/onednn_convolution.py [--recipe recipes/cmd_reference.yaml] [--rounds 10] [--calls 200]
@@ -17,23 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-from e2e import ROOT, TEACHER, interleaved_rounds, with_batch
+from aoti_rewrites import compare_rewrite, print_row
+from e2e import ROOT
 from results_file import write_results
 from vdopt.cmd.model import load_cmd
-from vdopt.compiler import compile_bundle
-from vdopt.eval import suite
 from vdopt.lower import aoti
-from vdopt.recipe import load_recipe
-from vdopt.runtime import Session
 
 
 def best_ms(call, calls: int) -> float:
@@ -86,43 +79,10 @@ def main() -> None:
     os.chdir(ROOT)
 
     convolutions = eager_rows(Path(args.weights), args.calls)
-    prompts, seeds, _ = suite.prompt_set(args.rounds, seed=0)
-    without = tuple(r for r in aoti.REWRITES if r[1] is not aoti.convolution_as_onednn)
-    with tempfile.TemporaryDirectory(prefix="vdopt-bench-onednn-") as tmp:
-        sessions = {}
-        for name, rewrites in (("oneDNN convolutions", aoti.REWRITES), ("PyTorch's convolutions", without)):
-            path = Path(tmp) / f"{len(sessions)}.vdopt"
-            with mock.patch.object(aoti, "REWRITES", rewrites):
-                compile_bundle(with_batch(load_recipe(args.recipe), 1), TEACHER, path, verify=False)
-            sessions[name] = Session(path)
-        encoder = next(iter(sessions.values())).prompt_encoder()
-        stage_ms: dict[str, dict[str, list[float]]] = {name: {} for name in sessions}
-        clips: dict[str, list[torch.Tensor]] = {name: [None] * args.rounds for name in sessions}
-
-        def generate(name: str, k: int) -> float:
-            cond, uncond = encoder(prompts[k])
-            start = time.perf_counter()
-            clips[name][k] = sessions[name].run(cond, uncond, seed=int(seeds[k]), progress=False, on_stage=lambda stage, s:
-                                                stage_ms[name].setdefault(stage, []).append(s * 1e3))
-            return time.perf_counter() - start
-
-        per_call, load_start, load_end = interleaved_rounds(list(sessions), generate, args.rounds)
-
-    fast, slow = per_call["oneDNN convolutions"], per_call["PyTorch's convolutions"]
-    ratios = [b / a for a, b in zip(fast, slow)]
-    rows = {name: {"seconds_per_clip": [round(s, 4) for s in per_call[name]], "median": round(statistics.median(per_call[name]), 4),
-                   "worst_round": round(max(per_call[name]), 4),
-                   "stage_ms_median": {stage: round(statistics.median(ms[1:]), 2) for stage, ms in stage_ms[name].items()}}
-            for name in sessions}
-    difference = max((a - b).abs().max().item() for a, b in zip(*clips.values()))
-    for name, row in rows.items():
-        print(f"{name:<24} {row['median']:.4f} s/clip (worst round {row['worst_round']:.4f}), stages {row['stage_ms_median']} ms")
-    print(f"oneDNN: {statistics.median(slow) / statistics.median(fast):.2f}x per clip (least round {min(ratios):.2f}x); "
-          f"largest difference between the two bundles' clips {difference:.1e}")
-    write_results(args.json, {"recipe": args.recipe, "batch": 1, "rounds": args.rounds, "eager_convolutions": convolutions,
-                              "bundles": rows, "speedup_median": round(statistics.median(slow) / statistics.median(fast), 3),
-                              "speedup_least_round": round(min(ratios), 3), "largest_clip_difference": difference},
-                  load_start, load_end)
+    row = compare_rewrite(args.recipe, aoti.convolution_as_onednn, args.rounds)
+    print_row("oneDNN convolutions", row)
+    load_start, load_end = row.pop("load_average")
+    write_results(args.json, {**row, "batch": 1, "rounds": args.rounds, "eager_convolutions": convolutions}, load_start, load_end)
 
 
 if __name__ == "__main__":

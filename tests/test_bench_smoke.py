@@ -100,6 +100,14 @@ def test_kernel_profile_bench(tmp_path):
     assert len(row["seconds_per_clip_off"]) == len(row["seconds_per_clip_on"]) == 1 and row["slowdown_median"] > 0
 
 
+def test_aoti_rewrites_bench(tmp_path):
+    out = tmp_path / "rewrite.json"
+    bench("aoti_rewrites.py", "--recipes", "recipes/cmd_reference.yaml", "--rounds", "1", "--json", str(out))
+    row = json.loads(out.read_text())["rows"]["recipes/cmd_reference.yaml"]
+    assert set(row["bundles"]) == {"with", "without"} and row["speedup_median"] > 0
+    assert set(row["bundles"]["with"]["stage_ms_median"]) == {"content", "motion", "decode"} and row["largest_clip_difference"] < 1e-3
+
+
 def test_onednn_convolution_bench(tmp_path):
     out = tmp_path / "onednn.json"
     bench("onednn_convolution.py", "--rounds", "1", "--calls", "2", "--json", str(out))
