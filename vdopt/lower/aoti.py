@@ -129,9 +129,9 @@ def patch_embedding_sites(graph: fx.Graph) -> list[fx.Node]:
 def patch_embedding_as_matmul(graph: fx.Graph, conv: fx.Node) -> None:
     """A patch embedding as one matmul over the patches: [B, C, n1·k1, n2·k2] -> rows (B·n1·n2) of C·k1·k2 values.
 
-    PyTorch's and oneDNN's CPU convolutions run a 4x4 stride-4 embedding of 5 channels at a few percent of the
-    machine's GEMM rate (75 µs for 1.3 MFLOP at a batch of 2); as a copy and a GEMM, the one-frame CMD content step and
-    the motion step ran 1.1-1.2x faster (bench/aoti_rewrites.py)."""
+    PyTorch's and oneDNN's CPU convolutions run the reference model's 4x4 stride-4 embedding of 5 channels far below
+    the CPU's GEMM rate; as a copy and a GEMM the CMD motion stage ran 1.13x faster, the CMD bundle 1.06x and the
+    teacher's 1.09x per clip (bench/aoti_rewrites.py)."""
     aten = torch.ops.aten
     args = convolution_args(conv)
     x, weight = args["input"], args["weight"]
@@ -175,8 +175,8 @@ def convolution_as_onednn(graph: fx.Graph, conv: fx.Node) -> None:
     """A convolution as oneDNN's (`mkldnn._convolution_pointwise`, which Inductor lowers to its own oneDNN kernel).
 
     For a batch of one, PyTorch's CPU convolution picks its native unfold + GEMM kernel for 3x3 filters on small inputs
-    (`ConvParams::use_mkldnn`, "for some case, native is faster"); on the CMD decoder's convolutions it is 2.7-6.3x
-    slower than oneDNN, and the decode stage ran 14.1 ms per clip instead of 3.0 (bench/onednn_convolution.py)."""
+    (`ConvParams::use_mkldnn`, "for some case, native is faster"); on the CMD decoder's convolutions it is 4.0-6.7x
+    slower than oneDNN, and the decode stage ran 11.2 ms per clip instead of 2.5 (bench/onednn_convolution.py)."""
     args = convolution_args(conv)
     with graph.inserting_before(conv):
         onednn = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
